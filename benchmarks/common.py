@@ -1,0 +1,82 @@
+"""Shared benchmark plumbing: machine description, CPU timing, result files."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = dict(
+        cpu=cpu_model(),
+        cores=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        triton=triton_version,
+        python=platform.python_version(),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def machine_line(info: dict) -> str:
+    dev = f"GPU {info['gpu']}, " if "gpu" in info else ""
+    return (
+        f"{dev}CPU {info['cpu']} ({info['cores']} cores), {info['threads']} thread(s), "
+        f"torch {info['torch']}, triton {info['triton'] or 'not installed'}, {info['date']}"
+    )
+
+
+def time_cpu(fn: Callable[[], object], min_reps: int = 5, min_time: float = 2.0, warmup: int = 2) -> dict:
+    """Median wall time of ``fn`` over at least ``min_reps`` calls and ``min_time`` seconds."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return dict(median_s=statistics.median(times), min_s=times[0], reps=len(times))
+
+
+def write_results(name: str, info: dict, rows: list[dict]) -> pathlib.Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(dict(machine=info, rows=rows), indent=2) + "\n")
+    return path
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep, *(line(r) for r in rows)])

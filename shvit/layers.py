@@ -1,0 +1,258 @@
+"""Building blocks of SHViT, with the authors' module and parameter names.
+
+Every block that holds a BatchNorm has a ``fuse()`` that returns the module to
+put in its place for inference (BatchNorm folded into the preceding conv or the
+following linear layer), on the same device and in the same dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Conv2d_BN",
+    "BN_Linear",
+    "Residual",
+    "FFN",
+    "SqueezeExcite",
+    "PatchMerging",
+    "GroupNorm",
+    "SHSA",
+    "BasicBlock",
+    "fuse_modules",
+]
+
+
+def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) that an eval-mode BatchNorm applies."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    return scale, shift
+
+
+class Conv2d_BN(nn.Sequential):
+    """Conv2d without bias followed by BatchNorm2d (children ``c`` and ``bn``)."""
+
+    def __init__(
+        self,
+        a: int,
+        b: int,
+        ks: int = 1,
+        stride: int = 1,
+        pad: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        bn_weight_init: float = 1.0,
+    ):
+        super().__init__()
+        self.add_module("c", nn.Conv2d(a, b, ks, stride, pad, dilation, groups, bias=False))
+        self.add_module("bn", nn.BatchNorm2d(b))
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+        nn.init.constant_(self.bn.bias, 0)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        c, bn = self.c, self.bn
+        scale, shift = _bn_scale_shift(bn)
+        m = nn.Conv2d(
+            c.in_channels,
+            c.out_channels,
+            c.kernel_size,
+            stride=c.stride,
+            padding=c.padding,
+            dilation=c.dilation,
+            groups=c.groups,
+            bias=True,
+            device=c.weight.device,
+            dtype=c.weight.dtype,
+        )
+        m.weight.copy_(c.weight * scale[:, None, None, None])
+        m.bias.copy_(shift)
+        return m
+
+
+class BN_Linear(nn.Sequential):
+    """BatchNorm1d followed by Linear (children ``bn`` and ``l``)."""
+
+    def __init__(self, a: int, b: int, bias: bool = True, std: float = 0.02):
+        super().__init__()
+        self.add_module("bn", nn.BatchNorm1d(a))
+        self.add_module("l", nn.Linear(a, b, bias=bias))
+        nn.init.trunc_normal_(self.l.weight, std=std)
+        if bias:
+            nn.init.constant_(self.l.bias, 0)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Linear:
+        bn, l = self.bn, self.l
+        scale, shift = _bn_scale_shift(bn)
+        m = nn.Linear(l.in_features, l.out_features, device=l.weight.device, dtype=l.weight.dtype)
+        m.weight.copy_(l.weight * scale[None, :])
+        bias = l.weight @ shift
+        if l.bias is not None:
+            bias = bias + l.bias
+        m.bias.copy_(bias)
+        return m
+
+
+class Residual(nn.Module):
+    """``x + m(x)``."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.m(x)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        """A residual depthwise 3x3 Conv2d_BN becomes one depthwise conv.
+
+        The BatchNorm is folded and the identity added at the centre tap.
+        Any other residual keeps its shape and has its child fused.
+        """
+        if isinstance(self.m, Conv2d_BN):
+            m = self.m.fuse()
+            if _is_identity_foldable(m):
+                k = m.kernel_size
+                m.weight[:, 0, k[0] // 2, k[1] // 2] += 1
+                return m
+            self.m = m
+            return self
+        self.m = fuse_modules(self.m)
+        return self
+
+
+def _is_identity_foldable(conv: nn.Conv2d) -> bool:
+    return (
+        conv.groups == conv.in_channels == conv.out_channels
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and all(k % 2 == 1 for k in conv.kernel_size)
+        and conv.padding == tuple(k // 2 for k in conv.kernel_size)
+    )
+
+
+class FFN(nn.Module):
+    """Pointwise conv, ReLU, pointwise conv (``pw1``, ``pw2``)."""
+
+    def __init__(self, ed: int, h: int):
+        super().__init__()
+        self.pw1 = Conv2d_BN(ed, h)
+        self.act = nn.ReLU()
+        self.pw2 = Conv2d_BN(h, ed, bn_weight_init=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw2(self.act(self.pw1(x)))
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """Round to the nearest multiple of ``divisor``, at least ``divisor``, never bumped up."""
+    return max(divisor, int(v + divisor / 2) // divisor * divisor)
+
+
+class SqueezeExcite(nn.Module):
+    """timm's SE module as SHViT uses it: ``x * sigmoid(fc2(relu(fc1(mean_hw(x)))))``."""
+
+    def __init__(self, channels: int, rd_ratio: float = 0.25, rd_divisor: int = 8):
+        super().__init__()
+        rd = make_divisible(channels * rd_ratio, rd_divisor)
+        self.fc1 = nn.Conv2d(channels, rd, 1, bias=True)
+        self.bn = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(rd, channels, 1, bias=True)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        s = self.fc2(self.act(self.bn(self.fc1(s))))
+        return x * self.gate(s)
+
+
+class PatchMerging(nn.Module):
+    """1x1 expand (x4), ReLU, depthwise 3x3 stride 2, ReLU, SE, 1x1 project."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        hid_dim = int(dim * 4)
+        self.conv1 = Conv2d_BN(dim, hid_dim, 1, 1, 0)
+        self.act = nn.ReLU()
+        self.conv2 = Conv2d_BN(hid_dim, hid_dim, 3, 2, 1, groups=hid_dim)
+        self.se = SqueezeExcite(hid_dim, 0.25)
+        self.conv3 = Conv2d_BN(hid_dim, out_dim, 1, 1, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv1(x))
+        x = self.act(self.conv2(x))
+        return self.conv3(self.se(x))
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm with one group: a LayerNorm over (C, H, W) with a per-channel affine."""
+
+    def __init__(self, num_channels: int, **kwargs):
+        super().__init__(1, num_channels, **kwargs)
+
+
+class SHSA(nn.Module):
+    """Single-head self-attention on the first ``pdim`` channels.
+
+    Args:
+        dim: channels of the input and output.
+        qk_dim: width of the query and key.
+        pdim: channels that take part in the attention (the rest pass through).
+    """
+
+    def __init__(self, dim: int, qk_dim: int, pdim: int):
+        super().__init__()
+        if not 0 < pdim < dim:
+            raise ValueError(f"SHSA needs 0 < pdim < dim, got pdim={pdim}, dim={dim}")
+        self.scale = qk_dim ** -0.5
+        self.qk_dim = qk_dim
+        self.dim = dim
+        self.pdim = pdim
+        self.pre_norm = GroupNorm(pdim)
+        self.qkv = Conv2d_BN(pdim, qk_dim * 2 + pdim)
+        self.proj = nn.Sequential(nn.ReLU(), Conv2d_BN(dim, dim, bn_weight_init=0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        x1, x2 = torch.split(x, [self.pdim, self.dim - self.pdim], dim=1)
+        x1 = self.pre_norm(x1)
+        qkv = self.qkv(x1)
+        q, k, v = qkv.split([self.qk_dim, self.qk_dim, self.pdim], dim=1)
+        q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
+        attn = (q.transpose(-2, -1) @ k) * self.scale
+        attn = attn.softmax(dim=-1)
+        x1 = (v @ attn.transpose(-2, -1)).reshape(B, self.pdim, H, W)
+        return self.proj(torch.cat([x1, x2], dim=1))
+
+
+class BasicBlock(nn.Module):
+    """Residual depthwise 3x3, residual SHSA (type ``"s"``) or nothing (``"i"``), residual FFN."""
+
+    def __init__(self, dim: int, qk_dim: int, pdim: int, type: str = "s"):
+        super().__init__()
+        if type not in ("s", "i"):
+            raise ValueError(f"block type must be 's' or 'i', got {type!r}")
+        self.conv = Residual(Conv2d_BN(dim, dim, 3, 1, 1, groups=dim, bn_weight_init=0))
+        self.mixer = Residual(SHSA(dim, qk_dim, pdim)) if type == "s" else nn.Identity()
+        self.ffn = Residual(FFN(dim, int(dim * 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.mixer(self.conv(x)))
+
+
+@torch.no_grad()
+def fuse_modules(module: nn.Module) -> nn.Module:
+    """Fold BatchNorms for inference: a module with ``fuse()`` is replaced by what it
+    returns (it fuses its own children); any other module has its children fused."""
+    if callable(getattr(module, "fuse", None)):
+        return module.fuse()
+    for name, child in module.named_children():
+        new = fuse_modules(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module

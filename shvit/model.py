@@ -1,0 +1,242 @@
+"""SHViT: Single-Head Vision Transformer (Yun & Ro, CVPR 2024).
+
+The module tree and parameter names are the authors' (``patch_embed``,
+``blocks1`` .. ``blocks3``, ``head``); state dicts in timm's layout
+(``stages.i.downsample`` / ``stages.i.blocks``) load as well.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import timm_to_official
+from .layers import FFN, BasicBlock, BN_Linear, Conv2d_BN, PatchMerging, Residual, fuse_modules
+
+__all__ = ["SHViT", "VARIANTS", "shvit_s1", "shvit_s2", "shvit_s3", "shvit_s4", "create_model"]
+
+_DEFAULT_DOWN_OPS = (("subsample", 2), ("subsample", 2), ("",))
+
+
+def _triple(v: Any, name: str) -> tuple:
+    if isinstance(v, (int, str)):
+        v = (v,) * 3
+    v = tuple(v)
+    if len(v) != 3:
+        raise ValueError(f"{name} must have 3 entries (one per stage), got {v!r}")
+    return v
+
+
+def _down_block(dim: int, out_dim: int) -> list[nn.Module]:
+    """The authors' stage transition: dw conv + FFN, PatchMerging, dw conv + FFN."""
+    return [
+        nn.Sequential(
+            Residual(Conv2d_BN(dim, dim, 3, 1, 1, groups=dim)),
+            Residual(FFN(dim, int(dim * 2))),
+        ),
+        PatchMerging(dim, out_dim),
+        nn.Sequential(
+            Residual(Conv2d_BN(out_dim, out_dim, 3, 1, 1, groups=out_dim)),
+            Residual(FFN(out_dim, int(out_dim * 2))),
+        ),
+    ]
+
+
+class SHViT(nn.Module):
+    """SHViT with the authors' constructor arguments.
+
+    Args:
+        in_chans: input image channels.
+        num_classes: classifier outputs; 0 replaces the head by an identity.
+        embed_dim, partial_dim, qk_dim, depth, types: one entry per stage.
+        down_ops: the authors' stage-transition spec; only their value is supported.
+        distillation: add ``head_dist``; in eval the two heads are averaged.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: Sequence[int] = (128, 256, 384),
+        partial_dim: Sequence[int] = (32, 64, 96),
+        qk_dim: Sequence[int] | int = (16, 16, 16),
+        depth: Sequence[int] = (1, 2, 3),
+        types: Sequence[str] = ("s", "s", "s"),
+        down_ops: Sequence[Sequence[Any]] = _DEFAULT_DOWN_OPS,
+        distillation: bool = False,
+    ):
+        super().__init__()
+        embed_dim = _triple(embed_dim, "embed_dim")
+        partial_dim = _triple(partial_dim, "partial_dim")
+        qk_dim = _triple(qk_dim, "qk_dim")
+        depth = _triple(depth, "depth")
+        types = _triple(types, "types")
+        if [tuple(d) for d in down_ops] != [tuple(d) for d in _DEFAULT_DOWN_OPS]:
+            raise ValueError(f"only the authors' down_ops {_DEFAULT_DOWN_OPS} are supported, got {down_ops!r}")
+        if embed_dim[0] % 8:
+            raise ValueError(f"embed_dim[0] must be a multiple of 8, got {embed_dim[0]}")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.distillation = distillation
+        self.embed_dim = embed_dim
+        self.num_features = self.head_hidden_size = embed_dim[-1]
+
+        e0 = embed_dim[0]
+        self.patch_embed = nn.Sequential(
+            Conv2d_BN(in_chans, e0 // 8, 3, 2, 1),
+            nn.ReLU(),
+            Conv2d_BN(e0 // 8, e0 // 4, 3, 2, 1),
+            nn.ReLU(),
+            Conv2d_BN(e0 // 4, e0 // 2, 3, 2, 1),
+            nn.ReLU(),
+            Conv2d_BN(e0 // 2, e0, 3, 2, 1),
+        )
+        stages: list[list[nn.Module]] = [[], [], []]
+        for i in range(3):
+            if i > 0:
+                stages[i].extend(_down_block(embed_dim[i - 1], embed_dim[i]))
+            for _ in range(depth[i]):
+                stages[i].append(BasicBlock(embed_dim[i], qk_dim[i], partial_dim[i], types[i]))
+        self.blocks1 = nn.Sequential(*stages[0])
+        self.blocks2 = nn.Sequential(*stages[1])
+        self.blocks3 = nn.Sequential(*stages[2])
+
+        self.feature_info = [
+            dict(num_chs=embed_dim[i], reduction=2 ** (4 + i), module=f"blocks{i + 1}") for i in range(3)
+        ]
+        self.head = BN_Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
+        if distillation:
+            self.head_dist = BN_Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    # ----------------------------------------------------------------- loading
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Accept timm's layout: rename its keys in place before the children load.
+        timm_to_official(state_dict, prefix=prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ----------------------------------------------------------------- forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"SHViT expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"SHViT expects input of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"SHViT expects {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"SHViT expects a floating-point input, got {x.dtype}")
+
+    def stages(self) -> list[nn.Sequential]:
+        return [self.blocks1, self.blocks2, self.blocks3]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = self.patch_embed(x)
+        x = self.blocks1(x)
+        x = self.blocks2(x)
+        return self.blocks3(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        if pre_logits:
+            return x
+        if self.distillation:
+            out, out_dist = self.head(x), self.head_dist(x)
+            if self.training and not torch.jit.is_scripting():
+                return out, out_dist
+            return (out + out_dist) / 2
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Stage outputs for dense tasks, as in timm.
+
+        Args:
+            indices: the last ``n`` stages if an int, else the stage indices to return
+                (default: all three, strides 16, 32, 64).
+            stop_early: stop after the last requested stage (final features are then
+                that stage's output).
+            intermediates_only: return only the list of stage outputs.
+
+        Returns:
+            ``(final_features, [stage outputs])`` or only the list.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        if indices is None:
+            take = [0, 1, 2]
+        elif isinstance(indices, int):
+            if not 0 < indices <= 3:
+                raise ValueError(f"indices as an int must be in 1..3, got {indices}")
+            take = list(range(3 - indices, 3))
+        else:
+            take = sorted(int(i) % 3 for i in indices)
+        self._check_input(x)
+        x = self.patch_embed(x)
+        out = []
+        stages = self.stages()
+        last = max(take) if (stop_early or intermediates_only) else 2
+        for i in range(last + 1):
+            x = stages[i](x)
+            if i in take:
+                out.append(x)
+        if intermediates_only:
+            return out
+        return x, out
+
+    # --------------------------------------------------------------- inference
+    @torch.no_grad()
+    def fuse(self) -> "SHViT":
+        """Fold every BatchNorm (convs, residual depthwise convs, head) for inference.
+
+        Changes the module tree in place (the state dict is then no longer a
+        checkpoint layout) and returns the model.
+        """
+        for name, child in self.named_children():
+            setattr(self, name, fuse_modules(child))
+        return self
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "shvit_s1": dict(embed_dim=(128, 224, 320), depth=(2, 4, 5), partial_dim=(32, 48, 68)),
+    "shvit_s2": dict(embed_dim=(128, 308, 448), depth=(2, 4, 5), partial_dim=(32, 66, 96)),
+    "shvit_s3": dict(embed_dim=(192, 352, 448), depth=(3, 5, 5), partial_dim=(48, 75, 96)),
+    "shvit_s4": dict(embed_dim=(224, 336, 448), depth=(4, 7, 6), partial_dim=(48, 72, 96)),
+}
+_COMMON = dict(qk_dim=(16, 16, 16), types=("i", "s", "s"))
+
+
+def create_model(name: str, num_classes: int = 1000, **kwargs: Any) -> SHViT:
+    """Build a named variant (``shvit_s1`` .. ``shvit_s4``); kwargs override its config."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown SHViT variant {name!r}; choose one of {sorted(VARIANTS)}")
+    cfg = {**_COMMON, **VARIANTS[name], **kwargs}
+    return SHViT(num_classes=num_classes, **cfg)
+
+
+def shvit_s1(num_classes: int = 1000, **kwargs: Any) -> SHViT:
+    return create_model("shvit_s1", num_classes, **kwargs)
+
+
+def shvit_s2(num_classes: int = 1000, **kwargs: Any) -> SHViT:
+    return create_model("shvit_s2", num_classes, **kwargs)
+
+
+def shvit_s3(num_classes: int = 1000, **kwargs: Any) -> SHViT:
+    return create_model("shvit_s3", num_classes, **kwargs)
+
+
+def shvit_s4(num_classes: int = 1000, **kwargs: Any) -> SHViT:
+    return create_model("shvit_s4", num_classes, **kwargs)

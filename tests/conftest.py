@@ -1,0 +1,72 @@
+"""Shared test helpers: the reference fixtures and a comparison that says where and how much."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+GOLDEN = {
+    "tiny_a": FIXTURES / "golden_tiny_a_r96x64.pt",
+    "tiny_b": FIXTURES / "golden_tiny_b_r80x112.pt",
+}
+
+
+def load_golden(name: str) -> dict:
+    return torch.load(GOLDEN[name], weights_only=False)
+
+
+def read_keys(layout: str, variant: str) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for line in (FIXTURES / f"keys_{layout}_{variant}.txt").read_text().splitlines():
+        name, _, shape = line.partition("\t")
+        out.append((name, tuple(int(s) for s in shape.split("x")) if shape else ()))
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ computed in float64 (inf when a has NaN/Inf)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    """Relative-norm comparison whose failure message locates the worst element."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual, expected)
+    if not err <= tol:
+        a, b = actual.detach().double().cpu(), expected.detach().double().cpu()
+        diff = (a - b).abs().nan_to_num(float("inf"))
+        idx = int(diff.argmax())
+        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), a.shape))
+        raise AssertionError(
+            f"{what}: relative error {err:.3e} > {tol:.1e}; worst at {where}: "
+            f"{a.flatten()[idx].item():.6g} vs {b.flatten()[idx].item():.6g}; "
+            f"NaN in actual: {int(torch.isnan(a).sum())}"
+        )
+
+
+@torch.no_grad()
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial affine and running statistics (SHViT zero-inits
+    the last BN of each residual branch, which would hide bugs in those branches)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+        elif isinstance(m, torch.nn.GroupNorm):
+            m.weight.copy_(torch.rand(m.num_channels, generator=g) * 0.5 + 0.75)
+            m.bias.copy_(torch.randn(m.num_channels, generator=g) * 0.1)
+    return model
+
+
+@pytest.fixture(params=sorted(GOLDEN), ids=lambda n: n)
+def golden(request) -> dict:
+    return load_golden(request.param)

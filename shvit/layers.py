@@ -7,8 +7,10 @@ following linear layer), on the same device and in the same dtype.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+import shvit_kernels
+from shvit_kernels._utils import check_4d
 
 __all__ = [
     "Conv2d_BN",
@@ -19,6 +21,7 @@ __all__ = [
     "PatchMerging",
     "GroupNorm",
     "SHSA",
+    "SHSAInference",
     "BasicBlock",
     "fuse_modules",
 ]
@@ -203,9 +206,11 @@ class SHSA(nn.Module):
         dim: channels of the input and output.
         qk_dim: width of the query and key.
         pdim: channels that take part in the attention (the rest pass through).
+        fused: run GroupNorm and attention + concat + ReLU as fused ops (``shvit_kernels``);
+            same parameters and names as the reference.
     """
 
-    def __init__(self, dim: int, qk_dim: int, pdim: int):
+    def __init__(self, dim: int, qk_dim: int, pdim: int, fused: bool = False):
         super().__init__()
         if not 0 < pdim < dim:
             raise ValueError(f"SHSA needs 0 < pdim < dim, got pdim={pdim}, dim={dim}")
@@ -213,11 +218,14 @@ class SHSA(nn.Module):
         self.qk_dim = qk_dim
         self.dim = dim
         self.pdim = pdim
+        self.fused = fused
         self.pre_norm = GroupNorm(pdim)
         self.qkv = Conv2d_BN(pdim, qk_dim * 2 + pdim)
         self.proj = nn.Sequential(nn.ReLU(), Conv2d_BN(dim, dim, bn_weight_init=0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self._forward_fused(x)
         B, C, H, W = x.shape
         x1, x2 = torch.split(x, [self.pdim, self.dim - self.pdim], dim=1)
         x1 = self.pre_norm(x1)
@@ -229,16 +237,58 @@ class SHSA(nn.Module):
         x1 = (v @ attn.transpose(-2, -1)).reshape(B, self.pdim, H, W)
         return self.proj(torch.cat([x1, x2], dim=1))
 
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        check_4d("x", x, self.dim)
+        norm = self.pre_norm
+        x1 = shvit_kernels.group_norm_partial(x, self.pdim, norm.weight, norm.bias, norm.eps)
+        qkv = self.qkv(x1)  # Conv2d_BN by PyTorch: its BatchNorm needs batch statistics in training
+        out = shvit_kernels.shsa_attention(qkv, x[:, self.pdim :], self.qk_dim, self.scale)
+        return self.proj[1](out)  # the kernel applied proj's ReLU
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        """Fold the BatchNorms; a fused SHSA becomes an ``SHSAInference`` (one-pass op)."""
+        qkv = self.qkv.fuse() if isinstance(self.qkv, Conv2d_BN) else self.qkv
+        proj = self.proj[1].fuse() if isinstance(self.proj[1], Conv2d_BN) else self.proj[1]
+        if self.fused:
+            return SHSAInference(self, qkv, proj)
+        self.qkv, self.proj[1] = qkv, proj
+        return self
+
+
+class SHSAInference(nn.Module):
+    """A BN-folded fused SHSA: one ``shsa_inference`` op, then the projection conv.
+
+    The GroupNorm affine, the qkv BatchNorm and the attention scale are folded into
+    ``weight`` (2*qk_dim + pdim, pdim) and ``bias``.
+    """
+
+    def __init__(self, shsa: SHSA, qkv: nn.Conv2d, proj: nn.Conv2d):
+        super().__init__()
+        self.dim, self.qk_dim, self.pdim = shsa.dim, shsa.qk_dim, shsa.pdim
+        self.eps = shsa.pre_norm.eps
+        w, b = shvit_kernels.fold_shsa_weights(
+            shsa.pre_norm.weight, shsa.pre_norm.bias, qkv.weight, qkv.bias, shsa.qk_dim, shsa.scale
+        )
+        self.weight = nn.Parameter(w)
+        self.bias = nn.Parameter(b)
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_4d("x", x, self.dim)
+        out = shvit_kernels.shsa_inference(x, self.weight, self.bias, self.pdim, self.qk_dim, self.eps)
+        return self.proj(out)
+
 
 class BasicBlock(nn.Module):
     """Residual depthwise 3x3, residual SHSA (type ``"s"``) or nothing (``"i"``), residual FFN."""
 
-    def __init__(self, dim: int, qk_dim: int, pdim: int, type: str = "s"):
+    def __init__(self, dim: int, qk_dim: int, pdim: int, type: str = "s", fused: bool = False):
         super().__init__()
         if type not in ("s", "i"):
             raise ValueError(f"block type must be 's' or 'i', got {type!r}")
         self.conv = Residual(Conv2d_BN(dim, dim, 3, 1, 1, groups=dim, bn_weight_init=0))
-        self.mixer = Residual(SHSA(dim, qk_dim, pdim)) if type == "s" else nn.Identity()
+        self.mixer = Residual(SHSA(dim, qk_dim, pdim, fused=fused)) if type == "s" else nn.Identity()
         self.ffn = Residual(FFN(dim, int(dim * 2)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,8 @@ class SHViT(nn.Module):
         embed_dim, partial_dim, qk_dim, depth, types: one entry per stage.
         down_ops: the authors' stage-transition spec; only their value is supported.
         distillation: add ``head_dist``; in eval the two heads are averaged.
+        fused: run every SHSA mixer through the fused ops of ``shvit_kernels`` (same
+            parameters, names and checkpoints as the reference).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class SHViT(nn.Module):
         types: Sequence[str] = ("s", "s", "s"),
         down_ops: Sequence[Sequence[Any]] = _DEFAULT_DOWN_OPS,
         distillation: bool = False,
+        fused: bool = False,
     ):
         super().__init__()
         embed_dim = _triple(embed_dim, "embed_dim")
@@ -80,6 +83,7 @@ class SHViT(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.distillation = distillation
+        self.fused = fused
         self.embed_dim = embed_dim
         self.num_features = self.head_hidden_size = embed_dim[-1]
 
@@ -98,7 +102,7 @@ class SHViT(nn.Module):
             if i > 0:
                 stages[i].extend(_down_block(embed_dim[i - 1], embed_dim[i]))
             for _ in range(depth[i]):
-                stages[i].append(BasicBlock(embed_dim[i], qk_dim[i], partial_dim[i], types[i]))
+                stages[i].append(BasicBlock(embed_dim[i], qk_dim[i], partial_dim[i], types[i], fused=fused))
         self.blocks1 = nn.Sequential(*stages[0])
         self.blocks2 = nn.Sequential(*stages[1])
         self.blocks3 = nn.Sequential(*stages[2])

@@ -1,0 +1,20 @@
+"""Fused kernels for SHViT's single-head attention mixer.
+
+Ops (``torch.library``, namespace ``shvit``): ``gn_partial_fwd`` / ``gn_partial_bwd``,
+``shsa_attn_fwd`` / ``shsa_attn_bwd`` and ``shsa_infer``. CUDA tensors run Triton kernels;
+CPU tensors run the C++ kernels when built, else the eager composition; see
+``shvit_kernels.backend`` for ``SHVIT_KERNELS_BACKEND``.
+"""
+from . import backend
+from .group_norm import group_norm_partial
+from .shsa_attention import shsa_attention
+from .shsa_inference import ONE_PASS_MAX_N, fold_shsa_weights, shsa_inference
+
+__all__ = [
+    "backend",
+    "group_norm_partial",
+    "shsa_attention",
+    "shsa_inference",
+    "fold_shsa_weights",
+    "ONE_PASS_MAX_N",
+]

@@ -1,0 +1,55 @@
+"""Validation and layout helpers shared by the ops."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_4d(name: str, t: torch.Tensor, channels: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(t.shape)}")
+    if channels is not None and t.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels, got {t.shape[1]} (shape {tuple(t.shape)})")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors must be on one device, got {listing}")
+
+
+def bcn_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """Strides (batch, channel, token) of a (B, C, H, W) tensor read as (B, C, N = H*W).
+
+    Works for NCHW, channels_last and channel slices of either; ``None`` when the two
+    spatial dimensions cannot be flattened into one stride.
+    """
+    _, _, h, w = t.shape
+    sb, sc, sh, sw = t.stride()
+    if w == 1:
+        return sb, sc, sh
+    if h == 1 or sh == w * sw:
+        return sb, sc, sw
+    return None
+
+
+def as_bcn(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``t`` itself with its (B, C, N) strides, or a contiguous copy when it has none."""
+    s = bcn_strides(t)
+    if s is None:
+        t = t.contiguous()
+        s = bcn_strides(t)
+    return t, s
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    p = minimum
+    while p < n:
+        p *= 2
+    return p

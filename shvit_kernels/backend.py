@@ -1,0 +1,80 @@
+"""Which implementation runs the fused ops for a given tensor.
+
+``SHVIT_KERNELS_BACKEND`` = ``auto`` (default) | ``triton`` | ``cpp`` | ``torch``, read at every
+call. ``auto`` picks Triton for CUDA tensors and the C++ kernels for CPU tensors; an
+unavailable choice falls back to ``torch`` (the eager composition of the reference ops)
+with one warning that says why. ``triton`` on CPU tensors runs the Triton kernels in
+Triton's interpreter and requires ``TRITON_INTERPRET=1`` (that is how CPU-only CI tests them).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+CHOICES = ("auto", "triton", "cpp", "torch")
+ENV = "SHVIT_KERNELS_BACKEND"
+
+
+def requested() -> str:
+    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV}={choice!r} is not one of {', '.join(CHOICES)}")
+    return choice
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cpp_available() -> bool:
+    from . import _cpp
+
+    return _cpp.available()
+
+
+_warned: set[str] = set()
+
+
+def _fallback(reason: str) -> str:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"shvit_kernels: {reason}; using the eager torch composition", RuntimeWarning, stacklevel=3)
+    return "torch"
+
+
+def select(t: torch.Tensor) -> str:
+    """The backend (``triton`` | ``cpp`` | ``torch``) that runs an op whose input is ``t``."""
+    choice = requested()
+    if choice == "torch":
+        return "torch"
+    dev = t.device.type
+    if dev == "cuda":
+        if choice == "cpp":
+            return _fallback("the cpp backend runs CPU tensors only, got a CUDA tensor")
+        if not triton_available():
+            return _fallback("Triton is not installed, so CUDA tensors cannot use the fused kernels")
+        return "triton"
+    if dev == "cpu":
+        if choice == "triton":
+            if not triton_available():
+                return _fallback("SHVIT_KERNELS_BACKEND=triton but Triton is not installed")
+            if not triton_interpreting():
+                return _fallback("Triton runs CPU tensors only in its interpreter (set TRITON_INTERPRET=1)")
+            return "triton"
+        if cpp_available():
+            return "cpp"
+        return _fallback("the C++ extension shvit_kernels._C is not built (pip install --no-build-isolation -e .)")
+    return _fallback(f"no fused kernels for {dev} tensors")

@@ -1,0 +1,207 @@
+"""The whole SHSA mixer up to its projection, for inference (``shvit::shsa_infer``).
+
+``out = ReLU(concat(attention(W' @ normalize(x1) + b'), x2))`` where ``normalize`` is the
+one-group GroupNorm *without* its affine: the GroupNorm affine, the folded qkv BatchNorm
+and the attention scale are all folded into ``W'`` (2*qk_dim + pdim, pdim) and ``b'`` by
+``fold_shsa_weights``. The output is (B, dim, H, W), ready for the projection conv.
+
+For N = H*W <= ``ONE_PASS_MAX_N`` one program per image does everything in registers
+(one launch, x read once, out written once). Larger images take three launches with
+memory linear in N: GroupNorm statistics, normalise + project into a qkv buffer, and the
+tiled flash attention of ``shsa_attention`` (no N x N tensor).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backend
+from ._utils import as_bcn, check_4d, check_same_device, next_pow2
+from .group_norm import gn_partial_fwd_triton
+from .shsa_attention import _precision, shsa_attn_fwd_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+# The one-pass kernel keeps an N x N score tile in registers; 64 covers SHViT at 224 and
+# 256 px (N = 49, 64 in stage 2, 16 in stage 3). Chosen for register pressure, not yet
+# tuned on hardware.
+ONE_PASS_MAX_N = 64
+
+if triton is not None:
+
+    @triton.jit
+    def _shsa_infer_kernel(
+        p_x, p_w, p_b, p_out,
+        N, PD, QK, C2, s_xb, s_xc, s_xn, eps,
+        PRECISION: tl.constexpr,
+        BLOCK_QK: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C2: tl.constexpr,
+    ):
+        i_b = tl.program_id(0).to(tl.int64)
+        p_xb = p_x + i_b * s_xb
+        o_n = tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        o_pd = tl.arange(0, BLOCK_PD)
+        o_qk = tl.arange(0, BLOCK_QK)
+        m_pd = o_pd < PD
+        m_x = m_pd[:, None] & m_n[None, :]
+        b_x = tl.load(p_xb + o_pd[:, None] * s_xc + o_n[None, :] * s_xn, mask=m_x, other=0.0).to(tl.float32)
+        cnt = (PD * N).to(tl.float32)
+        mean = tl.sum(b_x) / cnt
+        b_xc = tl.where(m_x, b_x - mean, 0.0)  # [BLOCK_PD, BLOCK_N]
+        rstd = 1.0 / tl.sqrt(tl.sum(b_xc * b_xc) / cnt + eps)
+        b_xh = b_xc * rstd
+        # qkv projection (GroupNorm affine, BatchNorm and scale folded into W', b')
+        m_wq = (o_qk < QK)[:, None] & m_pd[None, :]
+        m_wv = m_pd[:, None] & m_pd[None, :]
+        b_wq = tl.load(p_w + o_qk[:, None] * PD + o_pd[None, :], mask=m_wq, other=0.0).to(tl.float32)
+        b_wk = tl.load(p_w + (QK + o_qk[:, None]) * PD + o_pd[None, :], mask=m_wq, other=0.0).to(tl.float32)
+        b_wv = tl.load(p_w + (2 * QK + o_pd[:, None]) * PD + o_pd[None, :], mask=m_wv, other=0.0).to(tl.float32)
+        b_bq = tl.load(p_b + o_qk, mask=o_qk < QK, other=0.0).to(tl.float32)
+        b_bk = tl.load(p_b + QK + o_qk, mask=o_qk < QK, other=0.0).to(tl.float32)
+        b_bv = tl.load(p_b + 2 * QK + o_pd, mask=m_pd, other=0.0).to(tl.float32)
+        b_q = tl.dot(b_wq, b_xh, input_precision=PRECISION) + b_bq[:, None]  # [BLOCK_QK, BLOCK_N]
+        b_k = tl.dot(b_wk, b_xh, input_precision=PRECISION) + b_bk[:, None]  # [BLOCK_QK, BLOCK_N]
+        b_v = tl.dot(b_wv, b_xh, input_precision=PRECISION) + b_bv[:, None]  # [BLOCK_PD, BLOCK_N]
+        # softmax attention over the keys of this image
+        b_s = tl.dot(tl.trans(b_q), b_k, input_precision=PRECISION)  # [BLOCK_N, BLOCK_N]
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        b_p = tl.exp(b_s - tl.max(b_s, axis=1)[:, None])
+        b_p = b_p / tl.sum(b_p, axis=1)[:, None]
+        b_o = tl.dot(b_v, tl.trans(b_p), input_precision=PRECISION)  # [BLOCK_PD, BLOCK_N]
+        CO = PD + C2
+        p_ob = p_out + i_b * CO * N
+        tl.store(p_ob + o_pd[:, None] * N + o_n[None, :], tl.maximum(b_o, 0.0).to(p_out.dtype.element_ty), mask=m_x)
+        for c0 in range(0, C2, BLOCK_C2):
+            o_c = c0 + tl.arange(0, BLOCK_C2)
+            m_c = (o_c < C2)[:, None] & m_n[None, :]
+            b_x2 = tl.load(p_xb + (PD + o_c[:, None]) * s_xc + o_n[None, :] * s_xn, mask=m_c, other=0.0).to(tl.float32)
+            tl.store(p_ob + (PD + o_c[:, None]) * N + o_n[None, :], tl.maximum(b_x2, 0.0).to(p_out.dtype.element_ty), mask=m_c)
+
+    @triton.jit
+    def _shsa_norm_proj_kernel(
+        p_x, p_mean, p_rstd, p_w, p_b, p_qkv,
+        N, PD, CQ, s_xb, s_xc, s_xn,
+        PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """qkv[:, :, tile] = W' @ ((x1 - mean) * rstd) + b' for one token tile."""
+        i_b = tl.program_id(0).to(tl.int64)
+        i_n = tl.program_id(1)
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        o_pd = tl.arange(0, BLOCK_PD)
+        m_pd = o_pd < PD
+        m_x = m_pd[:, None] & m_n[None, :]
+        mean = tl.load(p_mean + i_b)
+        rstd = tl.load(p_rstd + i_b)
+        b_x = tl.load(p_x + i_b * s_xb + o_pd[:, None] * s_xc + o_n[None, :] * s_xn, mask=m_x, other=0.0)
+        b_xh = tl.where(m_x, (b_x.to(tl.float32) - mean) * rstd, 0.0)  # [BLOCK_PD, BLOCK_N]
+        p_qb = p_qkv + i_b * CQ * N
+        for r0 in range(0, CQ, BLOCK_R):
+            o_r = r0 + tl.arange(0, BLOCK_R)
+            m_r = o_r < CQ
+            b_w = tl.load(p_w + o_r[:, None] * PD + o_pd[None, :], mask=m_r[:, None] & m_pd[None, :], other=0.0)
+            b_bias = tl.load(p_b + o_r, mask=m_r, other=0.0).to(tl.float32)
+            b_y = tl.dot(b_w.to(tl.float32), b_xh, input_precision=PRECISION) + b_bias[:, None]  # [BLOCK_R, BLOCK_N]
+            tl.store(p_qb + o_r[:, None] * N + o_n[None, :], b_y.to(p_qkv.dtype.element_ty), mask=m_r[:, None] & m_n[None, :])
+
+
+def shsa_infer_triton(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim: int, eps: float) -> Tensor:
+    B, C, H, W = x.shape
+    N, C2 = H * W, C - pdim
+    x, (sb, sc, sn) = as_bcn(x)
+    weight, bias = weight.contiguous(), bias.contiguous()
+    if B == 0 or N == 0:
+        return torch.empty((B, C, H, W), device=x.device, dtype=x.dtype)
+    prec = _precision(x.dtype)
+    if N <= ONE_PASS_MAX_N:
+        out = torch.empty((B, C, H, W), device=x.device, dtype=x.dtype)
+        _shsa_infer_kernel[(B,)](
+            x, weight, bias, out,
+            N, pdim, qk_dim, C2, sb, sc, sn, eps,
+            PRECISION=prec, BLOCK_QK=next_pow2(qk_dim), BLOCK_PD=next_pow2(pdim),
+            BLOCK_N=next_pow2(N), BLOCK_C2=min(next_pow2(C2, 1), 32), num_warps=4,
+        )
+        return out
+    _, mean, rstd = gn_partial_fwd_triton(x[:, :pdim], None, None, eps, write_y=False)
+    CQ = 2 * qk_dim + pdim
+    qkv = torch.empty((B, CQ, H, W), device=x.device, dtype=x.dtype)
+    block_n = 64
+    _shsa_norm_proj_kernel[(B, triton.cdiv(N, block_n))](
+        x, mean, rstd, weight, bias, qkv,
+        N, pdim, CQ, sb, sc, sn,
+        PRECISION=prec, BLOCK_R=32, BLOCK_PD=next_pow2(pdim), BLOCK_N=block_n, num_warps=4,
+    )
+    # the scale is already folded into W'
+    out, _ = shsa_attn_fwd_triton(qkv, x[:, pdim:], qk_dim, 1.0, store_lse=False)
+    return out
+
+
+def shsa_infer_torch(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim: int, eps: float) -> Tensor:
+    B, C, H, W = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x1 = x[:, :pdim].to(acc)
+    xh = torch.nn.functional.group_norm(x1, 1, None, None, eps).flatten(2)
+    qkv = torch.einsum("oc,bcn->bon", weight.to(acc), xh) + bias.to(acc)[:, None]
+    q, k, v = qkv.split([qk_dim, qk_dim, pdim], dim=1)
+    attn = (q.transpose(-2, -1) @ k).softmax(dim=-1)
+    o = (v @ attn.transpose(-2, -1)).reshape(B, pdim, H, W)
+    return torch.cat([o.to(x.dtype), x[:, pdim:]], dim=1).relu()
+
+
+@torch.library.custom_op("shvit::shsa_infer", mutates_args=())
+def shsa_infer(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim: int, eps: float) -> Tensor:
+    which = backend.select(x)
+    if which == "triton" and x.dtype != torch.float64:
+        return shsa_infer_triton(x, weight, bias, pdim, qk_dim, eps)
+    if which == "cpp":
+        return torch.ops.shvit_cpp.shsa_infer(x, weight, bias, pdim, qk_dim, eps)
+    return shsa_infer_torch(x, weight, bias, pdim, qk_dim, eps)
+
+
+@shsa_infer.register_kernel("cuda")
+def _(x, weight, bias, pdim, qk_dim, eps):
+    return shsa_infer_triton(x, weight, bias, pdim, qk_dim, eps)
+
+
+@shsa_infer.register_fake
+def _(x, weight, bias, pdim, qk_dim, eps):
+    return x.new_empty(x.shape, memory_format=torch.contiguous_format)
+
+
+@torch.no_grad()
+def fold_shsa_weights(gn_weight: Tensor, gn_bias: Tensor, qkv_weight: Tensor, qkv_bias: Tensor, qk_dim: int, scale: float):
+    """Fold the GroupNorm affine and the attention scale into a (BN-folded) qkv projection.
+
+    ``qkv(gn(x)) = W (gamma * xhat + beta) + b = (W diag(gamma)) xhat + (W beta + b)``, and
+    the q rows are multiplied by ``scale``. Returns ``(W', b')`` of shapes (CQ, pdim), (CQ,).
+    """
+    w = qkv_weight.reshape(qkv_weight.shape[0], -1)
+    w2 = w * gn_weight[None, :]
+    b2 = qkv_bias + w @ gn_bias
+    w2[:qk_dim] *= scale
+    b2[:qk_dim] *= scale
+    return w2.contiguous(), b2.contiguous()
+
+
+def shsa_inference(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim: int, eps: float = 1e-5) -> Tensor:
+    """ReLU(concat(attention, x2)) of a BN-folded SHSA, from x in one pass.
+
+    The op has no backward: when a gradient is needed the eager composition runs instead.
+    """
+    check_4d("x", x)
+    cq = 2 * qk_dim + pdim
+    if not 0 < pdim < x.shape[1]:
+        raise ValueError(f"pdim must be in 1..{x.shape[1] - 1}, got {pdim}")
+    if weight.shape != (cq, pdim) or bias.shape != (cq,):
+        raise ValueError(
+            f"weight must be ({cq}, {pdim}) and bias ({cq},), got {tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    check_same_device(x=x, weight=weight, bias=bias)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    if needs_grad or backend.select(x) == "torch":  # the op has no backward: differentiate the composition
+        return shsa_infer_torch(x, weight, bias, pdim, qk_dim, eps)
+    return torch.ops.shvit.shsa_infer(x, weight, bias, pdim, qk_dim, float(eps))

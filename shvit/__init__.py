@@ -3,6 +3,7 @@ from .checkpoint import load_checkpoint, official_to_timm, timm_to_official
 from .layers import (
     FFN,
     SHSA,
+    SHSAInference,
     BasicBlock,
     BN_Linear,
     Conv2d_BN,
@@ -16,6 +17,7 @@ from .model import VARIANTS, SHViT, create_model, shvit_s1, shvit_s2, shvit_s3, 
 __all__ = [
     "SHViT",
     "SHSA",
+    "SHSAInference",
     "BasicBlock",
     "Conv2d_BN",
     "BN_Linear",

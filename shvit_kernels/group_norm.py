@@ -225,7 +225,7 @@ def _(x1, weight, bias, eps):
     B = x1.shape[0]
     stat = torch.float64 if x1.dtype == torch.float64 else torch.float32
     return (
-        x1.new_empty(x1.shape, memory_format=torch.contiguous_format),
+        x1.new_empty(x1.shape),
         x1.new_empty((B,), dtype=stat),
         x1.new_empty((B,), dtype=stat),
     )
@@ -243,7 +243,7 @@ def _(dy, x1, weight, mean, rstd):
 
 @gn_partial_bwd.register_fake
 def _(dy, x1, weight, mean, rstd):
-    return x1.new_empty(x1.shape, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(weight)
+    return x1.new_empty(x1.shape), torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):

@@ -350,7 +350,7 @@ def _(dout, qkv, out, lse, qk_dim, scale):
     B, CQ, H, W = qkv.shape
     PD = CQ - 2 * qk_dim
     return (
-        qkv.new_empty(qkv.shape, memory_format=torch.contiguous_format),
+        qkv.new_empty(qkv.shape),
         out.new_empty((B, out.shape[1] - PD, H, W)),
     )
 

@@ -169,7 +169,7 @@ def _(x, weight, bias, pdim, qk_dim, eps):
 
 @shsa_infer.register_fake
 def _(x, weight, bias, pdim, qk_dim, eps):
-    return x.new_empty(x.shape, memory_format=torch.contiguous_format)
+    return x.new_empty(x.shape)
 
 
 @torch.no_grad()

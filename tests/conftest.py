@@ -1,10 +1,19 @@
 """Shared test helpers: the reference fixtures and a comparison that says where and how much."""
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter; it must be
+# switched on before Triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# float32 comparisons on CUDA mean IEEE float32 (cuDNN would otherwise use TF32 convolutions)
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 GOLDEN = {
@@ -70,3 +79,53 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(params=sorted(GOLDEN), ids=lambda n: n)
 def golden(request) -> dict:
     return load_golden(request.param)
+
+
+# ---------------------------------------------------------------- kernel test helpers
+# Relative-norm bounds against a float64 reference computed from the same (upcast) inputs.
+KERNEL_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def tol_vs_eager(dtype: torch.dtype, eager_err: float) -> float:
+    """Bound for a fused result: the fixed bound of its dtype, or, in half precision, twice the
+    error that the eager composition itself shows in that dtype (a ReLU whose input rounds to
+    the other sign flips a gradient entry in either)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return max(KERNEL_TOL[dtype], 2 * eager_err)
+    return KERNEL_TOL[dtype]
+
+
+def kernel_devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def use_backend(monkeypatch, name: str, device: str) -> None:
+    """Select a backend for this test; the Triton backend must really be usable there."""
+    from shvit_kernels import backend
+
+    monkeypatch.setenv(backend.ENV, name)
+    if name == "triton":
+        assert backend.triton_available(), "Triton must be installed for the triton backend tests"
+        if device == "cpu" and not backend.triton_interpreting():
+            # only on a CUDA machine (conftest enables the interpreter everywhere else),
+            # where the same kernels are tested compiled on CUDA tensors
+            assert torch.cuda.is_available()
+            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1; the CUDA tests cover the kernels here")
+    if name == "cpp":
+        assert backend.cpp_available(), "the C++ extension must be built for the cpp backend tests"
+
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """Every ``torch.empty`` made from Python during the test starts as NaN, so a kernel that
+    leaves part of its output unwritten fails loudly."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)

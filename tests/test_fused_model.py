@@ -1,0 +1,92 @@
+"""The fused model (fused=True) against the authors' golden outputs, per backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shvit
+from conftest import assert_rel_close, kernel_devices, load_golden, use_backend
+from test_model import TOL, TRAIN_TOL_FP32
+
+BACKEND_DTYPES = [("triton", torch.float32), ("torch", torch.float32), ("torch", torch.float64)]
+IDS = [f"{b}-{'fp32' if d == torch.float32 else 'fp64'}" for b, d in BACKEND_DTYPES]
+DEVICES = kernel_devices()
+
+
+def _fused(g: dict, dtype: torch.dtype, layout: str = "official", device: str = "cpu") -> shvit.SHViT:
+    model = shvit.SHViT(**g["config"], fused=True).to(device=device, dtype=dtype)
+    sd = g["state_dict_official"] if layout == "official" else shvit.official_to_timm(g["state_dict_official"])
+    model.load_state_dict(sd)
+    return model
+
+
+def test_fused_model_has_reference_parameters():
+    for variant in ("shvit_s1", "shvit_s4"):
+        ref, fused = shvit.create_model(variant), shvit.create_model(variant, fused=True)
+        assert [(k, v.shape) for k, v in ref.state_dict().items()] == [
+            (k, v.shape) for k, v in fused.state_dict().items()
+        ]
+        fused.load_state_dict(ref.state_dict())
+        ref.load_state_dict(fused.state_dict())
+
+
+@pytest.mark.parametrize("layout", ["official", "timm"])
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=IDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_golden_eval_and_grads(golden, device, backend, dtype, layout, monkeypatch):
+    use_backend(monkeypatch, backend, device)
+    model = _fused(golden, dtype, layout, device).eval()
+    x = golden["input"].to(device=device, dtype=dtype).requires_grad_()
+    logits = model(x)
+    assert_rel_close(logits, golden["eval_logits"], TOL[dtype], "eval logits")
+    (logits * golden["grad_weights"].to(device=device, dtype=dtype)).sum().backward()
+    assert_rel_close(x.grad, golden["input_grad"], TOL[dtype], "input grad")
+    params = dict(model.named_parameters())
+    for name, expected in golden["param_grads"].items():
+        assert_rel_close(params[name].grad, expected, TOL[dtype], f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=IDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_golden_train_logits(golden, device, backend, dtype, monkeypatch):
+    use_backend(monkeypatch, backend, device)
+    model = _fused(golden, dtype, device=device).train()
+    logits = model(golden["input"].to(device=device, dtype=dtype))
+    tol = TRAIN_TOL_FP32[golden["variant"]] if dtype == torch.float32 else TOL[dtype]
+    assert_rel_close(logits, golden["train_logits"], tol, "train logits")
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=IDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_golden_after_fuse(golden, device, backend, dtype, monkeypatch):
+    use_backend(monkeypatch, backend, device)
+    model = _fused(golden, dtype, device=device).eval().fuse()
+    n_inference = sum(isinstance(m, shvit.SHSAInference) for m in model.modules())
+    assert n_inference == sum(d for d, t in zip(golden["config"]["depth"], golden["config"]["types"]) if t == "s")
+    with torch.no_grad():
+        logits = model(golden["input"].to(device=device, dtype=dtype))
+    assert_rel_close(logits, golden["eval_logits"], TOL[dtype], "eval logits after fuse()")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fused_under_cpu_autocast(backend, monkeypatch):
+    """bfloat16 autocast: the fused model stays within twice the error of the reference under
+    the same autocast (both against the float64 golden logits), forward and input gradient."""
+    use_backend(monkeypatch, backend, "cpu")
+    g = load_golden("tiny_b")
+    errs = {}
+    for name, fused in (("ref", False), ("fused", True)):
+        model = shvit.SHViT(**g["config"], fused=fused)
+        model.load_state_dict(g["state_dict_official"])
+        x = g["input"].clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model.eval()(x)
+        (logits.float() * g["grad_weights"].float()).sum().backward()
+        errs[name] = (
+            torch.linalg.norm(logits.detach().double() - g["eval_logits"]) / torch.linalg.norm(g["eval_logits"]),
+            torch.linalg.norm(x.grad.double() - g["input_grad"]) / torch.linalg.norm(g["input_grad"]),
+        )
+    for i, what in enumerate(("logits", "input grad")):
+        ref_err, fused_err = float(errs["ref"][i]), float(errs["fused"][i])
+        assert ref_err > 1e-4, "autocast must actually lower the precision"
+        assert fused_err <= 2 * ref_err + 1e-3, f"{what}: fused {fused_err:.2e} vs reference {ref_err:.2e}"

@@ -1,0 +1,88 @@
+"""Attention + concat + ReLU: each backend against the float64 reference composition."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DTYPE_IDS, KERNEL_TOL, assert_rel_close, kernel_devices, rel_err, tol_vs_eager, use_backend
+from shvit_kernels import shsa_attention
+from shvit_kernels.shsa_attention import shsa_attention_torch
+
+# (B, qk_dim, pdim, C2, H, W): N from 1 to 130 (several query/key tiles), odd pdims
+CASES = [
+    (2, 16, 9, 5, 5, 7),
+    (1, 8, 17, 3, 1, 1),
+    (3, 16, 12, 4, 8, 8),
+    (1, 24, 10, 7, 9, 11),
+    (2, 16, 66, 18, 7, 7),
+    (1, 16, 75, 9, 4, 4),
+    (1, 16, 20, 12, 1, 130),
+]
+CASE_IDS = ["B{}-qk{}-p{}-c{}-{}x{}".format(*c) for c in CASES]
+
+
+def _inputs(case, dtype, device, layout):
+    B, qk, pd, c2, H, W = case
+    g = torch.Generator().manual_seed(hash(case) % 2**31)
+    qkv = torch.randn(B, 2 * qk + pd, H, W, generator=g) * 1.5
+    x2 = torch.randn(B, c2, H, W, generator=g)
+    if layout == "channels_last":
+        qkv, x2 = qkv.to(memory_format=torch.channels_last), x2.to(memory_format=torch.channels_last)
+    elif layout == "slices":  # x2 a channel slice of a larger tensor, as in the model
+        x2 = torch.cat([torch.randn(B, 3, H, W, generator=g), x2], dim=1)[:, 3:]
+    return qkv.to(dtype).to(device).requires_grad_(), x2.to(dtype).to(device).requires_grad_()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slices"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_shsa_attention(backend, device, case, dtype, layout, monkeypatch, nan_outputs):
+    use_backend(monkeypatch, backend, device)
+    qk = case[1]
+    qkv, x2 = _inputs(case, dtype, device, layout)
+    out = shsa_attention(qkv, x2, qk)
+    assert out.dtype == dtype and out.shape == (case[0], case[2] + case[3], *case[4:])
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype).to(device)
+    out.backward(dout)
+    rq, rx = (t.detach().double().requires_grad_() for t in (qkv, x2))
+    ref = shsa_attention_torch(rq, rx, qk, qk ** -0.5)
+    ref.backward(dout.double())
+    eq, ex = (t.detach().clone().requires_grad_() for t in (qkv, x2))
+    shsa_attention_torch(eq, ex, qk, qk ** -0.5).backward(dout)  # eager in the same dtype
+    assert_rel_close(out, ref, KERNEL_TOL[dtype], "out")
+    assert_rel_close(qkv.grad, rq.grad, tol_vs_eager(dtype, rel_err(eq.grad, rq.grad)), "dqkv")
+    assert_rel_close(x2.grad, rx.grad, KERNEL_TOL[dtype], "dx2")
+
+
+def test_shsa_attention_mixed_dtypes_promote(monkeypatch):
+    use_backend(monkeypatch, "triton", "cpu")
+    qkv, _ = _inputs(CASES[0], torch.float16, "cpu", "contiguous")
+    _, x2 = _inputs(CASES[0], torch.float32, "cpu", "contiguous")
+    out = shsa_attention(qkv, x2, 16)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert qkv.grad.dtype == torch.float16 and x2.grad.dtype == torch.float32
+    ref = shsa_attention_torch(qkv.detach().double(), x2.detach().double(), 16, 0.25)
+    assert_rel_close(out, ref, KERNEL_TOL[torch.float16], "out")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_shsa_attention_empty_batch(backend, monkeypatch):
+    use_backend(monkeypatch, backend, "cpu")
+    qkv = torch.randn(0, 41, 5, 5, requires_grad=True)
+    x2 = torch.randn(0, 5, 5, 5, requires_grad=True)
+    out = shsa_attention(qkv, x2, 16)
+    assert out.shape == (0, 14, 5, 5)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape and x2.grad.shape == x2.shape
+
+
+def test_shsa_attention_bad_input():
+    with pytest.raises(ValueError, match="more than 2\\*qk_dim"):
+        shsa_attention(torch.randn(1, 32, 4, 4), torch.randn(1, 3, 4, 4), 16)
+    with pytest.raises(ValueError, match="must match qkv"):
+        shsa_attention(torch.randn(1, 40, 4, 4), torch.randn(1, 3, 4, 5), 16)
+    with pytest.raises(ValueError, match="x2 must have shape"):
+        shsa_attention(torch.randn(1, 40, 4, 4), torch.randn(3, 4, 4), 16)

@@ -29,12 +29,11 @@ if triton is not None:
     @triton.jit
     def _gn_partial_fwd_kernel(
         p_x, p_w, p_b, p_y, p_mean, p_rstd,
-        C, N, s_xb, s_xc, s_xn, eps,
+        C, N, s_xb, s_xc, s_xn, inv_cnt, eps,
         WRITE_Y: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         i_b = tl.program_id(0).to(tl.int64)
         p_xb = p_x + i_b * s_xb
-        cnt = (C * N).to(tl.float32)
         # pass 1: mean
         b_acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)  # [BLOCK_C, BLOCK_N]
         for c0 in range(0, C, BLOCK_C):
@@ -43,7 +42,7 @@ if triton is not None:
                 o_n = n0 + tl.arange(0, BLOCK_N)
                 m_x = (o_c < C)[:, None] & (o_n < N)[None, :]
                 b_acc += tl.load(p_xb + o_c[:, None] * s_xc + o_n[None, :] * s_xn, mask=m_x, other=0.0).to(tl.float32)
-        mean = tl.sum(b_acc) / cnt
+        mean = tl.sum(b_acc) * inv_cnt
         # pass 2: variance around the mean (two-pass: no cancellation)
         b_acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
@@ -54,7 +53,7 @@ if triton is not None:
                 b_x = tl.load(p_xb + o_c[:, None] * s_xc + o_n[None, :] * s_xn, mask=m_x, other=0.0).to(tl.float32)
                 b_d = tl.where(m_x, b_x - mean, 0.0)
                 b_acc += b_d * b_d
-        rstd = 1.0 / tl.sqrt(tl.sum(b_acc) / cnt + eps)
+        rstd = 1.0 / tl.sqrt(tl.sum(b_acc) * inv_cnt + eps)
         tl.store(p_mean + i_b, mean)
         tl.store(p_rstd + i_b, rstd)
         if WRITE_Y:
@@ -74,7 +73,7 @@ if triton is not None:
     @triton.jit
     def _gn_partial_bwd_kernel(
         p_dy, p_x, p_w, p_mean, p_rstd, p_dx, p_dw_part, p_db_part,
-        C, N, s_xb, s_xc, s_xn, s_dyb, s_dyc, s_dyn,
+        C, N, s_xb, s_xc, s_xn, s_dyb, s_dyc, s_dyn, inv_cnt,
         BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         i_b = tl.program_id(0).to(tl.int64)
@@ -82,7 +81,6 @@ if triton is not None:
         p_dyb = p_dy + i_b * s_dyb
         mean = tl.load(p_mean + i_b)
         rstd = tl.load(p_rstd + i_b)
-        cnt = (C * N).to(tl.float32)
         # pass 1: sum(g), sum(g * xhat) with g = dy * w; per-channel weight/bias partials
         b_sg = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)  # [BLOCK_C, BLOCK_N]
         b_sgx = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)  # [BLOCK_C, BLOCK_N]
@@ -105,8 +103,8 @@ if triton is not None:
                 b_db += tl.sum(b_dy, axis=1)
             tl.store(p_dw_part + i_b * C + o_c, b_dw, mask=m_c)
             tl.store(p_db_part + i_b * C + o_c, b_db, mask=m_c)
-        c1 = tl.sum(b_sg) / cnt
-        c2 = tl.sum(b_sgx) / cnt
+        c1 = tl.sum(b_sg) * inv_cnt
+        c2 = tl.sum(b_sgx) * inv_cnt
         # pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
         p_dxb = p_dx + i_b * C * N
         for c0 in range(0, C, BLOCK_C):
@@ -141,7 +139,7 @@ def gn_partial_fwd_triton(x1: Tensor, weight: Tensor, bias: Tensor, eps: float, 
         block_c, block_n = _blocks(C, N)
         _gn_partial_fwd_kernel[(B,)](  # without write_y, x1 stands in for the unused pointers
             x1, weight if write_y else x1, bias if write_y else x1, y if write_y else x1, mean, rstd,
-            C, N, sb, sc, sn, eps,
+            C, N, sb, sc, sn, 1.0 / (C * N), eps,
             WRITE_Y=write_y, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=4,
         )
     return y, mean, rstd
@@ -159,7 +157,7 @@ def gn_partial_bwd_triton(dy: Tensor, x1: Tensor, weight: Tensor, mean: Tensor, 
         block_c, block_n = _blocks(C, N)
         _gn_partial_bwd_kernel[(B,)](
             dy, x1, weight, mean, rstd, dx, dw_part, db_part,
-            C, N, sxb, sxc, sxn, sdb, sdc, sdn,
+            C, N, sxb, sxc, sxn, sdb, sdc, sdn, 1.0 / (C * N),
             BLOCK_C=block_c, BLOCK_N=block_n, num_warps=4,
         )
     else:

@@ -36,8 +36,8 @@ if triton is not None:
     @triton.jit
     def _shsa_infer_kernel(
         p_x, p_w, p_b, p_out,
-        N, PD, QK, C2, s_xb, s_xc, s_xn, eps,
-        PRECISION: tl.constexpr,
+        N, PD, QK, C2, s_xb, s_xc, s_xn, inv_cnt, eps,
+        PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_QK: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C2: tl.constexpr,
     ):
         i_b = tl.program_id(0).to(tl.int64)
@@ -49,32 +49,35 @@ if triton is not None:
         m_pd = o_pd < PD
         m_x = m_pd[:, None] & m_n[None, :]
         b_x = tl.load(p_xb + o_pd[:, None] * s_xc + o_n[None, :] * s_xn, mask=m_x, other=0.0).to(tl.float32)
-        cnt = (PD * N).to(tl.float32)
-        mean = tl.sum(b_x) / cnt
+        mean = tl.sum(b_x) * inv_cnt
         b_xc = tl.where(m_x, b_x - mean, 0.0)  # [BLOCK_PD, BLOCK_N]
-        rstd = 1.0 / tl.sqrt(tl.sum(b_xc * b_xc) / cnt + eps)
+        rstd = 1.0 / tl.sqrt(tl.sum(b_xc * b_xc) * inv_cnt + eps)
         b_xh = b_xc * rstd
-        # qkv projection (GroupNorm affine, BatchNorm and scale folded into W', b')
+        # q and k (GroupNorm affine, BatchNorm and scale folded into W', b')
         m_wq = (o_qk < QK)[:, None] & m_pd[None, :]
-        m_wv = m_pd[:, None] & m_pd[None, :]
         b_wq = tl.load(p_w + o_qk[:, None] * PD + o_pd[None, :], mask=m_wq, other=0.0).to(tl.float32)
         b_wk = tl.load(p_w + (QK + o_qk[:, None]) * PD + o_pd[None, :], mask=m_wq, other=0.0).to(tl.float32)
-        b_wv = tl.load(p_w + (2 * QK + o_pd[:, None]) * PD + o_pd[None, :], mask=m_wv, other=0.0).to(tl.float32)
         b_bq = tl.load(p_b + o_qk, mask=o_qk < QK, other=0.0).to(tl.float32)
         b_bk = tl.load(p_b + QK + o_qk, mask=o_qk < QK, other=0.0).to(tl.float32)
-        b_bv = tl.load(p_b + 2 * QK + o_pd, mask=m_pd, other=0.0).to(tl.float32)
         b_q = tl.dot(b_wq, b_xh, input_precision=PRECISION) + b_bq[:, None]  # [BLOCK_QK, BLOCK_N]
         b_k = tl.dot(b_wk, b_xh, input_precision=PRECISION) + b_bk[:, None]  # [BLOCK_QK, BLOCK_N]
-        b_v = tl.dot(b_wv, b_xh, input_precision=PRECISION) + b_bv[:, None]  # [BLOCK_PD, BLOCK_N]
         # softmax attention over the keys of this image
         b_s = tl.dot(tl.trans(b_q), b_k, input_precision=PRECISION)  # [BLOCK_N, BLOCK_N]
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         b_p = tl.exp(b_s - tl.max(b_s, axis=1)[:, None])
-        b_p = b_p / tl.sum(b_p, axis=1)[:, None]
-        b_o = tl.dot(b_v, tl.trans(b_p), input_precision=PRECISION)  # [BLOCK_PD, BLOCK_N]
+        b_pt = tl.trans(b_p / tl.sum(b_p, axis=1)[:, None])  # [BLOCK_N (keys), BLOCK_N (queries)]
+        # v and the output, BLOCK_R channels at a time (keeps W'_v out of registers)
         CO = PD + C2
         p_ob = p_out + i_b * CO * N
-        tl.store(p_ob + o_pd[:, None] * N + o_n[None, :], tl.maximum(b_o, 0.0).to(p_out.dtype.element_ty), mask=m_x)
+        for r0 in range(0, PD, BLOCK_R):
+            o_r = r0 + tl.arange(0, BLOCK_R)
+            m_r = o_r < PD
+            b_wv = tl.load(p_w + (2 * QK + o_r[:, None]) * PD + o_pd[None, :], mask=m_r[:, None] & m_pd[None, :], other=0.0)
+            b_bv = tl.load(p_b + 2 * QK + o_r, mask=m_r, other=0.0).to(tl.float32)
+            b_v = tl.dot(b_wv.to(tl.float32), b_xh, input_precision=PRECISION) + b_bv[:, None]  # [BLOCK_R, BLOCK_N]
+            b_o = tl.dot(b_v, b_pt, input_precision=PRECISION)  # [BLOCK_R, BLOCK_N]
+            m_o = m_r[:, None] & m_n[None, :]
+            tl.store(p_ob + o_r[:, None] * N + o_n[None, :], tl.maximum(b_o, 0.0).to(p_out.dtype.element_ty), mask=m_o)
         for c0 in range(0, C2, BLOCK_C2):
             o_c = c0 + tl.arange(0, BLOCK_C2)
             m_c = (o_c < C2)[:, None] & m_n[None, :]
@@ -121,8 +124,8 @@ def shsa_infer_triton(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim
         out = torch.empty((B, C, H, W), device=x.device, dtype=x.dtype)
         _shsa_infer_kernel[(B,)](
             x, weight, bias, out,
-            N, pdim, qk_dim, C2, sb, sc, sn, eps,
-            PRECISION=prec, BLOCK_QK=next_pow2(qk_dim), BLOCK_PD=next_pow2(pdim),
+            N, pdim, qk_dim, C2, sb, sc, sn, 1.0 / (pdim * N), eps,
+            PRECISION=prec, BLOCK_R=32, BLOCK_QK=next_pow2(qk_dim), BLOCK_PD=next_pow2(pdim),
             BLOCK_N=next_pow2(N), BLOCK_C2=min(next_pow2(C2, 1), 32), num_warps=4,
         )
         return out

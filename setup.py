@@ -1,5 +1,27 @@
-"""Build script: pip install --no-build-isolation -e .  (reuses the installed torch)."""
+"""Build script: pip install --no-build-isolation -e .  (reuses the installed torch).
+
+Compiles the CPU kernels in csrc/ into shvit_kernels._C with torch's cpp_extension (ninja).
+Set SHVIT_KERNELS_NO_CPP=1 to skip the build; the package then runs without them (the
+`cpp` backend falls back to the eager composition with a warning).
+"""
+import glob
+import os
+
 from setuptools import find_packages, setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("SHVIT_KERNELS_NO_CPP", "0") != "1":
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    ext_modules.append(
+        CppExtension(
+            "shvit_kernels._C",
+            sorted(glob.glob("csrc/*.cpp")),
+            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"]},
+            extra_link_args=["-fopenmp"],
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 
 setup(
     name="shvit-kernels",
@@ -8,6 +30,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["shvit", "shvit.*", "shvit_kernels", "shvit_kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     python_requires=">=3.9",
     # A range, never a pin: an installed torch is reused (an isolated build or a pin
     # would pull a different, multi-GB CUDA build).

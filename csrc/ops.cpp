@@ -1,0 +1,23 @@
+// Schemas of the CPU ops and the Python module that loads them (shvit_kernels._C).
+//
+// The public ops live in the `shvit` namespace (defined in Python, shvit_kernels/*.py);
+// their CPU implementation calls these `shvit_cpp` ops when the backend is `cpp`, so that
+// SHVIT_KERNELS_BACKEND can still route CPU tensors to Triton's interpreter or to torch.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing shvit_kernels._C runs the static registrations below; the module is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(shvit_cpp, m) {
+  m.def("gn_partial_fwd(Tensor x1, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("gn_partial_bwd(Tensor dy, Tensor x1, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
+  m.def("shsa_attn_fwd(Tensor qkv, Tensor x2, int qk_dim, float scale) -> (Tensor, Tensor)");
+  m.def("shsa_attn_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int qk_dim, float scale) -> (Tensor, Tensor)");
+  m.def("shsa_infer(Tensor x, Tensor weight, Tensor bias, int pdim, int qk_dim, float eps) -> Tensor");
+}

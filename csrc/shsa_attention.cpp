@@ -1,0 +1,192 @@
+// Single-head attention + concat + ReLU of the SHSA mixer: CPU kernels of
+// shvit_cpp::shsa_attn_fwd / shsa_attn_bwd (see shvit_kernels/shsa_attention.py).
+//
+// GEMMs go through ATen's batched BLAS (bmm/baddbmm over the whole batch); softmax through
+// ATen's vectorised kernel; everything elementwise (masking, ReLU, concat, dS) is fused
+// into single passes here. Queries are processed in chunks so that the score buffer stays
+// under kScoreBudget bytes: memory is linear in N, never an N x N buffer per image for
+// large N.
+#include <torch/library.h>
+
+#include "attention_core.h"
+#include "common.h"
+
+namespace shvit_cpu {
+
+namespace {
+constexpr int64_t kScoreBudget = int64_t(16) << 20;
+
+template <typename out_t, typename acc_t>
+void relu_rows_into(const Tensor& src, Tensor& out, int64_t c0, int64_t n0) {
+  // out[b, c0 + c, n0 + i] = max(src[b, c, i], 0) for src (B, R, T) with unit last stride
+  const int64_t B = src.size(0), R = src.size(1), T = src.size(2);
+  const int64_t CO = out.size(1), N = out.size(2);
+  const int64_t sb = src.stride(0), sr = src.stride(1);
+  const acc_t* ps = src.const_data_ptr<acc_t>();
+  out_t* po = out.data_ptr<out_t>();
+  parallel_rows(B * R, 16, [&](int64_t row) {
+    const int64_t b = row / R, c = row % R;
+    const acc_t* s = ps + b * sb + c * sr;
+    out_t* o = po + (b * CO + c0 + c) * N + n0;
+    for (int64_t i = 0; i < T; ++i) o[i] = static_cast<out_t>(s[i] > acc_t(0) ? s[i] : acc_t(0));
+  });
+}
+}  // namespace
+
+int64_t query_chunk(int64_t B, int64_t N, int64_t elem_size) {
+  const int64_t per_row = std::max<int64_t>(1, B * N * elem_size);
+  return std::max<int64_t>(1, std::min<int64_t>(N, kScoreBudget / per_row));
+}
+
+void attention_forward_core(const Tensor& qT, const Tensor& k, const Tensor& v, const Tensor& x2, Tensor& out,
+                            Tensor* lse) {
+  // qT (B, N, QK) already scaled, k (B, QK, N), v (B, PD, N): acc dtype, bmm-compatible strides.
+  // x2 (B, C2, N) with unit token stride; out (B, PD + C2, N) contiguous.
+  const int64_t B = qT.size(0), N = qT.size(1), PD = v.size(1);
+  const int64_t tm = query_chunk(B, N, qT.element_size());
+  for (int64_t m0 = 0; m0 < N; m0 += tm) {
+    const int64_t t = std::min(tm, N - m0);
+    Tensor s = at::bmm(qT.narrow(1, m0, t), k);  // (B, t, N)
+    Tensor p = at::_softmax(s, -1, false);
+    if (lse != nullptr) {
+      // log-sum-exp of each row from its largest score and probability (p_max >= 1/N)
+      lse->narrow(1, m0, t).copy_(s.amax(-1) - p.amax(-1).log());
+    }
+    Tensor o = at::bmm(v, p.transpose(1, 2));  // (B, PD, t)
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "shsa_attn_out", [&] {
+      if (o.scalar_type() == at::kDouble) {
+        relu_rows_into<scalar_t, double>(o, out, 0, m0);
+      } else {
+        relu_rows_into<scalar_t, float>(o, out, 0, m0);
+      }
+    });
+  }
+  // the untouched channels
+  const int64_t C2 = x2.size(1), CO = out.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2.scalar_type(), "shsa_attn_x2", [&] {
+    using in_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "shsa_attn_x2_out", [&] {
+      const in_t* px = x2.const_data_ptr<in_t>();
+      scalar_t* po = out.data_ptr<scalar_t>();
+      const int64_t sb = x2.stride(0), sc = x2.stride(1);
+      parallel_rows(B * C2, 16, [&](int64_t row) {
+        const int64_t b = row / C2, c = row % C2;
+        const in_t* s = px + b * sb + c * sc;
+        scalar_t* o = po + (b * CO + PD + c) * N;
+        for (int64_t i = 0; i < N; ++i) o[i] = static_cast<scalar_t>(s[i] > in_t(0) ? s[i] : in_t(0));
+      });
+    });
+  });
+}
+
+std::tuple<Tensor, Tensor> shsa_attn_fwd(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, double scale) {
+  check_input(qkv, "qkv");
+  check_input(x2, "x2");
+  const int64_t B = qkv.size(0), CQ = qkv.size(1), H = qkv.size(2), W = qkv.size(3), N = H * W;
+  const int64_t PD = CQ - 2 * qk_dim, C2 = x2.size(1);
+  TORCH_CHECK(PD > 0, "qkv must have more than 2*qk_dim = ", 2 * qk_dim, " channels, got ", CQ);
+  TORCH_CHECK(x2.size(0) == B && x2.size(2) == H && x2.size(3) == W, "x2 ", x2.sizes(),
+              " must match qkv ", qkv.sizes(), " in batch and spatial size");
+  const auto acc = acc_type(qkv.scalar_type());
+  const auto out_dtype = at::promote_types(qkv.scalar_type(), x2.scalar_type());
+  Tensor out = at::empty({B, PD + C2, H, W}, qkv.options().dtype(out_dtype));
+  Tensor lse = at::empty({B, N}, qkv.options().dtype(acc));
+  if (B == 0 || N == 0) return {out, lse};
+  Tensor f = as_bcn(qkv.scalar_type() == acc ? qkv : qkv.to(acc));
+  Tensor qT = f.narrow(1, 0, qk_dim).transpose(1, 2).mul(scale);
+  Tensor out3 = out.view({B, PD + C2, N});
+  attention_forward_core(qT, f.narrow(1, qk_dim, qk_dim), f.narrow(1, 2 * qk_dim, PD), as_bcn(x2), out3, &lse);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                                         const Tensor& lse, int64_t qk_dim, double scale) {
+  check_input(qkv, "qkv");
+  check_input(out, "out");
+  check_input(dout, "dout");
+  TORCH_CHECK(dout.sizes() == out.sizes(), "dout must have the shape of out ", out.sizes(), ", got ",
+              dout.sizes());
+  const int64_t B = qkv.size(0), CQ = qkv.size(1), H = qkv.size(2), W = qkv.size(3), N = H * W;
+  const int64_t PD = CQ - 2 * qk_dim, CO = out.size(1), C2 = CO - PD;
+  const auto acc = acc_type(qkv.scalar_type());
+  (void)lse;  // probabilities are recomputed with the forward's own softmax kernel
+  Tensor dx2 = at::empty({B, C2, H, W}, out.options());
+  if (B == 0 || N == 0) return {at::zeros_like(qkv, at::MemoryFormat::Contiguous), dx2};
+  Tensor o = as_bcn(out);
+  Tensor g = as_bcn(dout.scalar_type() == out.scalar_type() ? dout : dout.to(out.scalar_type()));
+  // dO masked by the ReLU (in acc dtype), delta = rowsum(dO * O), dx2 = dout * (out > 0): one pass
+  Tensor dom = at::empty({B, PD, N}, qkv.options().dtype(acc));
+  Tensor delta = at::empty({B, N}, qkv.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "shsa_attn_bwd_pre", [&] {
+    using out_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(acc, "shsa_attn_bwd_pre_acc", [&] {
+      using acc_t = scalar_t;
+      const out_t* po = o.const_data_ptr<out_t>();
+      const out_t* pg = g.const_data_ptr<out_t>();
+      const int64_t sob = o.stride(0), soc = o.stride(1), sgb = g.stride(0), sgc = g.stride(1);
+      acc_t* pdom = dom.data_ptr<acc_t>();
+      acc_t* pdelta = delta.data_ptr<acc_t>();
+      out_t* pdx2 = dx2.data_ptr<out_t>();
+      parallel_rows(B, 1, [&](int64_t b) {
+        acc_t* dl = pdelta + b * N;
+        for (int64_t i = 0; i < N; ++i) dl[i] = 0;
+        for (int64_t c = 0; c < PD; ++c) {
+          const out_t* orow = po + b * sob + c * soc;
+          const out_t* grow = pg + b * sgb + c * sgc;
+          acc_t* drow = pdom + (b * PD + c) * N;
+          for (int64_t i = 0; i < N; ++i) {
+            const acc_t ov = static_cast<acc_t>(orow[i]);
+            const acc_t gv = ov > acc_t(0) ? static_cast<acc_t>(grow[i]) : acc_t(0);
+            drow[i] = gv;
+            dl[i] += gv * ov;
+          }
+        }
+        for (int64_t c = 0; c < C2; ++c) {
+          const out_t* orow = po + b * sob + (PD + c) * soc;
+          const out_t* grow = pg + b * sgb + (PD + c) * sgc;
+          out_t* xrow = pdx2 + (b * C2 + c) * N;
+          for (int64_t i = 0; i < N; ++i) xrow[i] = orow[i] > out_t(0) ? grow[i] : out_t(0);
+        }
+      });
+    });
+  });
+  Tensor f = as_bcn(qkv.scalar_type() == acc ? qkv : qkv.to(acc));
+  Tensor q = f.narrow(1, 0, qk_dim), k = f.narrow(1, qk_dim, qk_dim), v = f.narrow(1, 2 * qk_dim, PD);
+  Tensor qsT = q.transpose(1, 2).mul(scale);  // (B, N, QK)
+  Tensor dq = at::empty({B, qk_dim, N}, f.options());
+  Tensor dk = at::zeros({B, qk_dim, N}, f.options());
+  Tensor dv = at::zeros({B, PD, N}, f.options());
+  const int64_t tm = query_chunk(B, N, f.element_size());
+  for (int64_t m0 = 0; m0 < N; m0 += tm) {
+    const int64_t t = std::min(tm, N - m0);
+    Tensor p = at::_softmax(at::bmm(qsT.narrow(1, m0, t), k), -1, false);  // (B, t, N), as in the forward
+    Tensor dom_c = dom.narrow(2, m0, t);                                      // (B, PD, t)
+    dv.baddbmm_(dom_c, p);
+    Tensor ds = at::bmm(dom_c.transpose(1, 2), v);  // dP (B, t, N), becomes dS in place
+    AT_DISPATCH_FLOATING_TYPES(acc, "shsa_attn_bwd_ds", [&] {
+      scalar_t* pds = ds.data_ptr<scalar_t>();
+      const scalar_t* pp = p.const_data_ptr<scalar_t>();
+      const scalar_t* pdl = delta.const_data_ptr<scalar_t>();
+      parallel_rows(B * t, 16, [&](int64_t row) {
+        const int64_t b = row / t, i = row % t;
+        const scalar_t d = pdl[b * N + m0 + i];
+        scalar_t* r = pds + row * N;
+        const scalar_t* pr = pp + row * N;
+        for (int64_t j = 0; j < N; ++j) r[j] = pr[j] * (r[j] - d);
+      });
+    });
+    dq.narrow(2, m0, t).copy_(at::bmm(k, ds.transpose(1, 2)));  // (B, QK, t)
+    dk.baddbmm_(q.narrow(2, m0, t), ds);
+  }
+  dq.mul_(scale);
+  dk.mul_(scale);
+  Tensor dqkv = at::cat({dq, dk, dv}, 1).view({B, CQ, H, W});
+  return {dqkv.scalar_type() == qkv.scalar_type() ? dqkv : dqkv.to(qkv.scalar_type()), dx2};
+}
+
+TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) {
+  m.impl("shsa_attn_fwd", &shsa_attn_fwd);
+  m.impl("shsa_attn_bwd", &shsa_attn_bwd);
+}
+
+}  // namespace shvit_cpu

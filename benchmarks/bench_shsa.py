@@ -86,8 +86,9 @@ def eager_region(m: shvit.SHSA, x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_train_region(m: shvit.SHSA, x: torch.Tensor) -> torch.Tensor:
-    y = shvit_kernels.group_norm_partial(x, m.pdim, m.pre_norm.weight, m.pre_norm.bias, m.pre_norm.eps)
-    return shvit_kernels.shsa_attention(m.qkv(y), x[:, m.pdim :], m.qk_dim, m.scale)
+    x1, x2 = x.split([m.pdim, m.dim - m.pdim], dim=1)
+    y = shvit_kernels.group_norm_partial(x1, m.pre_norm.weight, m.pre_norm.bias, m.pre_norm.eps)
+    return shvit_kernels.shsa_attention(m.qkv(y), x2, m.qk_dim, m.scale)
 
 
 def bench_case(name, dim, pdim, H, W, args, run) -> list[dict]:

@@ -110,6 +110,7 @@ void gn_bwd_impl(const Tensor& dy, const Tensor& x, const Tensor& w, const Tenso
 
 std::tuple<Tensor, Tensor, Tensor> gn_partial_fwd(const Tensor& x1, const Tensor& weight, const Tensor& bias,
                                                   double eps) {
+  NoAutocast no_autocast;
   check_input(x1, "x1");
   const int64_t B = x1.size(0), C = x1.size(1);
   TORCH_CHECK(weight.numel() == C && bias.numel() == C, "weight and bias must have ", C, " elements, got ",
@@ -130,6 +131,7 @@ std::tuple<Tensor, Tensor, Tensor> gn_partial_fwd(const Tensor& x1, const Tensor
 
 std::tuple<Tensor, Tensor, Tensor> gn_partial_bwd(const Tensor& dy, const Tensor& x1, const Tensor& weight,
                                                   const Tensor& mean, const Tensor& rstd) {
+  NoAutocast no_autocast;
   check_input(x1, "x1");
   check_input(dy, "dy");
   TORCH_CHECK(dy.sizes() == x1.sizes(), "dy must have the shape of x1 ", x1.sizes(), ", got ", dy.sizes());
@@ -140,9 +142,12 @@ std::tuple<Tensor, Tensor, Tensor> gn_partial_bwd(const Tensor& dy, const Tensor
   Tensor w = weight.to(acc).contiguous();
   Tensor m = mean.to(acc).contiguous(), r = rstd.to(acc).contiguous();
   Tensor dx = at::empty(x1.sizes(), x1.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor dw_part = at::zeros({B, C}, x1.options().dtype(acc));
-  Tensor db_part = at::zeros({B, C}, x1.options().dtype(acc));
-  if (B > 0 && x.size(2) > 0) {
+  Tensor dw_part = at::empty({B, C}, x1.options().dtype(acc));
+  Tensor db_part = at::empty({B, C}, x1.options().dtype(acc));
+  if (x.size(2) == 0) {
+    dw_part.zero_();
+    db_part.zero_();
+  } else if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gn_partial_bwd", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       gn_bwd_impl<scalar_t, acc_t>(g, x, w, m, r, dx, dw_part, db_part);

@@ -80,6 +80,7 @@ void attention_forward_core(const Tensor& qT, const Tensor& k, const Tensor& v, 
 }
 
 std::tuple<Tensor, Tensor> shsa_attn_fwd(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, double scale) {
+  NoAutocast no_autocast;
   check_input(qkv, "qkv");
   check_input(x2, "x2");
   const int64_t B = qkv.size(0), CQ = qkv.size(1), H = qkv.size(2), W = qkv.size(3), N = H * W;
@@ -101,6 +102,7 @@ std::tuple<Tensor, Tensor> shsa_attn_fwd(const Tensor& qkv, const Tensor& x2, in
 
 std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& out,
                                          const Tensor& lse, int64_t qk_dim, double scale) {
+  NoAutocast no_autocast;
   check_input(qkv, "qkv");
   check_input(out, "out");
   check_input(dout, "dout");
@@ -128,24 +130,30 @@ std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, 
       acc_t* pdelta = delta.data_ptr<acc_t>();
       out_t* pdx2 = dx2.data_ptr<out_t>();
       parallel_rows(B, 1, [&](int64_t b) {
-        acc_t* dl = pdelta + b * N;
+        acc_t* __restrict__ dl = pdelta + b * N;
         for (int64_t i = 0; i < N; ++i) dl[i] = 0;
         for (int64_t c = 0; c < PD; ++c) {
-          const out_t* orow = po + b * sob + c * soc;
-          const out_t* grow = pg + b * sgb + c * sgc;
-          acc_t* drow = pdom + (b * PD + c) * N;
+          const out_t* __restrict__ orow = po + b * sob + c * soc;
+          const out_t* __restrict__ grow = pg + b * sgb + c * sgc;
+          acc_t* __restrict__ drow = pdom + (b * PD + c) * N;
           for (int64_t i = 0; i < N; ++i) {
+            // both operands loaded unconditionally: a branch-free select the compiler vectorises
             const acc_t ov = static_cast<acc_t>(orow[i]);
-            const acc_t gv = ov > acc_t(0) ? static_cast<acc_t>(grow[i]) : acc_t(0);
+            const acc_t g0 = static_cast<acc_t>(grow[i]);
+            const acc_t gv = ov > acc_t(0) ? g0 : acc_t(0);
             drow[i] = gv;
             dl[i] += gv * ov;
           }
         }
-        for (int64_t c = 0; c < C2; ++c) {
-          const out_t* orow = po + b * sob + (PD + c) * soc;
-          const out_t* grow = pg + b * sgb + (PD + c) * sgc;
-          out_t* xrow = pdx2 + (b * C2 + c) * N;
-          for (int64_t i = 0; i < N; ++i) xrow[i] = orow[i] > out_t(0) ? grow[i] : out_t(0);
+      });
+      parallel_rows(B * C2, 16, [&](int64_t row) {
+        const int64_t b = row / C2, c = row % C2;
+        const out_t* __restrict__ orow = po + b * sob + (PD + c) * soc;
+        const out_t* __restrict__ grow = pg + b * sgb + (PD + c) * sgc;
+        out_t* __restrict__ xrow = pdx2 + row * N;
+        for (int64_t i = 0; i < N; ++i) {
+          const out_t gv = grow[i];
+          xrow[i] = orow[i] > out_t(0) ? gv : out_t(0);
         }
       });
     });
@@ -154,14 +162,13 @@ std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, 
   Tensor q = f.narrow(1, 0, qk_dim), k = f.narrow(1, qk_dim, qk_dim), v = f.narrow(1, 2 * qk_dim, PD);
   Tensor qsT = q.transpose(1, 2).mul(scale);  // (B, N, QK)
   Tensor dq = at::empty({B, qk_dim, N}, f.options());
-  Tensor dk = at::zeros({B, qk_dim, N}, f.options());
-  Tensor dv = at::zeros({B, PD, N}, f.options());
+  Tensor dk, dv;  // accumulated over query chunks (a single chunk for SHViT's usual sizes)
   const int64_t tm = query_chunk(B, N, f.element_size());
   for (int64_t m0 = 0; m0 < N; m0 += tm) {
     const int64_t t = std::min(tm, N - m0);
     Tensor p = at::_softmax(at::bmm(qsT.narrow(1, m0, t), k), -1, false);  // (B, t, N), as in the forward
     Tensor dom_c = dom.narrow(2, m0, t);                                      // (B, PD, t)
-    dv.baddbmm_(dom_c, p);
+    dv = m0 == 0 ? at::bmm(dom_c, p) : dv.baddbmm_(dom_c, p);
     Tensor ds = at::bmm(dom_c.transpose(1, 2), v);  // dP (B, t, N), becomes dS in place
     AT_DISPATCH_FLOATING_TYPES(acc, "shsa_attn_bwd_ds", [&] {
       scalar_t* pds = ds.data_ptr<scalar_t>();
@@ -175,8 +182,13 @@ std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, 
         for (int64_t j = 0; j < N; ++j) r[j] = pr[j] * (r[j] - d);
       });
     });
-    dq.narrow(2, m0, t).copy_(at::bmm(k, ds.transpose(1, 2)));  // (B, QK, t)
-    dk.baddbmm_(q.narrow(2, m0, t), ds);
+    if (t == N) {
+      at::bmm_out(dq, k, ds.transpose(1, 2));
+    } else {
+      dq.narrow(2, m0, t).copy_(at::bmm(k, ds.transpose(1, 2)));  // (B, QK, t)
+    }
+    Tensor qc = q.narrow(2, m0, t);
+    dk = m0 == 0 ? at::bmm(qc, ds) : dk.baddbmm_(qc, ds);
   }
   dq.mul_(scale);
   dk.mul_(scale);

@@ -47,6 +47,7 @@ void normalize_token_major(const Tensor& x, int64_t pdim, double eps, Tensor& xh
 
 Tensor shsa_infer(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t pdim, int64_t qk_dim,
                   double eps) {
+  NoAutocast no_autocast;
   check_input(x, "x");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W;
   const int64_t CQ = 2 * qk_dim + pdim;

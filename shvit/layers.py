@@ -239,10 +239,12 @@ class SHSA(nn.Module):
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         check_4d("x", x, self.dim)
+        # views, no copies; one split (not two slices) so the backward writes dx in one pass
+        x1, x2 = torch.split(x, [self.pdim, self.dim - self.pdim], dim=1)
         norm = self.pre_norm
-        x1 = shvit_kernels.group_norm_partial(x, self.pdim, norm.weight, norm.bias, norm.eps)
-        qkv = self.qkv(x1)  # Conv2d_BN by PyTorch: its BatchNorm needs batch statistics in training
-        out = shvit_kernels.shsa_attention(qkv, x[:, self.pdim :], self.qk_dim, self.scale)
+        y = shvit_kernels.group_norm_partial(x1, norm.weight, norm.bias, norm.eps)
+        qkv = self.qkv(y)  # Conv2d_BN by PyTorch: its BatchNorm needs batch statistics in training
+        out = shvit_kernels.shsa_attention(qkv, x2, self.qk_dim, self.scale)
         return self.proj[1](out)  # the kernel applied proj's ReLU
 
     @torch.no_grad()

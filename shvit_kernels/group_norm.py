@@ -261,15 +261,15 @@ gn_partial_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------ functional
-def group_norm_partial(x: Tensor, pdim: int, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
-    """GroupNorm(1, pdim) of ``x[:, :pdim]`` without copying the slice; returns (B, pdim, H, W)."""
-    check_4d("x", x)
-    if not 0 < pdim <= x.shape[1]:
-        raise ValueError(f"pdim must be in 1..{x.shape[1]}, got {pdim}")
-    if weight.shape != (pdim,) or bias.shape != (pdim,):
-        raise ValueError(f"weight and bias must have shape ({pdim},), got {tuple(weight.shape)}, {tuple(bias.shape)}")
-    check_same_device(x=x, weight=weight, bias=bias)
-    x1 = x[:, :pdim]
-    if backend.select(x) == "torch":
+def group_norm_partial(x1: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """GroupNorm(1, C) of ``x1`` (B, C, H, W), typically the channel slice ``x[:, :pdim]``
+    of a larger tensor: the kernels read it through its strides, without a copy.
+    Returns a new contiguous (B, C, H, W) tensor."""
+    check_4d("x1", x1)
+    C = x1.shape[1]
+    if weight.shape != (C,) or bias.shape != (C,):
+        raise ValueError(f"weight and bias must have shape ({C},), got {tuple(weight.shape)}, {tuple(bias.shape)}")
+    check_same_device(x1=x1, weight=weight, bias=bias)
+    if backend.select(x1) == "torch":
         return torch.nn.functional.group_norm(x1, 1, weight, bias, eps)
     return torch.ops.shvit.gn_partial_fwd(x1, weight, bias, float(eps))[0]

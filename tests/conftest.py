@@ -101,6 +101,12 @@ def kernel_devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+# every (backend, device) pair a fused op can run on here
+BACKEND_DEVICES = [("triton", "cpu"), ("cpp", "cpu"), ("torch", "cpu")] + (
+    [("triton", "cuda"), ("torch", "cuda")] if torch.cuda.is_available() else []
+)
+
+
 def use_backend(monkeypatch, name: str, device: str) -> None:
     """Select a backend for this test; the Triton backend must really be usable there."""
     from shvit_kernels import backend

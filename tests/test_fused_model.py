@@ -5,12 +5,17 @@ import pytest
 import torch
 
 import shvit
-from conftest import assert_rel_close, kernel_devices, load_golden, use_backend
+from conftest import BACKEND_DEVICES, assert_rel_close, load_golden, use_backend
 from test_model import TOL, TRAIN_TOL_FP32
 
-BACKEND_DTYPES = [("triton", torch.float32), ("torch", torch.float32), ("torch", torch.float64)]
-IDS = [f"{b}-{'fp32' if d == torch.float32 else 'fp64'}" for b, d in BACKEND_DTYPES]
-DEVICES = kernel_devices()
+# Triton computes in float32: float64 runs on cpp and torch
+RUNS = [
+    (b, d, dt)
+    for b, d in BACKEND_DEVICES
+    for dt in (torch.float32, torch.float64)
+    if not (b == "triton" and dt == torch.float64)
+]
+IDS = [f"{b}-{d}-{'fp32' if dt == torch.float32 else 'fp64'}" for b, d, dt in RUNS]
 
 
 def _fused(g: dict, dtype: torch.dtype, layout: str = "official", device: str = "cpu") -> shvit.SHViT:
@@ -31,8 +36,7 @@ def test_fused_model_has_reference_parameters():
 
 
 @pytest.mark.parametrize("layout", ["official", "timm"])
-@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=IDS)
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device,dtype", RUNS, ids=IDS)
 def test_fused_golden_eval_and_grads(golden, device, backend, dtype, layout, monkeypatch):
     use_backend(monkeypatch, backend, device)
     model = _fused(golden, dtype, layout, device).eval()
@@ -46,8 +50,7 @@ def test_fused_golden_eval_and_grads(golden, device, backend, dtype, layout, mon
         assert_rel_close(params[name].grad, expected, TOL[dtype], f"grad of {name}")
 
 
-@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=IDS)
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device,dtype", RUNS, ids=IDS)
 def test_fused_golden_train_logits(golden, device, backend, dtype, monkeypatch):
     use_backend(monkeypatch, backend, device)
     model = _fused(golden, dtype, device=device).train()
@@ -56,8 +59,7 @@ def test_fused_golden_train_logits(golden, device, backend, dtype, monkeypatch):
     assert_rel_close(logits, golden["train_logits"], tol, "train logits")
 
 
-@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=IDS)
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,device,dtype", RUNS, ids=IDS)
 def test_fused_golden_after_fuse(golden, device, backend, dtype, monkeypatch):
     use_backend(monkeypatch, backend, device)
     model = _fused(golden, dtype, device=device).eval().fuse()
@@ -68,7 +70,7 @@ def test_fused_golden_after_fuse(golden, device, backend, dtype, monkeypatch):
     assert_rel_close(logits, golden["eval_logits"], TOL[dtype], "eval logits after fuse()")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch"])
 def test_fused_under_cpu_autocast(backend, monkeypatch):
     """bfloat16 autocast: the fused model stays within twice the error of the reference under
     the same autocast (both against the float64 golden logits), forward and input gradient."""

@@ -27,7 +27,7 @@ def _samples(dtype=torch.float32):
 
 
 @pytest.mark.parametrize("op", ["gn_partial_fwd", "gn_partial_bwd", "shsa_attn_fwd", "shsa_attn_bwd", "shsa_infer"])
-@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "auto"])
 def test_opcheck(op, backend, monkeypatch):
     if backend == "auto":
         monkeypatch.setenv("SHVIT_KERNELS_BACKEND", "auto")

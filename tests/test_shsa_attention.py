@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DTYPE_IDS, KERNEL_TOL, assert_rel_close, kernel_devices, rel_err, tol_vs_eager, use_backend
+from conftest import BACKEND_DEVICES, DTYPE_IDS, KERNEL_TOL, assert_rel_close, rel_err, tol_vs_eager, use_backend
 from shvit_kernels import shsa_attention
 from shvit_kernels.shsa_attention import shsa_attention_torch
 
@@ -37,8 +37,7 @@ def _inputs(case, dtype, device, layout):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slices"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("device", kernel_devices())
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_shsa_attention(backend, device, case, dtype, layout, monkeypatch, nan_outputs):
     use_backend(monkeypatch, backend, device)
     qk = case[1]
@@ -69,7 +68,7 @@ def test_shsa_attention_mixed_dtypes_promote(monkeypatch):
     assert_rel_close(out, ref, KERNEL_TOL[torch.float16], "out")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch"])
 def test_shsa_attention_empty_batch(backend, monkeypatch):
     use_backend(monkeypatch, backend, "cpu")
     qkv = torch.randn(0, 41, 5, 5, requires_grad=True)

@@ -8,7 +8,7 @@ import torch
 
 import shvit
 import shvit_kernels
-from conftest import DTYPE_IDS, KERNEL_TOL, assert_rel_close, kernel_devices, randomize_bn, use_backend
+from conftest import BACKEND_DEVICES, DTYPE_IDS, KERNEL_TOL, assert_rel_close, randomize_bn, use_backend
 
 # (B, dim, pdim, qk_dim, H, W); N <= 64 runs the one-pass kernel, larger N the tiled path
 CASES = [
@@ -38,8 +38,7 @@ def _modules(case, seed=0):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("device", kernel_devices())
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_shsa_inference_module(backend, device, case, dtype, layout, monkeypatch, nan_outputs):
     use_backend(monkeypatch, backend, device)
     ref, fused = _modules(case)
@@ -56,7 +55,7 @@ def test_shsa_inference_module(backend, device, case, dtype, layout, monkeypatch
     assert_rel_close(out, expected, KERNEL_TOL[dtype] * 5, "SHSA output")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch"])
 def test_shsa_inference_op_matches_composition(backend, monkeypatch, nan_outputs):
     use_backend(monkeypatch, backend, "cpu")
     for case in (CASES[0], CASES[-1]):
@@ -82,7 +81,7 @@ def test_shsa_inference_with_grad_uses_differentiable_path(monkeypatch):
     assert_rel_close(x.grad, xr.grad, 1e-5, "dx through a fused eval module")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch"])
 def test_shsa_inference_empty_batch(backend, monkeypatch):
     use_backend(monkeypatch, backend, "cpu")
     _, fused = _modules(CASES[0])

@@ -13,6 +13,7 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 VPY=.venv/bin/python
+"$VPY" -m pip install -q --upgrade pip
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   echo "setup: no torch found, installing torch==2.13.0 (CPU build)"
   "$VPY" -m pip install -q torch==2.13.0

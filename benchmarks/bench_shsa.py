@@ -1,10 +1,15 @@
-"""Microbenchmarks of the fused SHSA mixer region against the eager sequence it replaces.
+"""Microbenchmarks of the fused SHSA mixer against the eager (reference) modules.
 
-Cases (SHViT-S4 shapes): the mixer region "GroupNorm on x1 -> qkv -> attention -> concat ->
-ReLU", for inference (BN folded, one-pass op) and training (fused GroupNorm, PyTorch qkv
-Conv2d_BN, fused attention; forward and forward+backward). Reports time, speedup, achieved
-bandwidth of the inference op (bytes: read x once, write the output once) against a
-measured device copy, peak memory, and the max error against the float64 reference.
+Cases (SHViT-S4 shapes), each fused vs eager:
+- ``inference``: the mixer region "GroupNorm on x1 -> qkv -> attention -> concat -> ReLU"
+  with BN folded (the one-pass ``shsa_inference`` op vs the eager sequence it replaces);
+- ``train-forward`` / ``train-forward+backward``: the same region in training (fused
+  GroupNorm, qkv Conv2d_BN by PyTorch, fused attention);
+- ``module-inference`` / ``module-train-forward+backward``: the whole residual SHSA
+  block ``x + SHSA(x)`` with its projection (``fused=True`` vs the reference module).
+Reports time, speedup, achieved bandwidth of the inference op (bytes: read x once, write
+the output once) against a measured device copy, peak memory, and the max error
+against the float64 reference.
 
     python -m benchmarks.bench_shsa --device cuda --dtype float16 --batch 256
     python -m benchmarks.bench_shsa --device cpu --batch 16 --threads 1
@@ -21,7 +26,7 @@ import torch
 
 import shvit
 import shvit_kernels
-from benchmarks.common import format_table, machine_info, machine_line, time_cpu, write_results
+from benchmarks.common import format_table, machine_info, machine_line, time_cpu_interleaved, write_results
 from shvit_kernels.shsa_attention import shsa_attention_torch
 
 # (name, dim, pdim, H, W): S4 stage 2 and 3 at 256 px, stage 2 at 1024 and 2048 px
@@ -36,15 +41,21 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def timer(device: str, min_time: float):
+    """``run(eager_fn, fused_fn) -> (eager_s, fused_s)``, medians; interleaved rounds on CPU."""
     if device == "cuda":
         import triton.testing
 
-        def run(fn):
+        def one(fn):
             ms = triton.testing.do_bench(fn, warmup=25, rep=max(100, int(min_time * 1000)), return_mode="median")
             return ms / 1e3
 
-        return run
-    return lambda fn: time_cpu(fn, min_time=min_time)["median_s"]
+        return lambda *fns: tuple(one(f) for f in fns)
+
+    def run(*fns):
+        t = time_cpu_interleaved({str(i): f for i, f in enumerate(fns)}, min_time=min_time)
+        return tuple(t[str(i)]["median_s"] for i in range(len(fns)))
+
+    return run
 
 
 def peak_memory(device: str, fn) -> int | None:
@@ -61,7 +72,7 @@ def peak_memory(device: str, fn) -> int | None:
 def copy_bandwidth(device: str, nbytes: int, run) -> float:
     src = torch.empty(max(nbytes // 4, 1 << 24), dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    t = run(lambda: dst.copy_(src))
+    (t,) = run(lambda: dst.copy_(src))
     return 2 * src.numel() * 4 / t
 
 
@@ -109,8 +120,10 @@ def bench_case(name, dim, pdim, H, W, args, run) -> list[dict]:
         exact = eager_region(copy.deepcopy(ref).double(), x.double())
         f_out = shvit_kernels.shsa_inference(x, fused_m.weight, fused_m.bias, pdim, 16, 1e-5)
         e_out = eager_region(eager_m, x)
-        t_e = run(lambda: eager_region(eager_m, x))
-        t_f = run(lambda: shvit_kernels.shsa_inference(x, fused_m.weight, fused_m.bias, pdim, 16, 1e-5))
+        t_e, t_f = run(
+            lambda: eager_region(eager_m, x),
+            lambda: shvit_kernels.shsa_inference(x, fused_m.weight, fused_m.bias, pdim, 16, 1e-5),
+        )
         mem_e = peak_memory(dev, lambda: eager_region(eager_m, x))
         mem_f = peak_memory(dev, lambda: shvit_kernels.shsa_inference(x, fused_m.weight, fused_m.bias, pdim, 16, 1e-5))
     nbytes = 2 * x.numel() * x.element_size()
@@ -130,15 +143,29 @@ def bench_case(name, dim, pdim, H, W, args, run) -> list[dict]:
             out.backward(g)
         return f
 
-    t_ef = run(lambda: eager_region(m, xg))
-    t_ff = run(lambda: fused_train_region(m, xg))
-    t_eb = run(fwd_bwd(eager_region))
-    t_fb = run(fwd_bwd(fused_train_region))
+    t_ef, t_ff = run(lambda: eager_region(m, xg), lambda: fused_train_region(m, xg))
+    t_eb, t_fb = run(fwd_bwd(eager_region), fwd_bwd(fused_train_region))
     mem_e = peak_memory(dev, fwd_bwd(eager_region))
     mem_f = peak_memory(dev, fwd_bwd(fused_train_region))
     rows.append(dict(base, mode="train-forward", eager_ms=t_ef * 1e3, fused_ms=t_ff * 1e3, speedup=t_ef / t_ff))
     rows.append(dict(base, mode="train-forward+backward", eager_ms=t_eb * 1e3, fused_ms=t_fb * 1e3,
                      speedup=t_eb / t_fb, peak_mem_eager=mem_e, peak_mem_fused=mem_f))
+
+    # the whole residual block x + SHSA(x), projection included
+    with torch.inference_mode():
+        t_e, t_f = run(lambda: x + eager_m(x), lambda: x + fused_m(x))
+    rows.append(dict(base, mode="module-inference", eager_ms=t_e * 1e3, fused_ms=t_f * 1e3, speedup=t_e / t_f))
+    fused_train = copy.deepcopy(m)
+    fused_train.fused = True
+
+    def block_step(mod):
+        def f():
+            (xg + mod(xg)).backward(g)
+        return f
+
+    t_e, t_f = run(block_step(m), block_step(fused_train))
+    rows.append(dict(base, mode="module-train-forward+backward", eager_ms=t_e * 1e3, fused_ms=t_f * 1e3,
+                     speedup=t_e / t_f))
     return rows
 
 
@@ -150,7 +177,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--large-batch", type=int, default=16, help="batch for the 2048 px case on CUDA")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cases", nargs="+", default=None, help="subset of case names")
-    p.add_argument("--min-time", type=float, default=0.5)
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per measurement (CPU)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/shsa_<device>.json)")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
@@ -161,7 +188,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     info["backend"] = shvit_kernels.backend.select(torch.empty(0, device=args.device))
     print(machine_line(info), f"backend {info['backend']}", flush=True)
     run = timer(args.device, args.min_time)
-    shapes = [s for s in SHAPES if args.cases is None or s[0] in args.cases]
+    # the 2048 px case needs ~1 GB for eager attention scores per 16 images: GPU only by default
+    default = [s[0] for s in SHAPES if args.device == "cuda" or s[3] * s[4] < 4096]
+    shapes = [s for s in SHAPES if s[0] in (args.cases or default)]
     rows = []
     for shape in shapes:
         print(f"  {shape[0]} ...", flush=True)

@@ -68,6 +68,29 @@ def time_cpu(fn: Callable[[], object], min_reps: int = 5, min_time: float = 2.0,
     return dict(median_s=statistics.median(times), min_s=times[0], reps=len(times))
 
 
+def time_cpu_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, min_time: float = 2.0,
+                         warmup: int = 2) -> dict[str, dict]:
+    """Median wall time of each callable, measured in ``rounds`` interleaved rounds so that
+    slow drifts of a shared machine hit every provider alike (``min_time`` per provider)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    per_round = min_time / rounds
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+                if time.perf_counter() - start >= per_round:
+                    break
+    return {
+        name: dict(median_s=statistics.median(ts), min_s=min(ts), reps=len(ts)) for name, ts in samples.items()
+    }
+
+
 def write_results(name: str, info: dict, rows: list[dict]) -> pathlib.Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
 namespace shvit_cpu {
 
@@ -42,6 +43,66 @@ inline Tensor as_bcn(const Tensor& t) {
     u = t.contiguous();
   }
   return u.as_strided({B, C, H * W}, {u.stride(0), C > 1 ? u.stride(1) : H * W, 1});
+}
+
+// Row reductions with eight independent accumulators: without -ffast-math the compiler keeps
+// a single float sum in order (one add per 4 cycles); eight lanes vectorise and pipeline.
+template <typename T, typename A>
+inline A row_sum(const T* x, int64_t n) {
+  A lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) lane[j] += static_cast<A>(x[i + j]);
+  }
+  A s = 0;
+  for (; i < n; ++i) s += static_cast<A>(x[i]);
+  for (int j = 0; j < 8; ++j) s += lane[j];
+  return s;
+}
+
+// sum((x - mu)^2)
+template <typename T, typename A>
+inline A row_sq_dev(const T* x, int64_t n, A mu) {
+  A lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const A d = static_cast<A>(x[i + j]) - mu;
+      lane[j] += d * d;
+    }
+  }
+  A s = 0;
+  for (; i < n; ++i) {
+    const A d = static_cast<A>(x[i]) - mu;
+    s += d * d;
+  }
+  for (int j = 0; j < 8; ++j) s += lane[j];
+  return s;
+}
+
+// (sum(g * (x - mu)), sum(g))
+template <typename T, typename A>
+inline std::pair<A, A> row_dot_sum(const T* g, const T* x, int64_t n, A mu) {
+  A lg[8] = {0, 0, 0, 0, 0, 0, 0, 0}, lgx[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const A gv = static_cast<A>(g[i + j]);
+      lg[j] += gv;
+      lgx[j] += gv * (static_cast<A>(x[i + j]) - mu);
+    }
+  }
+  A sg = 0, sgx = 0;
+  for (; i < n; ++i) {
+    const A gv = static_cast<A>(g[i]);
+    sg += gv;
+    sgx += gv * (static_cast<A>(x[i]) - mu);
+  }
+  for (int j = 0; j < 8; ++j) {
+    sg += lg[j];
+    sgx += lgx[j];
+  }
+  return {sgx, sg};
 }
 
 // Splits [0, n) over threads in chunks of at least `grain`.

@@ -25,23 +25,10 @@ void gn_fwd_impl(const Tensor& x, const Tensor& w, const Tensor& b, double eps, 
   parallel_rows(B, 1, [&](int64_t i) {
     const scalar_t* xb = px + i * sb;
     double sum = 0;  // per-row sums in acc_t, across rows in double
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t* row = xb + c * sc;
-      acc_t s = 0;
-      for (int64_t n = 0; n < N; ++n) s += static_cast<acc_t>(row[n]);
-      sum += s;
-    }
+    for (int64_t c = 0; c < C; ++c) sum += row_sum<scalar_t, acc_t>(xb + c * sc, N);
     const acc_t mu = static_cast<acc_t>(sum * inv_cnt);
-    double sq = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t* row = xb + c * sc;
-      acc_t s = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const acc_t d = static_cast<acc_t>(row[n]) - mu;
-        s += d * d;
-      }
-      sq += s;
-    }
+    double sq = 0;  // two-pass variance: no cancellation
+    for (int64_t c = 0; c < C; ++c) sq += row_sq_dev<scalar_t, acc_t>(xb + c * sc, N, mu);
     const acc_t r = static_cast<acc_t>(1.0 / std::sqrt(sq * inv_cnt + eps));
     pm[i] = mu;
     pr[i] = r;
@@ -77,14 +64,7 @@ void gn_bwd_impl(const Tensor& dy, const Tensor& x, const Tensor& w, const Tenso
     // per channel: sum(dy * xhat) and sum(dy); sum(g) and sum(g * xhat) follow with g = dy * w
     double c1 = 0, c2 = 0;
     for (int64_t c = 0; c < C; ++c) {
-      const scalar_t* xr = xb + c * sxc;
-      const scalar_t* dr = db + c * sdc;
-      acc_t sdyx = 0, sdy = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const acc_t d = static_cast<acc_t>(dr[n]);
-        sdyx += d * (static_cast<acc_t>(xr[n]) - mu);
-        sdy += d;
-      }
+      auto [sdyx, sdy] = row_dot_sum<scalar_t, acc_t>(db + c * sdc, xb + c * sxc, N, mu);
       sdyx *= r;
       pdw[i * C + c] = sdyx;
       pdb[i * C + c] = sdy;

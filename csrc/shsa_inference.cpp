@@ -21,21 +21,10 @@ void normalize_token_major(const Tensor& x, int64_t pdim, double eps, Tensor& xh
   parallel_rows(B, 1, [&](int64_t b) {
     const scalar_t* xb = px + b * sb;
     double sum = 0;
-    for (int64_t c = 0; c < pdim; ++c) {
-      acc_t s = 0;
-      for (int64_t n = 0; n < N; ++n) s += static_cast<acc_t>(xb[c * sc + n]);
-      sum += s;
-    }
+    for (int64_t c = 0; c < pdim; ++c) sum += row_sum<scalar_t, acc_t>(xb + c * sc, N);
     const acc_t mu = static_cast<acc_t>(sum * inv_cnt);
     double sq = 0;
-    for (int64_t c = 0; c < pdim; ++c) {
-      acc_t s = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const acc_t d = static_cast<acc_t>(xb[c * sc + n]) - mu;
-        s += d * d;
-      }
-      sq += s;
-    }
+    for (int64_t c = 0; c < pdim; ++c) sq += row_sq_dev<scalar_t, acc_t>(xb + c * sc, N, mu);
     const acc_t r = static_cast<acc_t>(1.0 / std::sqrt(sq * inv_cnt + eps));
     acc_t* yb = py + b * N * pdim;
     for (int64_t c = 0; c < pdim; ++c) {

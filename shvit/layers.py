@@ -199,24 +199,6 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(1, num_channels, **kwargs)
 
 
-def pointwise(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1 ``Conv2d`` or ``Conv2d_BN`` applied as a matrix product on CPU tensors.
-
-    oneDNN runs 1x1 convolutions on NCHW tensors with few pixels several times slower
-    than the equivalent GEMM (forward and backward), so the fused mixer calls the GEMM;
-    same parameters, same result up to rounding. Other devices use the module itself.
-    """
-    conv, bn = (m.c, m.bn) if isinstance(m, Conv2d_BN) else (m, None)
-    if x.device.type != "cpu" or conv.kernel_size != (1, 1) or conv.groups != 1 or conv.stride != (1, 1):
-        return m(x)
-    B, _, H, W = x.shape
-    y = torch.matmul(conv.weight.view(conv.out_channels, conv.in_channels), x.flatten(2))
-    if conv.bias is not None:
-        y = y + conv.bias[:, None]
-    y = y.view(B, conv.out_channels, H, W)
-    return bn(y) if bn is not None else y
-
-
 class SHSA(nn.Module):
     """Single-head self-attention on the first ``pdim`` channels.
 
@@ -261,9 +243,9 @@ class SHSA(nn.Module):
         x1, x2 = torch.split(x, [self.pdim, self.dim - self.pdim], dim=1)
         norm = self.pre_norm
         y = shvit_kernels.group_norm_partial(x1, norm.weight, norm.bias, norm.eps)
-        qkv = pointwise(self.qkv, y)  # PyTorch's BatchNorm: training needs batch statistics
+        qkv = self.qkv(y)  # Conv2d_BN by PyTorch: its BatchNorm needs batch statistics in training
         out = shvit_kernels.shsa_attention(qkv, x2, self.qk_dim, self.scale)
-        return pointwise(self.proj[1], out)  # the kernel applied proj's ReLU
+        return self.proj[1](out)  # the kernel applied proj's ReLU
 
     @torch.no_grad()
     def fuse(self) -> nn.Module:
@@ -297,7 +279,7 @@ class SHSAInference(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_4d("x", x, self.dim)
         out = shvit_kernels.shsa_inference(x, self.weight, self.bias, self.pdim, self.qk_dim, self.eps)
-        return pointwise(self.proj, out)
+        return self.proj(out)
 
 
 class BasicBlock(nn.Module):

@@ -270,6 +270,10 @@ def group_norm_partial(x1: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e
     if weight.shape != (C,) or bias.shape != (C,):
         raise ValueError(f"weight and bias must have shape ({C},), got {tuple(weight.shape)}, {tuple(bias.shape)}")
     check_same_device(x1=x1, weight=weight, bias=bias)
-    if backend.select(x1) == "torch":
+    which = backend.select(x1)
+    if which == "torch":
         return torch.nn.functional.group_norm(x1, 1, weight, bias, eps)
+    if which == "cpp" and not torch.compiler.is_compiling():
+        # forward and backward in C++ (no Python per op); compile/export see the shvit op
+        return torch.ops.shvit_cpp.group_norm_partial(x1, weight, bias, float(eps))
     return torch.ops.shvit.gn_partial_fwd(x1, weight, bias, float(eps))[0]

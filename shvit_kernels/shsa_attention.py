@@ -395,6 +395,10 @@ def shsa_attention(qkv: Tensor, x2: Tensor, qk_dim: int, scale: float | None = N
     if x2.shape[0] != qkv.shape[0] or x2.shape[2:] != qkv.shape[2:]:
         raise ValueError(f"x2 {tuple(x2.shape)} must match qkv {tuple(qkv.shape)} in batch and spatial size")
     scale = qk_dim ** -0.5 if scale is None else float(scale)
-    if backend.select(qkv) == "torch":
+    which = backend.select(qkv)
+    if which == "torch":
         return shsa_attention_torch(qkv, x2, qk_dim, scale)
+    if which == "cpp" and not torch.compiler.is_compiling():
+        # forward and backward in C++ (no Python per op); compile/export see the shvit op
+        return torch.ops.shvit_cpp.shsa_attention(qkv, x2, qk_dim, scale)
     return torch.ops.shvit.shsa_attn_fwd(qkv, x2, qk_dim, scale)[0]

@@ -205,6 +205,9 @@ def shsa_inference(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim: i
         )
     check_same_device(x=x, weight=weight, bias=bias)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
-    if needs_grad or backend.select(x) == "torch":  # the op has no backward: differentiate the composition
+    which = backend.select(x)
+    if needs_grad or which == "torch":  # the op has no backward: differentiate the composition
         return shsa_infer_torch(x, weight, bias, pdim, qk_dim, eps)
+    if which == "cpp" and not torch.compiler.is_compiling():
+        return torch.ops.shvit_cpp.shsa_infer(x, weight, bias, pdim, qk_dim, float(eps))
     return torch.ops.shvit.shsa_infer(x, weight, bias, pdim, qk_dim, float(eps))

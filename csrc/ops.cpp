@@ -20,4 +20,7 @@ TORCH_LIBRARY(shvit_cpp, m) {
   m.def("shsa_attn_fwd(Tensor qkv, Tensor x2, int qk_dim, float scale) -> (Tensor, Tensor)");
   m.def("shsa_attn_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int qk_dim, float scale) -> (Tensor, Tensor)");
   m.def("shsa_infer(Tensor x, Tensor weight, Tensor bias, int pdim, int qk_dim, float eps) -> Tensor");
+  m.def(
+      "shsa_block_infer(Tensor x, Tensor w_qkv, Tensor b_qkv, Tensor w_proj, Tensor b_proj, int pdim, int qk_dim, "
+      "float eps) -> Tensor");
 }

@@ -62,8 +62,119 @@ Tensor shsa_infer(const Tensor& x, const Tensor& weight, const Tensor& bias, int
   return out;
 }
 
+namespace {
+// dst[b, n, c0 + c] = max(src[b, c, n], 0) for c < R: a blocked transpose of a (B, R, N)
+// channel-major block into a (B, N, ldd) token-major buffer.
+template <typename in_t, typename acc_t>
+void relu_transpose_into(const Tensor& src, acc_t* dst, int64_t ldd, int64_t c0) {
+  const int64_t B = src.size(0), R = src.size(1), N = src.size(2);
+  const int64_t sb = src.stride(0), sc = src.stride(1);
+  const in_t* ps = src.const_data_ptr<in_t>();
+  constexpr int64_t T = 16;
+  parallel_rows(B, 1, [&](int64_t b) {
+    for (int64_t cb = 0; cb < R; cb += T) {
+      for (int64_t nb = 0; nb < N; nb += T) {
+        const int64_t ce = std::min(cb + T, R), ne = std::min(nb + T, N);
+        for (int64_t n = nb; n < ne; ++n) {
+          acc_t* d = dst + (b * N + n) * ldd + c0;
+          for (int64_t c = cb; c < ce; ++c) {
+            const acc_t v = static_cast<acc_t>(ps[b * sb + c * sc + n]);
+            d[c] = v > acc_t(0) ? v : acc_t(0);
+          }
+        }
+      }
+    }
+  });
+}
+
+// out[b, c, n] = x[b, c, n] + yT[b * N + n, c]: the residual add, transposing yT back.
+template <typename scalar_t, typename acc_t>
+void residual_add_transposed(const Tensor& x, const Tensor& yT, Tensor& out) {
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2);
+  const int64_t sb = x.stride(0), sc = x.stride(1);
+  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  const acc_t* py = yT.const_data_ptr<acc_t>();
+  scalar_t* po = out.data_ptr<scalar_t>();
+  constexpr int64_t T = 16;
+  parallel_rows(B, 1, [&](int64_t b) {
+    for (int64_t cb = 0; cb < C; cb += T) {
+      for (int64_t nb = 0; nb < N; nb += T) {
+        const int64_t ce = std::min(cb + T, C), ne = std::min(nb + T, N);
+        for (int64_t c = cb; c < ce; ++c) {
+          const scalar_t* xr = px + b * sb + c * sc;
+          scalar_t* orow = po + (b * C + c) * N;
+          for (int64_t n = nb; n < ne; ++n) {
+            orow[n] = static_cast<scalar_t>(static_cast<acc_t>(xr[n]) + py[(b * N + n) * C + c]);
+          }
+        }
+      }
+    }
+  });
+}
+}  // namespace
+
+// The whole residual SHSA block for inference: x + proj(ReLU(concat(attention, x2))).
+// Both 1x1 projections run as one GEMM over all B*N tokens in token-major layout (oneDNN's
+// NCHW 1x1 convolution is markedly slower on CPU for these shapes); the concat is written
+// token-major once and the residual add transposes back in cache-sized tiles.
+Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qkv, const Tensor& w_proj,
+                        const Tensor& b_proj, int64_t pdim, int64_t qk_dim, double eps) {
+  NoAutocast no_autocast;
+  check_input(x, "x");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W;
+  const int64_t CQ = 2 * qk_dim + pdim;
+  TORCH_CHECK(pdim > 0 && pdim < C, "pdim must be in 1..", C - 1, ", got ", pdim);
+  TORCH_CHECK(w_qkv.dim() == 2 && w_qkv.size(0) == CQ && w_qkv.size(1) == pdim, "w_qkv must be (", CQ, ", ",
+              pdim, "), got ", w_qkv.sizes());
+  TORCH_CHECK(b_qkv.numel() == CQ, "b_qkv must have ", CQ, " elements, got ", b_qkv.numel());
+  TORCH_CHECK(w_proj.dim() == 2 && w_proj.size(0) == C && w_proj.size(1) == C, "w_proj must be (", C, ", ", C,
+              "), got ", w_proj.sizes());
+  TORCH_CHECK(b_proj.numel() == C, "b_proj must have ", C, " elements, got ", b_proj.numel());
+  Tensor out = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (B == 0 || N == 0) return out;
+  const auto acc = acc_type(x.scalar_type());
+  Tensor xv = as_bcn(x);
+  Tensor xhT = at::empty({B * N, pdim}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "shsa_block_norm", [&] {
+    normalize_token_major<scalar_t, at::opmath_type<scalar_t>>(xv, pdim, eps, xhT);
+  });
+  Tensor qkvT = at::addmm(b_qkv.to(acc), xhT, w_qkv.to(acc).t()).view({B, N, CQ});
+  Tensor qT = qkvT.narrow(2, 0, qk_dim);
+  Tensor k = qkvT.narrow(2, qk_dim, qk_dim).transpose(1, 2);  // (B, QK, N)
+  Tensor vT = qkvT.narrow(2, 2 * qk_dim, pdim);               // (B, N, PD)
+  Tensor zT = at::empty({B, N, C}, x.options().dtype(acc));   // ReLU(concat), token-major
+  const int64_t tm = query_chunk(B, N, zT.element_size());
+  AT_DISPATCH_FLOATING_TYPES(acc, "shsa_block_attn", [&] {
+    scalar_t* pz = zT.data_ptr<scalar_t>();
+    for (int64_t m0 = 0; m0 < N; m0 += tm) {
+      const int64_t t = std::min(tm, N - m0);
+      Tensor p = at::_softmax(at::bmm(qT.narrow(1, m0, t), k), -1, false);  // (B, t, N)
+      Tensor oT = at::bmm(p, vT);                                           // (B, t, PD)
+      const scalar_t* po = oT.const_data_ptr<scalar_t>();
+      parallel_rows(B * t, 16, [&](int64_t row) {
+        const int64_t b = row / t, i = row % t;
+        const scalar_t* src = po + row * pdim;
+        scalar_t* dst = pz + (b * N + m0 + i) * C;
+        for (int64_t c = 0; c < pdim; ++c) dst[c] = src[c] > scalar_t(0) ? src[c] : scalar_t(0);
+      });
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "shsa_block_x2", [&] {
+      using in_t = scalar_t;
+      using acc_t = at::opmath_type<in_t>;
+      relu_transpose_into<in_t, acc_t>(xv.narrow(1, pdim, C - pdim), zT.data_ptr<acc_t>(), C, pdim);
+    });
+  });
+  Tensor yT = at::addmm(b_proj.to(acc), zT.view({B * N, C}), w_proj.to(acc).t());  // (B*N, C)
+  Tensor out3 = out.view({B, C, N});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "shsa_block_residual", [&] {
+    residual_add_transposed<scalar_t, at::opmath_type<scalar_t>>(xv, yT, out3);
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) {
   m.impl("shsa_infer", &shsa_infer);
+  m.impl("shsa_block_infer", &shsa_block_infer);
 }
 
 }  // namespace shvit_cpu

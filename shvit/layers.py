@@ -116,6 +116,8 @@ class Residual(nn.Module):
         The BatchNorm is folded and the identity added at the centre tap.
         Any other residual keeps its shape and has its child fused.
         """
+        if isinstance(self.m, SHSA) and self.m.fused:
+            return self.m.fuse(residual=True)  # the residual add runs inside the fused block
         if isinstance(self.m, Conv2d_BN):
             m = self.m.fuse()
             if _is_identity_foldable(m):
@@ -248,26 +250,31 @@ class SHSA(nn.Module):
         return self.proj[1](out)  # the kernel applied proj's ReLU
 
     @torch.no_grad()
-    def fuse(self) -> nn.Module:
-        """Fold the BatchNorms; a fused SHSA becomes an ``SHSAInference`` (one-pass op)."""
+    def fuse(self, residual: bool = False) -> nn.Module:
+        """Fold the BatchNorms; a fused SHSA becomes an ``SHSAInference`` (one-pass op),
+        which with ``residual=True`` also adds its input (the enclosing ``Residual``)."""
         qkv = self.qkv.fuse() if isinstance(self.qkv, Conv2d_BN) else self.qkv
         proj = self.proj[1].fuse() if isinstance(self.proj[1], Conv2d_BN) else self.proj[1]
         if self.fused:
-            return SHSAInference(self, qkv, proj)
+            return SHSAInference(self, qkv, proj, residual=residual)
+        if residual:
+            raise ValueError("residual=True is only for fused SHSA modules")
         self.qkv, self.proj[1] = qkv, proj
         return self
 
 
 class SHSAInference(nn.Module):
-    """A BN-folded fused SHSA: one ``shsa_inference`` op, then the projection conv.
+    """A BN-folded fused SHSA: one ``shsa_inference`` op, then the projection conv
+    (with ``residual=True``: the whole block ``x + SHSA(x)``, one op on the cpp backend).
 
     The GroupNorm affine, the qkv BatchNorm and the attention scale are folded into
     ``weight`` (2*qk_dim + pdim, pdim) and ``bias``.
     """
 
-    def __init__(self, shsa: SHSA, qkv: nn.Conv2d, proj: nn.Conv2d):
+    def __init__(self, shsa: SHSA, qkv: nn.Conv2d, proj: nn.Conv2d, residual: bool = False):
         super().__init__()
         self.dim, self.qk_dim, self.pdim = shsa.dim, shsa.qk_dim, shsa.pdim
+        self.residual = residual
         self.eps = shsa.pre_norm.eps
         w, b = shvit_kernels.fold_shsa_weights(
             shsa.pre_norm.weight, shsa.pre_norm.bias, qkv.weight, qkv.bias, shsa.qk_dim, shsa.scale
@@ -278,6 +285,10 @@ class SHSAInference(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_4d("x", x, self.dim)
+        if self.residual:
+            return shvit_kernels.shsa_block_inference(
+                x, self.weight, self.bias, self.proj.weight, self.proj.bias, self.pdim, self.qk_dim, self.eps
+            )
         out = shvit_kernels.shsa_inference(x, self.weight, self.bias, self.pdim, self.qk_dim, self.eps)
         return self.proj(out)
 

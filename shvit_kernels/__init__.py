@@ -8,13 +8,14 @@ CPU tensors run the C++ kernels when built, else the eager composition; see
 from . import backend
 from .group_norm import group_norm_partial
 from .shsa_attention import shsa_attention
-from .shsa_inference import ONE_PASS_MAX_N, fold_shsa_weights, shsa_inference
+from .shsa_inference import ONE_PASS_MAX_N, fold_shsa_weights, shsa_block_inference, shsa_inference
 
 __all__ = [
     "backend",
     "group_norm_partial",
     "shsa_attention",
     "shsa_inference",
+    "shsa_block_inference",
     "fold_shsa_weights",
     "ONE_PASS_MAX_N",
 ]

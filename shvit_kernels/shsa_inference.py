@@ -211,3 +211,39 @@ def shsa_inference(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim: i
     if which == "cpp" and not torch.compiler.is_compiling():
         return torch.ops.shvit_cpp.shsa_infer(x, weight, bias, pdim, qk_dim, float(eps))
     return torch.ops.shvit.shsa_infer(x, weight, bias, pdim, qk_dim, float(eps))
+
+
+def shsa_block_inference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    proj_weight: Tensor,
+    proj_bias: Tensor,
+    pdim: int,
+    qk_dim: int,
+    eps: float = 1e-5,
+) -> Tensor:
+    """The residual SHSA block of a BN-folded model: ``x + proj(shsa_inference(x))``.
+
+    ``proj_weight`` is the folded projection, (dim, dim) or (dim, dim, 1, 1). On the cpp
+    backend one C++ op runs the block with both projections as token-major GEMMs; elsewhere
+    it is ``shsa_inference`` followed by the 1x1 convolution and the add.
+    """
+    check_4d("x", x)
+    dim = x.shape[1]
+    proj_weight = proj_weight.reshape(proj_weight.shape[0], -1)
+    if proj_weight.shape != (dim, dim) or proj_bias.shape != (dim,):
+        raise ValueError(
+            f"proj_weight must be ({dim}, {dim}) and proj_bias ({dim},), "
+            f"got {tuple(proj_weight.shape)} and {tuple(proj_bias.shape)}"
+        )
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, weight, bias, proj_weight, proj_bias)
+    )
+    if not needs_grad and not torch.compiler.is_compiling() and backend.select(x) == "cpp":
+        check_same_device(x=x, weight=weight, proj_weight=proj_weight)
+        return torch.ops.shvit_cpp.shsa_block_infer(
+            x, weight, bias, proj_weight, proj_bias, pdim, qk_dim, float(eps)
+        )
+    z = shsa_inference(x, weight, bias, pdim, qk_dim, eps)
+    return x + torch.nn.functional.conv2d(z, proj_weight[:, :, None, None], proj_bias)

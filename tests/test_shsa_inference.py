@@ -100,3 +100,36 @@ def test_shsa_inference_bad_input():
             shvit_kernels.shsa_inference(
                 torch.randn(1, 20, 5, 5), fused.weight.to("meta"), fused.bias, 9, 16
             )
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch"])
+def test_shsa_block_inference(backend, case, dtype, layout, monkeypatch, nan_outputs):
+    """The residual block x + SHSA(x) after fuse(), against the reference Residual(SHSA)."""
+    use_backend(monkeypatch, backend, "cpu")
+    ref, _ = _modules(case)
+    fused_src = copy.deepcopy(ref).to(dtype)  # fold in the dtype under test
+    fused_src.fused = True
+    block = shvit.Residual(fused_src).eval().fuse()
+    assert isinstance(block, shvit.SHSAInference) and block.residual
+    x = torch.randn(case[0], case[1], *case[4:], generator=torch.Generator().manual_seed(4)) * 2
+    with torch.no_grad():
+        expected = shvit.Residual(copy.deepcopy(ref)).double()(x.double())
+        xin = x.to(dtype)
+        if layout == "channels_last":
+            xin = xin.to(memory_format=torch.channels_last)
+        out = block(xin)
+    assert out.dtype == dtype
+    tol = 1e-11 if dtype == torch.float64 else KERNEL_TOL[dtype] * 5
+    assert_rel_close(out, expected, tol, "x + SHSA(x)")
+
+
+def test_shsa_block_inference_bad_input():
+    _, fused = _modules(CASES[0])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="proj_weight must be"):
+            shvit_kernels.shsa_block_inference(
+                torch.randn(1, 20, 5, 5), fused.weight, fused.bias, torch.randn(20, 19), torch.randn(20), 9, 16
+            )

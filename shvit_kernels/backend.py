@@ -78,3 +78,15 @@ def select(t: torch.Tensor) -> str:
             return "cpp"
         return _fallback("the C++ extension shvit_kernels._C is not built (pip install --no-build-isolation -e .)")
     return _fallback(f"no fused kernels for {dev} tensors")
+
+
+def pick(t: torch.Tensor, triton_fn, torch_fn, cpp_name: str):
+    """The function that runs a ``shvit::`` op on ``t`` (the op's CPU/default kernel):
+    the Triton launcher, the C++ op ``shvit_cpp::<cpp_name>`` or the eager composition.
+    Triton computes in float32, so float64 takes the composition there."""
+    which = select(t)
+    if which == "triton" and t.dtype != torch.float64:
+        return triton_fn
+    if which == "cpp":
+        return getattr(torch.ops.shvit_cpp, cpp_name)
+    return torch_fn

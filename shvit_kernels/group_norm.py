@@ -199,18 +199,9 @@ def gn_partial_bwd_torch(dy: Tensor, x1: Tensor, weight: Tensor, mean: Tensor, r
 
 
 # ----------------------------------------------------------------------------- ops
-def _impl(t: Tensor, triton_fn, torch_fn, cpp_name: str):
-    which = backend.select(t)
-    if which == "triton" and t.dtype != torch.float64:
-        return triton_fn
-    if which == "cpp":
-        return getattr(torch.ops.shvit_cpp, cpp_name)
-    return torch_fn
-
-
 @torch.library.custom_op("shvit::gn_partial_fwd", mutates_args=())
 def gn_partial_fwd(x1: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl(x1, gn_partial_fwd_triton, gn_partial_fwd_torch, "gn_partial_fwd")(x1, weight, bias, eps)
+    return backend.pick(x1, gn_partial_fwd_triton, gn_partial_fwd_torch, "gn_partial_fwd")(x1, weight, bias, eps)
 
 
 @gn_partial_fwd.register_kernel("cuda")
@@ -231,7 +222,7 @@ def _(x1, weight, bias, eps):
 
 @torch.library.custom_op("shvit::gn_partial_bwd", mutates_args=())
 def gn_partial_bwd(dy: Tensor, x1: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl(x1, gn_partial_bwd_triton, gn_partial_bwd_torch, "gn_partial_bwd")(dy, x1, weight, mean, rstd)
+    return backend.pick(x1, gn_partial_bwd_triton, gn_partial_bwd_torch, "gn_partial_bwd")(dy, x1, weight, mean, rstd)
 
 
 @gn_partial_bwd.register_kernel("cuda")

@@ -305,18 +305,9 @@ def shsa_attn_bwd_torch(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, qk_
 
 
 # ----------------------------------------------------------------------------- ops
-def _impl(t: Tensor, triton_fn, torch_fn, cpp_name: str):
-    which = backend.select(t)
-    if which == "triton" and t.dtype != torch.float64:
-        return triton_fn
-    if which == "cpp":
-        return getattr(torch.ops.shvit_cpp, cpp_name)
-    return torch_fn
-
-
 @torch.library.custom_op("shvit::shsa_attn_fwd", mutates_args=())
 def shsa_attn_fwd(qkv: Tensor, x2: Tensor, qk_dim: int, scale: float) -> tuple[Tensor, Tensor]:
-    return _impl(qkv, shsa_attn_fwd_triton, shsa_attn_fwd_torch, "shsa_attn_fwd")(qkv, x2, qk_dim, scale)
+    return backend.pick(qkv, shsa_attn_fwd_triton, shsa_attn_fwd_torch, "shsa_attn_fwd")(qkv, x2, qk_dim, scale)
 
 
 @shsa_attn_fwd.register_kernel("cuda")
@@ -336,7 +327,7 @@ def _(qkv, x2, qk_dim, scale):
 def shsa_attn_bwd(
     dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, qk_dim: int, scale: float
 ) -> tuple[Tensor, Tensor]:
-    fn = _impl(qkv, shsa_attn_bwd_triton, shsa_attn_bwd_torch, "shsa_attn_bwd")
+    fn = backend.pick(qkv, shsa_attn_bwd_triton, shsa_attn_bwd_torch, "shsa_attn_bwd")
     return fn(dout, qkv, out, lse, qk_dim, scale)
 
 

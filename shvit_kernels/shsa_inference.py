@@ -26,6 +26,11 @@ try:
 except ImportError:
     triton = None
 
+# The C++ block op (token-major GEMMs, transposed concat and residual add) beat the NCHW
+# path at 16 and 64 tokens on the 2-core benchmark machine and lost at 196 (its transposes
+# cost more than the GEMM layout saves there), so larger images take the NCHW path.
+CPP_BLOCK_MAX_N = 64
+
 # The one-pass kernel keeps an N x N score tile in registers; 64 covers SHViT at 224 and
 # 256 px (N = 49, 64 in stage 2, 16 in stage 3). Chosen for register pressure, not yet
 # tuned on hardware.
@@ -157,12 +162,7 @@ def shsa_infer_torch(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim:
 
 @torch.library.custom_op("shvit::shsa_infer", mutates_args=())
 def shsa_infer(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim: int, eps: float) -> Tensor:
-    which = backend.select(x)
-    if which == "triton" and x.dtype != torch.float64:
-        return shsa_infer_triton(x, weight, bias, pdim, qk_dim, eps)
-    if which == "cpp":
-        return torch.ops.shvit_cpp.shsa_infer(x, weight, bias, pdim, qk_dim, eps)
-    return shsa_infer_torch(x, weight, bias, pdim, qk_dim, eps)
+    return backend.pick(x, shsa_infer_triton, shsa_infer_torch, "shsa_infer")(x, weight, bias, pdim, qk_dim, eps)
 
 
 @shsa_infer.register_kernel("cuda")
@@ -226,8 +226,9 @@ def shsa_block_inference(
     """The residual SHSA block of a BN-folded model: ``x + proj(shsa_inference(x))``.
 
     ``proj_weight`` is the folded projection, (dim, dim) or (dim, dim, 1, 1). On the cpp
-    backend one C++ op runs the block with both projections as token-major GEMMs; elsewhere
-    it is ``shsa_inference`` followed by the 1x1 convolution and the add.
+    backend, for up to ``CPP_BLOCK_MAX_N`` tokens, one C++ op runs the block with both
+    projections as token-major GEMMs; otherwise it is ``shsa_inference`` followed by the
+    1x1 convolution and the add.
     """
     check_4d("x", x)
     dim = x.shape[1]
@@ -240,7 +241,8 @@ def shsa_block_inference(
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, weight, bias, proj_weight, proj_bias)
     )
-    if not needs_grad and not torch.compiler.is_compiling() and backend.select(x) == "cpp":
+    small = x.shape[2] * x.shape[3] <= CPP_BLOCK_MAX_N
+    if small and not needs_grad and not torch.compiler.is_compiling() and backend.select(x) == "cpp":
         check_same_device(x=x, weight=weight, proj_weight=proj_weight)
         return torch.ops.shvit_cpp.shsa_block_infer(
             x, weight, bias, proj_weight, proj_bias, pdim, qk_dim, float(eps)

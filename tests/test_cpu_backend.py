@@ -119,3 +119,20 @@ def test_cpp_backend_on_cuda_tensor_is_refused_with_fallback(monkeypatch):
     t = torch.empty(0, device="meta")
     with pytest.warns(RuntimeWarning, match="no fused kernels for meta tensors"):
         assert backend.select(t) == "torch"
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (9, 11), (1, 70)])
+def test_cpp_block_op_any_size(hw, monkeypatch):
+    """The C++ residual-block op at sizes on both sides of the cut-over that picks it."""
+    use_backend(monkeypatch, "cpp", "cpu")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 30, *hw, generator=g)
+    w, b = torch.randn(41, 9, generator=g) * 0.3, torch.randn(41, generator=g)
+    wp, bp = torch.randn(30, 30, generator=g) * 0.2, torch.randn(30, generator=g)
+    with torch.no_grad():
+        out = torch.ops.shvit_cpp.shsa_block_infer(x, w, b, wp, bp, 9, 16, 1e-5)
+        monkeypatch.setenv(backend.ENV, "torch")
+        xd = x.double()
+        z = shvit_kernels.shsa_inference(xd, w.double(), b.double(), 9, 16)
+        expected = xd + torch.nn.functional.conv2d(z, wp.double()[:, :, None, None], bp.double())
+    assert_rel_close(out, expected, 1e-5, f"block op at {hw}")

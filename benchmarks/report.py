@@ -68,8 +68,8 @@ def main() -> None:
         return
     text = README.read_text()
     for n in names:
-        pattern = re.compile(rf"(<!-- results:{n} -->\n).*?(\n<!-- /results:{n} -->)", re.S)
-        text, count = pattern.subn(lambda m: m.group(1) + render(n) + m.group(2), text)
+        pattern = re.compile(rf"(<!-- results:{n} -->\n)(?:.*?\n)?(<!-- /results:{n} -->)", re.S)
+        text, count = pattern.subn(lambda m: m.group(1) + render(n) + "\n" + m.group(2), text)
         if count:
             print(f"README: refreshed {n}")
     README.write_text(text)

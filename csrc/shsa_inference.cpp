@@ -34,18 +34,18 @@ void normalize_token_major(const Tensor& x, int64_t pdim, double eps, Tensor& xh
 }
 }  // namespace
 
-Tensor shsa_infer(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t pdim, int64_t qk_dim,
-                  double eps) {
-  NoAutocast no_autocast;
-  check_input(x, "x");
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W;
+namespace {
+// Checks x and the folded qkv projection; returns q, k, v of every token as one
+// token-major (B, N, 2*qk_dim + pdim) GEMM result in the accumulation dtype, and x's
+// (B, C, N) view. The GroupNorm affine, BatchNorm and attention scale are in the weight.
+std::pair<Tensor, Tensor> project_qkv(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t pdim,
+                                      int64_t qk_dim, double eps) {
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2) * x.size(3);
   const int64_t CQ = 2 * qk_dim + pdim;
   TORCH_CHECK(pdim > 0 && pdim < C, "pdim must be in 1..", C - 1, ", got ", pdim);
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == CQ && weight.size(1) == pdim, "weight must be (", CQ, ", ",
               pdim, "), got ", weight.sizes());
   TORCH_CHECK(bias.numel() == CQ, "bias must have ", CQ, " elements, got ", bias.numel());
-  Tensor out = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (B == 0 || N == 0) return out;
   const auto acc = acc_type(x.scalar_type());
   Tensor xv = as_bcn(x);
   Tensor xhT = at::empty({B * N, pdim}, x.options().dtype(acc));
@@ -53,7 +53,18 @@ Tensor shsa_infer(const Tensor& x, const Tensor& weight, const Tensor& bias, int
     normalize_token_major<scalar_t, at::opmath_type<scalar_t>>(xv, pdim, eps, xhT);
   });
   // one GEMM for every token of the batch: (B*N, pdim) @ (pdim, CQ) + bias
-  Tensor qkvT = at::addmm(bias.to(acc), xhT, weight.to(acc).t()).view({B, N, CQ});
+  return {at::addmm(bias.to(acc), xhT, weight.to(acc).t()).view({B, N, CQ}), xv};
+}
+}  // namespace
+
+Tensor shsa_infer(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t pdim, int64_t qk_dim,
+                  double eps) {
+  NoAutocast no_autocast;
+  check_input(x, "x");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W;
+  Tensor out = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (B == 0 || N == 0) return out;
+  auto [qkvT, xv] = project_qkv(x, weight, bias, pdim, qk_dim, eps);
   Tensor qT = qkvT.narrow(2, 0, qk_dim);                        // (B, N, QK), scale folded in
   Tensor k = qkvT.narrow(2, qk_dim, qk_dim).transpose(1, 2);    // (B, QK, N)
   Tensor v = qkvT.narrow(2, 2 * qk_dim, pdim).transpose(1, 2);  // (B, PD, N)
@@ -122,23 +133,13 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
   NoAutocast no_autocast;
   check_input(x, "x");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W;
-  const int64_t CQ = 2 * qk_dim + pdim;
-  TORCH_CHECK(pdim > 0 && pdim < C, "pdim must be in 1..", C - 1, ", got ", pdim);
-  TORCH_CHECK(w_qkv.dim() == 2 && w_qkv.size(0) == CQ && w_qkv.size(1) == pdim, "w_qkv must be (", CQ, ", ",
-              pdim, "), got ", w_qkv.sizes());
-  TORCH_CHECK(b_qkv.numel() == CQ, "b_qkv must have ", CQ, " elements, got ", b_qkv.numel());
   TORCH_CHECK(w_proj.dim() == 2 && w_proj.size(0) == C && w_proj.size(1) == C, "w_proj must be (", C, ", ", C,
               "), got ", w_proj.sizes());
   TORCH_CHECK(b_proj.numel() == C, "b_proj must have ", C, " elements, got ", b_proj.numel());
   Tensor out = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (B == 0 || N == 0) return out;
   const auto acc = acc_type(x.scalar_type());
-  Tensor xv = as_bcn(x);
-  Tensor xhT = at::empty({B * N, pdim}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "shsa_block_norm", [&] {
-    normalize_token_major<scalar_t, at::opmath_type<scalar_t>>(xv, pdim, eps, xhT);
-  });
-  Tensor qkvT = at::addmm(b_qkv.to(acc), xhT, w_qkv.to(acc).t()).view({B, N, CQ});
+  auto [qkvT, xv] = project_qkv(x, w_qkv, b_qkv, pdim, qk_dim, eps);
   Tensor qT = qkvT.narrow(2, 0, qk_dim);
   Tensor k = qkvT.narrow(2, qk_dim, qk_dim).transpose(1, 2);  // (B, QK, N)
   Tensor vT = qkvT.narrow(2, 2 * qk_dim, pdim);               // (B, N, PD)

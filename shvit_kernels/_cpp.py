@@ -1,13 +1,17 @@
 """Loads the compiled CPU kernels (``shvit_kernels._C``) when they were built."""
 from __future__ import annotations
 
-import functools
+_available: bool | None = None
 
 
-@functools.lru_cache(maxsize=None)
 def available() -> bool:
-    try:
-        from . import _C  # noqa: F401  (registers the CPU kernels with torch.library)
-    except ImportError:
-        return False
-    return True
+    """Whether the extension imports (importing it registers the ``shvit_cpp`` ops)."""
+    global _available
+    if _available is None:
+        try:
+            from . import _C  # noqa: F401
+        except ImportError:
+            _available = False
+        else:
+            _available = True
+    return _available

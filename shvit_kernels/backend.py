@@ -8,7 +8,6 @@ Triton's interpreter and requires ``TRITON_INTERPRET=1`` (that is how CPU-only C
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -25,14 +24,20 @@ def requested() -> str:
     return choice
 
 
-@functools.lru_cache(maxsize=None)
+_triton: bool | None = None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    global _triton
+    if _triton is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception:
+            _triton = False
+        else:
+            _triton = True
+    return _triton
 
 
 def triton_interpreting() -> bool:

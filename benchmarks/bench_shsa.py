@@ -1,6 +1,8 @@
 """Microbenchmarks of the fused SHSA mixer against the eager (reference) modules.
 
 Cases (SHViT-S4 shapes), each fused vs eager:
+- ``op:group_norm`` / ``op:attention`` (forward+backward ``-fb``): each training op alone
+  against its eager composition (GroupNorm on the slice; attention, concat and ReLU);
 - ``inference``: the mixer region "GroupNorm on x1 -> qkv -> attention -> concat -> ReLU"
   with BN folded (the one-pass ``shsa_inference`` op vs the eager sequence it replaces);
 - ``train-forward`` / ``train-forward+backward``: the same region in training (fused
@@ -109,6 +111,36 @@ def bench_case(name, dim, pdim, H, W, args, run) -> list[dict]:
     x = torch.randn(B, dim, H, W, device=dev, dtype=dtype)
     rows = []
     base = dict(case=name, batch=B, dim=dim, pdim=pdim, tokens=H * W, dtype=args.dtype)
+
+    # each training op alone, forward and forward+backward
+    pd_w = (torch.rand(pdim, device=dev) + 0.5).to(dtype).requires_grad_()
+    pd_b = torch.randn(pdim, device=dev, dtype=dtype, requires_grad=True)
+    qkv = torch.randn(B, 32 + pdim, H, W, device=dev, dtype=dtype, requires_grad=True)
+    xo = x.clone().requires_grad_()
+
+    def gn_eager():
+        return torch.nn.functional.group_norm(xo[:, :pdim], 1, pd_w, pd_b, 1e-5)
+
+    def gn_fused():
+        return shvit_kernels.group_norm_partial(xo[:, :pdim], pd_w, pd_b)
+
+    def attn_eager():
+        return shsa_attention_torch(qkv, xo[:, pdim:], 16, 0.25)
+
+    def attn_fused():
+        return shvit_kernels.shsa_attention(qkv, xo[:, pdim:], 16, 0.25)
+
+    def with_backward(fn):
+        def f():
+            fn().sum().backward()
+        return f
+
+    for op, fe, ff in (("group_norm", gn_eager, gn_fused), ("attention", attn_eager, attn_fused)):
+        with torch.no_grad():
+            t_e, t_f = run(fe, ff)
+        rows.append(dict(base, mode=f"op:{op}", eager_ms=t_e * 1e3, fused_ms=t_f * 1e3, speedup=t_e / t_f))
+        t_e, t_f = run(with_backward(fe), with_backward(ff))
+        rows.append(dict(base, mode=f"op:{op}-fb", eager_ms=t_e * 1e3, fused_ms=t_f * 1e3, speedup=t_e / t_f))
 
     # inference: eager sequence (BN folded) vs the one-pass op
     ref = make_module(dim, pdim, dev, dtype).eval()

@@ -4,7 +4,10 @@
 // The Python `shvit::` ops (with their Python autograd) remain the entry point for
 // torch.compile / export and for the other backends.
 #include <torch/csrc/autograd/custom_function.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
+
+#include <initializer_list>
 
 #include "common.h"
 
@@ -17,6 +20,7 @@ std::tuple<Tensor, Tensor, Tensor> gn_partial_bwd(const Tensor& dy, const Tensor
 std::tuple<Tensor, Tensor> shsa_attn_fwd(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, double scale);
 std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& out,
                                          const Tensor& lse, int64_t qk_dim, double scale);
+Tensor shsa_attn_fwd_nolse(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, double scale);
 
 namespace {
 using torch::autograd::AutogradContext;
@@ -54,11 +58,22 @@ struct ShsaAttention : public torch::autograd::Function<ShsaAttention> {
   }
 };
 
+bool needs_grad(std::initializer_list<Tensor> ts) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const auto& t : ts) {
+    if (t.requires_grad()) return true;
+  }
+  return false;
+}
+
+// Without a gradient to compute, skip the autograd node (and the attention's log-sum-exp).
 Tensor group_norm_partial(const Tensor& x1, const Tensor& weight, const Tensor& bias, double eps) {
+  if (!needs_grad({x1, weight, bias})) return std::get<0>(gn_partial_fwd(x1, weight, bias, eps));
   return GroupNormPartial::apply(x1, weight, bias, eps);
 }
 
 Tensor shsa_attention(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, double scale) {
+  if (!needs_grad({qkv, x2})) return shsa_attn_fwd_nolse(qkv, x2, qk_dim, scale);
   return ShsaAttention::apply(qkv, x2, qk_dim, scale);
 }
 }  // namespace

@@ -79,8 +79,9 @@ void attention_forward_core(const Tensor& qT, const Tensor& k, const Tensor& v, 
   });
 }
 
-std::tuple<Tensor, Tensor> shsa_attn_fwd(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, double scale) {
-  NoAutocast no_autocast;
+namespace {
+std::tuple<Tensor, Tensor> attn_fwd(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, double scale,
+                                    bool want_lse) {
   check_input(qkv, "qkv");
   check_input(x2, "x2");
   const int64_t B = qkv.size(0), CQ = qkv.size(1), H = qkv.size(2), W = qkv.size(3), N = H * W;
@@ -96,8 +97,21 @@ std::tuple<Tensor, Tensor> shsa_attn_fwd(const Tensor& qkv, const Tensor& x2, in
   Tensor f = as_bcn(qkv.scalar_type() == acc ? qkv : qkv.to(acc));
   Tensor qT = f.narrow(1, 0, qk_dim).transpose(1, 2).mul(scale);
   Tensor out3 = out.view({B, PD + C2, N});
-  attention_forward_core(qT, f.narrow(1, qk_dim, qk_dim), f.narrow(1, 2 * qk_dim, PD), as_bcn(x2), out3, &lse);
+  attention_forward_core(qT, f.narrow(1, qk_dim, qk_dim), f.narrow(1, 2 * qk_dim, PD), as_bcn(x2), out3,
+                         want_lse ? &lse : nullptr);
   return {out, lse};
+}
+}  // namespace
+
+std::tuple<Tensor, Tensor> shsa_attn_fwd(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, double scale) {
+  NoAutocast no_autocast;
+  return attn_fwd(qkv, x2, qk_dim, scale, true);
+}
+
+// Inference-only forward: the log-sum-exp is not computed.
+Tensor shsa_attn_fwd_nolse(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, double scale) {
+  NoAutocast no_autocast;
+  return std::get<0>(attn_fwd(qkv, x2, qk_dim, scale, false));
 }
 
 std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& out,

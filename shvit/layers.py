@@ -11,6 +11,7 @@ from torch import nn
 
 import shvit_kernels
 from shvit_kernels._utils import check_4d
+from shvit_kernels.shsa_train import region_train_applies, shsa_region_train
 
 __all__ = [
     "Conv2d_BN",
@@ -241,13 +242,22 @@ class SHSA(nn.Module):
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         check_4d("x", x, self.dim)
+        return self.proj[1](self.fused_mixer(x))  # the kernels applied proj's ReLU
+
+    def fused_mixer(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU(concat(attention, x2)) of the fused path: everything before the projection conv."""
+        norm = self.pre_norm
+        if self.training and isinstance(self.qkv, Conv2d_BN) and region_train_applies(x, self.qkv.bn):
+            # the whole region (norm, qkv conv + BatchNorm, attention) in one C++ op
+            return shsa_region_train(
+                x, norm.weight, norm.bias, norm.eps, self.qkv.c.weight, self.qkv.bn, self.pdim, self.qk_dim,
+                self.scale,
+            )
         # views, no copies; one split (not two slices) so the backward writes dx in one pass
         x1, x2 = torch.split(x, [self.pdim, self.dim - self.pdim], dim=1)
-        norm = self.pre_norm
         y = shvit_kernels.group_norm_partial(x1, norm.weight, norm.bias, norm.eps)
         qkv = self.qkv(y)  # Conv2d_BN by PyTorch: its BatchNorm needs batch statistics in training
-        out = shvit_kernels.shsa_attention(qkv, x2, self.qk_dim, self.scale)
-        return self.proj[1](out)  # the kernel applied proj's ReLU
+        return shvit_kernels.shsa_attention(qkv, x2, self.qk_dim, self.scale)
 
     @torch.no_grad()
     def fuse(self, residual: bool = False) -> nn.Module:

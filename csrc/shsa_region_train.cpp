@@ -1,0 +1,360 @@
+// The SHSA mixer region in training, forward and backward in one CPU op:
+//   GroupNorm(x1) -> 1x1 conv (qkv) -> BatchNorm with batch statistics -> attention + concat + ReLU
+// (shvit_cpp::shsa_region_train, used by shvit.SHSA(fused=True) in training on the cpp backend).
+//
+// PyTorch runs the qkv Conv2d_BN of the training path as oneDNN's NCHW 1x1 convolution and
+// BatchNorm kernels, which at SHViT's sizes cost more than the attention itself. Here the
+// normalised x1 is written token-major once, the convolution is one GEMM over all B*N tokens
+// (forward, and its two gradients in the backward), BatchNorm statistics and the running-stat
+// update are one pass over that buffer, and the attention core reads q, k, v from it in place.
+#include <torch/csrc/autograd/custom_function.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "attention_core.h"
+#include "common.h"
+
+namespace shvit_cpu {
+
+std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                                         const Tensor& lse, int64_t qk_dim, double scale);
+
+namespace {
+
+struct RegionForward {
+  Tensor out;     // (B, C, H, W): ReLU(concat(attention, x2))
+  Tensor yT;      // (B*N, P): GroupNorm output, token-major (input of the conv)
+  Tensor zT;      // (B*N, CQ): conv output, token-major
+  Tensor qkvT;    // (B*N, CQ): BatchNorm output = q, k, v (unscaled)
+  Tensor gn_mu;   // (B)
+  Tensor gn_r;    // (B)
+  Tensor bn_mu;   // (CQ)
+  Tensor bn_inv;  // (CQ)
+};
+
+template <typename scalar_t>
+void gn_token_major(const Tensor& xv, int64_t P, double eps, const Tensor& gw, const Tensor& gb, Tensor& yT,
+                    Tensor& mu_t, Tensor& r_t) {
+  const int64_t B = xv.size(0), N = xv.size(2), sb = xv.stride(0), sc = xv.stride(1);
+  const scalar_t* px = xv.const_data_ptr<scalar_t>();
+  const scalar_t* pw = gw.const_data_ptr<scalar_t>();
+  const scalar_t* pb = gb.const_data_ptr<scalar_t>();
+  scalar_t* py = yT.data_ptr<scalar_t>();
+  scalar_t* pmu = mu_t.data_ptr<scalar_t>();
+  scalar_t* pr = r_t.data_ptr<scalar_t>();
+  const double inv_cnt = 1.0 / static_cast<double>(P * N);
+  parallel_rows(B, 1, [&](int64_t b) {
+    const scalar_t* xb = px + b * sb;
+    double sum = 0;
+    for (int64_t c = 0; c < P; ++c) sum += row_sum<scalar_t, scalar_t>(xb + c * sc, N);
+    const scalar_t mu = static_cast<scalar_t>(sum * inv_cnt);
+    double sq = 0;
+    for (int64_t c = 0; c < P; ++c) sq += row_sq_dev<scalar_t, scalar_t>(xb + c * sc, N, mu);
+    const scalar_t r = static_cast<scalar_t>(1.0 / std::sqrt(sq * inv_cnt + eps));
+    pmu[b] = mu;
+    pr[b] = r;
+    scalar_t* yb = py + b * N * P;
+    for (int64_t c = 0; c < P; ++c) {
+      const scalar_t a = r * pw[c], o = pb[c] - mu * a;
+      const scalar_t* row = xb + c * sc;
+      for (int64_t n = 0; n < N; ++n) yb[n * P + c] = row[n] * a + o;
+    }
+  });
+}
+
+// Column statistics of zT (M, CQ): mean and biased variance (two passes), then the
+// normalised, affine output qkvT. Rows are reduced in order, so results do not depend on
+// the thread count.
+template <typename scalar_t>
+void bn_train_forward(const Tensor& zT, const Tensor& bw, const Tensor& bb, double eps, Tensor& qkvT,
+                      Tensor& mean_t, Tensor& var_t, Tensor& inv_t) {
+  const int64_t M = zT.size(0), CQ = zT.size(1);
+  const scalar_t* pz = zT.const_data_ptr<scalar_t>();
+  scalar_t* pq = qkvT.data_ptr<scalar_t>();
+  std::vector<double> sum(CQ, 0.0), sq(CQ, 0.0);
+  for (int64_t r = 0; r < M; ++r) {
+    const scalar_t* row = pz + r * CQ;
+    for (int64_t c = 0; c < CQ; ++c) sum[c] += row[c];
+  }
+  scalar_t* pmean = mean_t.data_ptr<scalar_t>();
+  scalar_t* pvar = var_t.data_ptr<scalar_t>();
+  scalar_t* pinv = inv_t.data_ptr<scalar_t>();
+  for (int64_t c = 0; c < CQ; ++c) pmean[c] = static_cast<scalar_t>(sum[c] / M);
+  for (int64_t r = 0; r < M; ++r) {
+    const scalar_t* row = pz + r * CQ;
+    for (int64_t c = 0; c < CQ; ++c) {
+      const double d = static_cast<double>(row[c] - pmean[c]);
+      sq[c] += d * d;
+    }
+  }
+  const scalar_t* pbw = bw.const_data_ptr<scalar_t>();
+  const scalar_t* pbb = bb.const_data_ptr<scalar_t>();
+  std::vector<scalar_t> a(CQ), o(CQ);
+  for (int64_t c = 0; c < CQ; ++c) {
+    const double var = sq[c] / M;
+    pvar[c] = static_cast<scalar_t>(var);
+    pinv[c] = static_cast<scalar_t>(1.0 / std::sqrt(var + eps));
+    a[c] = pinv[c] * pbw[c];
+    o[c] = pbb[c] - pmean[c] * a[c];
+  }
+  parallel_rows(M, 64, [&](int64_t r) {
+    const scalar_t* zr = pz + r * CQ;
+    scalar_t* qr = pq + r * CQ;
+    for (int64_t c = 0; c < CQ; ++c) qr[c] = zr[c] * a[c] + o[c];
+  });
+}
+
+void check_region_args(const Tensor& x, const Tensor& gw, const Tensor& gb, const Tensor& cw, const Tensor& bw,
+                       const Tensor& bb, const Tensor& rm, const Tensor& rv, int64_t pdim, int64_t qk_dim) {
+  check_input(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "shsa_region_train supports float32 and float64, got ", x.scalar_type());
+  const int64_t C = x.size(1), CQ = 2 * qk_dim + pdim;
+  TORCH_CHECK(pdim > 0 && pdim < C, "pdim must be in 1..", C - 1, ", got ", pdim);
+  TORCH_CHECK(qk_dim > 0, "qk_dim must be positive, got ", qk_dim);
+  TORCH_CHECK(cw.numel() == CQ * pdim && cw.size(0) == CQ, "conv_weight must be (", CQ, ", ", pdim,
+              ", 1, 1), got ", cw.sizes());
+  auto check_vec = [](const Tensor& t, int64_t n, const char* name) {
+    TORCH_CHECK(t.numel() == n, name, " must have ", n, " elements, got ", t.numel());
+    TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  };
+  check_vec(gw, pdim, "gn_weight");
+  check_vec(gb, pdim, "gn_bias");
+  check_vec(bw, CQ, "bn_weight");
+  check_vec(bb, CQ, "bn_bias");
+  check_vec(rm, CQ, "running_mean");
+  check_vec(rv, CQ, "running_var");
+  TORCH_CHECK(cw.device().is_cpu(), "conv_weight must be a CPU tensor, got ", cw.device());
+  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1,
+              "Expected more than 1 value per channel when training, got input size ", x.sizes());
+}
+
+RegionForward region_forward(const Tensor& x, const Tensor& gw, const Tensor& gb, const Tensor& cw,
+                             const Tensor& bw, const Tensor& bb, Tensor& rm, Tensor& rv, double momentum,
+                             double gn_eps, double bn_eps, int64_t pdim, int64_t qk_dim, double scale) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W, M = B * N;
+  const int64_t P = pdim, QK = qk_dim, CQ = 2 * QK + P;
+  const auto opt = x.options();
+  RegionForward f;
+  Tensor xv = as_bcn(x);
+  Tensor gwc = gw.to(x.scalar_type()).contiguous(), gbc = gb.to(x.scalar_type()).contiguous();
+  Tensor bwc = bw.to(x.scalar_type()).contiguous(), bbc = bb.to(x.scalar_type()).contiguous();
+  f.yT = at::empty({M, P}, opt);
+  f.gn_mu = at::empty({B}, opt);
+  f.gn_r = at::empty({B}, opt);
+  f.qkvT = at::empty({M, CQ}, opt);
+  f.bn_mu = at::empty({CQ}, opt);
+  f.bn_inv = at::empty({CQ}, opt);
+  Tensor var = at::empty({CQ}, opt);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shsa_region_gn", [&] {
+    gn_token_major<scalar_t>(xv, P, gn_eps, gwc, gbc, f.yT, f.gn_mu, f.gn_r);
+  });
+  f.zT = at::mm(f.yT, cw.reshape({CQ, P}).to(x.scalar_type()).t());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shsa_region_bn", [&] {
+    bn_train_forward<scalar_t>(f.zT, bwc, bbc, bn_eps, f.qkvT, f.bn_mu, var, f.bn_inv);
+  });
+  {
+    // running statistics as nn.BatchNorm2d updates them (unbiased variance)
+    at::NoGradGuard no_grad;
+    rm.mul_(1.0 - momentum).add_(f.bn_mu.to(rm.scalar_type()), momentum);
+    rv.mul_(1.0 - momentum).add_(var.to(rv.scalar_type()), momentum * static_cast<double>(M) / (M - 1));
+  }
+  Tensor q3 = f.qkvT.view({B, N, CQ});
+  Tensor qsT = q3.narrow(2, 0, QK).mul(scale);
+  Tensor k = q3.narrow(2, QK, QK).transpose(1, 2);
+  Tensor v = q3.narrow(2, 2 * QK, P).transpose(1, 2);
+  f.out = at::empty({B, C, H, W}, opt.memory_format(at::MemoryFormat::Contiguous));
+  Tensor out3 = f.out.view({B, C, N});
+  attention_forward_core(qsT, k, v, xv.narrow(1, P, C - P), out3, nullptr);
+  return f;
+}
+
+template <typename scalar_t>
+void bn_train_backward(Tensor& dT, const Tensor& zT, const Tensor& mean_t, const Tensor& inv_t, const Tensor& bw,
+                       Tensor& dbw, Tensor& dbb) {
+  // dT (M, CQ) holds dL/d(BN output) on entry and dL/dz on exit
+  const int64_t M = dT.size(0), CQ = dT.size(1);
+  scalar_t* pd = dT.data_ptr<scalar_t>();
+  const scalar_t* pz = zT.const_data_ptr<scalar_t>();
+  const scalar_t* pm = mean_t.const_data_ptr<scalar_t>();
+  const scalar_t* pi = inv_t.const_data_ptr<scalar_t>();
+  const scalar_t* pw = bw.const_data_ptr<scalar_t>();
+  std::vector<double> s1(CQ, 0.0), s2(CQ, 0.0);
+  for (int64_t r = 0; r < M; ++r) {
+    const scalar_t* dr = pd + r * CQ;
+    const scalar_t* zr = pz + r * CQ;
+    for (int64_t c = 0; c < CQ; ++c) {
+      s1[c] += dr[c];
+      s2[c] += static_cast<double>(dr[c]) * static_cast<double>(zr[c] - pm[c]);
+    }
+  }
+  scalar_t* pdbw = dbw.data_ptr<scalar_t>();
+  scalar_t* pdbb = dbb.data_ptr<scalar_t>();
+  std::vector<scalar_t> a(CQ), mz(CQ), k1(CQ);
+  for (int64_t c = 0; c < CQ; ++c) {
+    const double inv = pi[c];
+    pdbb[c] = static_cast<scalar_t>(s1[c]);
+    pdbw[c] = static_cast<scalar_t>(s2[c] * inv);
+    // dz = w * inv * (d - mean(d) - zhat * mean(d * zhat)), zhat = (z - mean) * inv
+    a[c] = static_cast<scalar_t>(pw[c] * inv);
+    mz[c] = static_cast<scalar_t>(s1[c] / M);
+    k1[c] = static_cast<scalar_t>(s2[c] / M * inv * inv);
+  }
+  parallel_rows(M, 64, [&](int64_t r) {
+    scalar_t* dr = pd + r * CQ;
+    const scalar_t* zr = pz + r * CQ;
+    for (int64_t c = 0; c < CQ; ++c) dr[c] = a[c] * (dr[c] - mz[c] - (zr[c] - pm[c]) * k1[c]);
+  });
+}
+
+template <typename scalar_t>
+void gn_backward_token_major(const Tensor& dyT, const Tensor& xv, int64_t P, const Tensor& gw, const Tensor& mu_t,
+                             const Tensor& r_t, Tensor& dx3, Tensor& dgw_part, Tensor& dgb_part) {
+  // dyT (B*N, P) token-major; xv (B, C, N) with unit token stride; dx3 (B, C, N) channels [0, P)
+  const int64_t B = xv.size(0), N = xv.size(2), sb = xv.stride(0), sc = xv.stride(1), CO = dx3.size(1);
+  const scalar_t* pdy = dyT.const_data_ptr<scalar_t>();
+  const scalar_t* px = xv.const_data_ptr<scalar_t>();
+  const scalar_t* pw = gw.const_data_ptr<scalar_t>();
+  const scalar_t* pmu = mu_t.const_data_ptr<scalar_t>();
+  const scalar_t* pr = r_t.const_data_ptr<scalar_t>();
+  scalar_t* pdx = dx3.data_ptr<scalar_t>();
+  scalar_t* pdw = dgw_part.data_ptr<scalar_t>();
+  scalar_t* pdb = dgb_part.data_ptr<scalar_t>();
+  const double inv_cnt = 1.0 / static_cast<double>(P * N);
+  parallel_rows(B, 1, [&](int64_t b) {
+    const scalar_t mu = pmu[b], r = pr[b];
+    const scalar_t* xb = px + b * sb;
+    const scalar_t* db = pdy + b * N * P;
+    scalar_t* dxb = pdx + b * CO * N;
+    // dx channel-major first holds dy (transposed), then the gradient
+    double c1 = 0, c2 = 0;
+    for (int64_t c = 0; c < P; ++c) {
+      const scalar_t* xr = xb + c * sc;
+      scalar_t* g = dxb + c * N;
+      scalar_t sdy = 0, sdyx = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t d = db[n * P + c];
+        g[n] = d;
+        sdy += d;
+        sdyx += d * (xr[n] - mu);
+      }
+      sdyx *= r;
+      pdw[b * P + c] = sdyx;
+      pdb[b * P + c] = sdy;
+      c1 += static_cast<double>(pw[c]) * sdy;
+      c2 += static_cast<double>(pw[c]) * sdyx;
+    }
+    const scalar_t m1 = static_cast<scalar_t>(c1 * inv_cnt), m2 = static_cast<scalar_t>(c2 * inv_cnt);
+    for (int64_t c = 0; c < P; ++c) {
+      const scalar_t* xr = xb + c * sc;
+      scalar_t* g = dxb + c * N;
+      const scalar_t wc = pw[c];
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t xh = (xr[n] - mu) * r;
+        g[n] = r * (g[n] * wc - m1 - xh * m2);
+      }
+    }
+  });
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& gw, const Tensor& gb,
+                        const Tensor& cw, const Tensor& bw, const Tensor& bb, Tensor rm, Tensor rv,
+                        double momentum, double gn_eps, double bn_eps, int64_t pdim, int64_t qk_dim,
+                        double scale) {
+    RegionForward f = region_forward(x, gw, gb, cw, bw, bb, rm, rv, momentum, gn_eps, bn_eps, pdim, qk_dim, scale);
+    ctx->save_for_backward({x, gw, cw, bw, f.out, f.yT, f.zT, f.qkvT, f.gn_mu, f.gn_r, f.bn_mu, f.bn_inv});
+    ctx->saved_data["pdim"] = pdim;
+    ctx->saved_data["qk_dim"] = qk_dim;
+    ctx->saved_data["scale"] = scale;
+    return f.out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    NoAutocast no_autocast;
+    const auto s = ctx->get_saved_variables();
+    const Tensor &x = s[0], &gw = s[1], &cw = s[2], &bw = s[3], &out = s[4], &yT = s[5], &zT = s[6],
+                 &qkvT = s[7], &gn_mu = s[8], &gn_r = s[9], &bn_mu = s[10], &bn_inv = s[11];
+    const int64_t P = ctx->saved_data["pdim"].toInt(), QK = ctx->saved_data["qk_dim"].toInt();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W, M = B * N;
+    const int64_t CQ = 2 * QK + P;
+    const auto dt = x.scalar_type();
+    Tensor dout = grads[0].to(dt);
+    // attention + concat + ReLU: d(qkv) channel-major and dx2
+    Tensor qkv4 = qkvT.view({B, N, CQ}).transpose(1, 2).reshape({B, CQ, H, W});
+    auto [dqkv, dx2] = shsa_attn_bwd(dout, qkv4, out, Tensor(), QK, scale);
+    // BatchNorm (batch statistics) and the conv, token-major
+    Tensor dT = dqkv.view({B, CQ, N}).transpose(1, 2).reshape({M, CQ});
+    Tensor dbw = at::empty({CQ}, x.options()), dbb = at::empty({CQ}, x.options());
+    Tensor bwc = bw.to(dt).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_bn_bwd", [&] {
+      bn_train_backward<scalar_t>(dT, zT, bn_mu, bn_inv, bwc, dbw, dbb);
+    });
+    Tensor w2 = cw.reshape({CQ, P}).to(dt);
+    Tensor dcw = at::mm(dT.t(), yT).view(cw.sizes());
+    Tensor dyT = at::mm(dT, w2);  // (M, P)
+    // GroupNorm, written into the first P channels of dx; the rest of dx is dx2
+    Tensor dx = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    Tensor dx3 = dx.view({B, C, N});
+    Tensor dgw_part = at::empty({B, P}, x.options()), dgb_part = at::empty({B, P}, x.options());
+    Tensor gwc = gw.to(dt).contiguous();
+    Tensor xv = as_bcn(x);
+    AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_gn_bwd", [&] {
+      gn_backward_token_major<scalar_t>(dyT, xv, P, gwc, gn_mu, gn_r, dx3, dgw_part, dgb_part);
+    });
+    dx3.narrow(1, P, C - P).copy_(dx2.view({B, C - P, N}));
+    return {dx,
+            dgw_part.sum(0).to(gw.scalar_type()),
+            dgb_part.sum(0).to(gw.scalar_type()),
+            dcw.to(cw.scalar_type()),
+            dbw.to(bw.scalar_type()),
+            dbb.to(bw.scalar_type()),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor()};
+  }
+};
+
+Tensor shsa_region_train(const Tensor& x, const Tensor& gn_weight, const Tensor& gn_bias, const Tensor& conv_weight,
+                         const Tensor& bn_weight, const Tensor& bn_bias, Tensor& running_mean, Tensor& running_var,
+                         double momentum, double gn_eps, double bn_eps, int64_t pdim, int64_t qk_dim, double scale) {
+  NoAutocast no_autocast;
+  check_region_args(x, gn_weight, gn_bias, conv_weight, bn_weight, bn_bias, running_mean, running_var, pdim, qk_dim);
+  bool grad = false;
+  if (at::GradMode::is_enabled()) {
+    for (const auto* t : {&x, &gn_weight, &gn_bias, &conv_weight, &bn_weight, &bn_bias}) grad |= t->requires_grad();
+  }
+  if (!grad) {
+    return region_forward(x, gn_weight, gn_bias, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                          momentum, gn_eps, bn_eps, pdim, qk_dim, scale)
+        .out;
+  }
+  return ShsaRegionTrain::apply(x, gn_weight, gn_bias, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                                momentum, gn_eps, bn_eps, pdim, qk_dim, scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(shvit_cpp, m) {
+  m.def(
+      "shsa_region_train(Tensor x, Tensor gn_weight, Tensor gn_bias, Tensor conv_weight, Tensor bn_weight, "
+      "Tensor bn_bias, Tensor(a!) running_mean, Tensor(b!) running_var, float momentum, float gn_eps, "
+      "float bn_eps, int pdim, int qk_dim, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(shvit_cpp, CompositeImplicitAutograd, m) {
+  m.impl("shsa_region_train", &shsa_region_train);
+}
+
+}  // namespace shvit_cpu

@@ -1,0 +1,55 @@
+"""The SHSA mixer region in training as one CPU op: GroupNorm(x1) -> qkv 1x1 conv ->
+BatchNorm with batch statistics (running statistics updated) -> attention + concat + ReLU.
+
+``shvit.SHSA(fused=True)`` uses it in training on the ``cpp`` backend for float32/float64
+inputs outside ``torch.compile`` and CPU autocast; everywhere else the region runs as the
+``group_norm_partial`` op, PyTorch's ``Conv2d_BN`` and the ``shsa_attention`` op.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import backend
+
+__all__ = ["region_train_applies", "shsa_region_train"]
+
+
+def region_train_applies(x: Tensor, bn: nn.Module) -> bool:
+    """Whether the one-op training region can run ``x`` with the qkv BatchNorm ``bn``."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.numel() > 0
+        and x.shape[0] * x.shape[2] * x.shape[3] > 1
+        and type(bn) is nn.BatchNorm2d
+        and bn.training
+        and bn.affine
+        and bn.track_running_stats
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled("cpu")
+        and backend.select(x) == "cpp"
+    )
+
+
+def shsa_region_train(
+    x: Tensor,
+    gn_weight: Tensor,
+    gn_bias: Tensor,
+    gn_eps: float,
+    conv_weight: Tensor,
+    bn: nn.BatchNorm2d,
+    pdim: int,
+    qk_dim: int,
+    scale: float,
+) -> Tensor:
+    """ReLU(concat(attention(BN(conv(GroupNorm(x[:, :pdim])))), x[:, pdim:])) with ``bn`` in
+    training mode: batch statistics, and ``running_mean`` / ``running_var`` /
+    ``num_batches_tracked`` updated exactly as ``nn.BatchNorm2d`` does."""
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    return torch.ops.shvit_cpp.shsa_region_train(
+        x, gn_weight, gn_bias, conv_weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+        float(momentum), float(gn_eps), float(bn.eps), pdim, qk_dim, float(scale),
+    )

@@ -1,0 +1,192 @@
+"""The training region op of the cpp backend (``shvit_cpp::shsa_region_train``): GroupNorm,
+qkv conv + BatchNorm with batch statistics and attention in one op, against the reference
+SHSA module: outputs, input and parameter gradients, BatchNorm running statistics."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import shvit
+import shvit.layers
+from conftest import assert_rel_close, use_backend
+
+def _module(dim, pdim, qk_dim, dtype, seed=0):
+    torch.manual_seed(seed)
+    m = shvit.SHSA(dim, qk_dim, pdim)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.1)
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.running_mean.normal_(0, 0.1)
+    return m.to(dtype).train()
+
+
+def _input(B, C, H, W, dtype, layout):
+    g = torch.Generator().manual_seed(7)
+    if layout == "sliced":  # a channel slice of a larger tensor: non-contiguous
+        return torch.randn(B, C + 5, H, W, generator=g, dtype=dtype)[:, 2 : 2 + C]
+    x = torch.randn(B, C, H, W, generator=g, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def _count_region_calls(monkeypatch):
+    calls = []
+    real = shvit.layers.shsa_region_train
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shvit.layers, "shsa_region_train", counting)
+    return calls
+
+
+SHAPES = [  # (B, dim, pdim, qk_dim, H, W)
+    (16, 336, 72, 16, 8, 8),
+    (3, 40, 9, 8, 3, 5),
+    (2, 24, 8, 16, 3, 3),
+    (2, 19, 1, 16, 7, 1),
+]
+
+
+def _check(actual, ref, exact, what):
+    """float64: within 1e-12 of the float64 reference. float32: the error against the float64
+    reference is at most twice the float32 reference's own error (+2e-5) -- some of these
+    gradients are ill-conditioned (BatchNorm over few tokens, pdim 1), so a fixed relative
+    tolerance against the float32 reference would measure the reference's rounding."""
+    if actual.dtype == torch.float64:
+        assert_rel_close(actual, exact, 1e-12, what)
+        return
+    rel = lambda a: ((a.double() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+    assert rel(actual) <= 2 * rel(ref) + 2e-5, f"{what}: fused {rel(actual):.2e}, reference {rel(ref):.2e}"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_region_train_matches_reference(shape, dtype, momentum, layout, monkeypatch):
+    use_backend(monkeypatch, "cpp", "cpu")
+    calls = _count_region_calls(monkeypatch)
+    B, dim, pdim, qk_dim, H, W = shape
+    ref = _module(dim, pdim, qk_dim, dtype)
+    ref.qkv.bn.momentum = momentum
+    exact = copy.deepcopy(ref).double()
+    fused = copy.deepcopy(ref)
+    fused.fused = True
+    for step in range(2):  # the second step sees the running statistics of the first
+        x = _input(B, dim, H, W, dtype, layout).requires_grad_()
+        xf = x.detach().clone().requires_grad_()
+        xe = x.detach().double().requires_grad_()
+        out_r, out_f, out_e = ref(x), fused(xf), exact(xe)
+        _check(out_f, out_r, out_e, f"step {step}: output")
+        g = torch.randn_like(out_e)
+        out_r.backward(g.to(dtype))
+        out_f.backward(g.to(dtype))
+        out_e.backward(g)
+        _check(xf.grad, x.grad, xe.grad, f"step {step}: input grad")
+    params_f, params_r = dict(fused.named_parameters()), dict(ref.named_parameters())
+    for name, p in exact.named_parameters():
+        if name == "pre_norm.bias":
+            # rounding noise around 0 (a per-channel shift of the conv input is removed by the
+            # BatchNorm): bounded on the scale of the GroupNorm weight's gradient
+            scale = exact.pre_norm.weight.grad.norm().item()
+            assert params_f[name].grad.norm().item() <= 1e-4 * scale + 1e-12
+            continue
+        _check(params_f[name].grad, params_r[name].grad, p.grad, f"grad of {name}")
+    buffers_f, buffers_r = dict(fused.named_buffers()), dict(ref.named_buffers())
+    for name, b in exact.named_buffers():
+        assert buffers_f[name].dtype == buffers_r[name].dtype
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(buffers_f[name], buffers_r[name]), name
+        else:
+            _check(buffers_f[name], buffers_r[name], b, f"buffer {name}")
+    assert len(calls) == 2, "the region op must run in training on the cpp backend"
+
+
+def test_region_train_without_grad_updates_running_stats(monkeypatch):
+    use_backend(monkeypatch, "cpp", "cpu")
+    calls = _count_region_calls(monkeypatch)
+    ref = _module(40, 9, 8, torch.float32)
+    fused = copy.deepcopy(ref)
+    fused.fused = True
+    x = _input(3, 40, 4, 4, torch.float32, "contiguous")
+    with torch.no_grad():
+        assert_rel_close(fused(x), ref(x), 2e-5, "output")
+    for (name, b), bf in zip(ref.named_buffers(), fused.buffers()):
+        assert_rel_close(bf, b, 2e-5, name)
+    assert len(calls) == 1
+
+
+def test_region_train_one_value_per_channel_is_refused_like_reference(monkeypatch):
+    use_backend(monkeypatch, "cpp", "cpu")
+    ref = _module(24, 8, 16, torch.float32)
+    fused = copy.deepcopy(ref)
+    fused.fused = True
+    x = torch.randn(1, 24, 1, 1)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        ref(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fused(x)
+
+
+def test_region_train_gradcheck(monkeypatch):
+    use_backend(monkeypatch, "cpp", "cpu")
+    g = torch.Generator().manual_seed(4)
+    dt = torch.float64
+    P, QK, C = 5, 4, 9
+    CQ = 2 * QK + P
+    x = torch.randn(2, C, 3, 4, dtype=dt, generator=g, requires_grad=True)
+    gw = (torch.rand(P, dtype=dt, generator=g) + 0.5).requires_grad_()
+    gb = torch.randn(P, dtype=dt, generator=g, requires_grad=True)
+    cw = torch.randn(CQ, P, 1, 1, dtype=dt, generator=g, requires_grad=True)
+    bw = (torch.rand(CQ, dtype=dt, generator=g) + 0.5).requires_grad_()
+    bb = torch.randn(CQ, dtype=dt, generator=g, requires_grad=True)
+
+    def f(x, gw, gb, cw, bw, bb):
+        rm, rv = torch.zeros(CQ, dtype=dt), torch.ones(CQ, dtype=dt)
+        return torch.ops.shvit_cpp.shsa_region_train(x, gw, gb, cw, bw, bb, rm, rv, 0.1, 1e-5, 1e-5, P, QK, 0.5)
+
+    assert torch.autograd.gradcheck(f, (x, gw, gb, cw, bw, bb))
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(cw=torch.randn(12, 5, 1, 1, dtype=torch.float64)), "conv_weight"),
+        (dict(gw=torch.randn(4, dtype=torch.float64)), "gn_weight"),
+        (dict(rv=torch.ones(3, dtype=torch.float64)), "running_var"),
+        (dict(x=torch.randn(2, 9, 3, 4, dtype=torch.float64).to(torch.int64)), "floating-point"),
+        (dict(x=torch.randn(2, 9, 3, dtype=torch.float64)), "shape"),
+        (dict(x=torch.randn(2, 9, 3, 4, dtype=torch.float16)), "float32 and float64"),
+    ],
+)
+def test_region_train_op_rejects_bad_arguments(change, match):
+    dt = torch.float64
+    args = dict(
+        x=torch.randn(2, 9, 3, 4, dtype=dt), gw=torch.ones(5, dtype=dt), gb=torch.zeros(5, dtype=dt),
+        cw=torch.randn(13, 5, 1, 1, dtype=dt), bw=torch.ones(13, dtype=dt), bb=torch.zeros(13, dtype=dt),
+        rm=torch.zeros(13, dtype=dt), rv=torch.ones(13, dtype=dt),
+    )
+    args.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.shvit_cpp.shsa_region_train(*args.values(), 0.1, 1e-5, 1e-5, 5, 4, 0.5)
+
+
+def test_region_op_not_used_under_autocast_or_other_backends(monkeypatch):
+    calls = _count_region_calls(monkeypatch)
+    m = _module(40, 9, 8, torch.float32)
+    m.fused = True
+    x = _input(3, 40, 4, 4, torch.float32, "contiguous")
+    use_backend(monkeypatch, "torch", "cpu")
+    m(x)
+    use_backend(monkeypatch, "cpp", "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(x)
+    m.eval()(x)
+    assert calls == []

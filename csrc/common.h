@@ -7,6 +7,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/irange.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <utility>
@@ -103,6 +104,50 @@ inline std::pair<A, A> row_dot_sum(const T* g, const T* x, int64_t n, A mu) {
     sgx += lgx[j];
   }
   return {sgx, sg};
+}
+
+// Blocked transpose with an elementwise map: dst[j * ldd + i] = f(src[i * lds + j], i, j) for
+// i < rows, j < cols. 8x8 tiles go through a local buffer, so loads run along src's rows and
+// stores along dst's rows (a plain double loop strides one of them by a whole row per element).
+template <typename in_t, typename out_t, typename F>
+inline void transpose_map(const in_t* src, int64_t lds, out_t* dst, int64_t ldd, int64_t rows, int64_t cols,
+                          const F& f) {
+  constexpr int64_t T = 8;
+  for (int64_t i0 = 0; i0 < rows; i0 += T) {
+    const int64_t ti = std::min(T, rows - i0);
+    for (int64_t j0 = 0; j0 < cols; j0 += T) {
+      const int64_t tj = std::min(T, cols - j0);
+      if (ti == T && tj == T) {
+        in_t tile[T][T];
+        for (int64_t i = 0; i < T; ++i) {
+          const in_t* s = src + (i0 + i) * lds + j0;
+          for (int64_t j = 0; j < T; ++j) tile[j][i] = s[j];
+        }
+        for (int64_t j = 0; j < T; ++j) {
+          out_t* d = dst + (j0 + j) * ldd + i0;
+          for (int64_t i = 0; i < T; ++i) d[i] = f(tile[j][i], i0 + i, j0 + j);
+        }
+      } else {
+        for (int64_t j = 0; j < tj; ++j) {
+          for (int64_t i = 0; i < ti; ++i) {
+            dst[(j0 + j) * ldd + i0 + i] = f(src[(i0 + i) * lds + j0 + j], i0 + i, j0 + j);
+          }
+        }
+      }
+    }
+  }
+}
+
+// m[r, c] += bias[c] for a contiguous (rows, cols) matrix (ATen's addmm first copies the
+// broadcast bias into the output, a slow strided copy at these sizes).
+template <typename T>
+inline void add_row_bias(T* m, const T* bias, int64_t rows, int64_t cols) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = m + r * cols;
+      for (int64_t c = 0; c < cols; ++c) row[c] += bias[c];
+    }
+  });
 }
 
 // Splits [0, n) over threads in chunks of at least `grain`.

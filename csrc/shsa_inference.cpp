@@ -27,9 +27,9 @@ void normalize_token_major(const Tensor& x, int64_t pdim, double eps, Tensor& xh
     for (int64_t c = 0; c < pdim; ++c) sq += row_sq_dev<scalar_t, acc_t>(xb + c * sc, N, mu);
     const acc_t r = static_cast<acc_t>(1.0 / std::sqrt(sq * inv_cnt + eps));
     acc_t* yb = py + b * N * pdim;
-    for (int64_t c = 0; c < pdim; ++c) {
-      for (int64_t n = 0; n < N; ++n) yb[n * pdim + c] = (static_cast<acc_t>(xb[c * sc + n]) - mu) * r;
-    }
+    // channel-major (pdim, N) rows of x -> token-major (N, pdim)
+    transpose_map(xb, sc, yb, pdim, pdim, N,
+                  [&](scalar_t v, int64_t, int64_t) { return (static_cast<acc_t>(v) - mu) * r; });
   });
 }
 }  // namespace
@@ -53,7 +53,12 @@ std::pair<Tensor, Tensor> project_qkv(const Tensor& x, const Tensor& weight, con
     normalize_token_major<scalar_t, at::opmath_type<scalar_t>>(xv, pdim, eps, xhT);
   });
   // one GEMM for every token of the batch: (B*N, pdim) @ (pdim, CQ) + bias
-  return {at::addmm(bias.to(acc), xhT, weight.to(acc).t()).view({B, N, CQ}), xv};
+  Tensor qkvT = at::mm(xhT, weight.to(acc).t());
+  Tensor b = bias.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "shsa_infer_bias", [&] {
+    add_row_bias(qkvT.data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), B * N, CQ);
+  });
+  return {qkvT.view({B, N, CQ}), xv};
 }
 }  // namespace
 
@@ -81,45 +86,28 @@ void relu_transpose_into(const Tensor& src, acc_t* dst, int64_t ldd, int64_t c0)
   const int64_t B = src.size(0), R = src.size(1), N = src.size(2);
   const int64_t sb = src.stride(0), sc = src.stride(1);
   const in_t* ps = src.const_data_ptr<in_t>();
-  constexpr int64_t T = 16;
   parallel_rows(B, 1, [&](int64_t b) {
-    for (int64_t cb = 0; cb < R; cb += T) {
-      for (int64_t nb = 0; nb < N; nb += T) {
-        const int64_t ce = std::min(cb + T, R), ne = std::min(nb + T, N);
-        for (int64_t n = nb; n < ne; ++n) {
-          acc_t* d = dst + (b * N + n) * ldd + c0;
-          for (int64_t c = cb; c < ce; ++c) {
-            const acc_t v = static_cast<acc_t>(ps[b * sb + c * sc + n]);
-            d[c] = v > acc_t(0) ? v : acc_t(0);
-          }
-        }
-      }
-    }
+    transpose_map(ps + b * sb, sc, dst + b * N * ldd + c0, ldd, R, N, [](in_t v, int64_t, int64_t) {
+      const acc_t a = static_cast<acc_t>(v);
+      return a > acc_t(0) ? a : acc_t(0);
+    });
   });
 }
 
-// out[b, c, n] = x[b, c, n] + yT[b * N + n, c]: the residual add, transposing yT back.
+// out[b, c, n] = x[b, c, n] + yT[b * N + n, c] + bias[c]: bias and residual add, transposing yT back.
 template <typename scalar_t, typename acc_t>
-void residual_add_transposed(const Tensor& x, const Tensor& yT, Tensor& out) {
+void residual_add_transposed(const Tensor& x, const Tensor& yT, const Tensor& bias, Tensor& out) {
   const int64_t B = x.size(0), C = x.size(1), N = x.size(2);
   const int64_t sb = x.stride(0), sc = x.stride(1);
   const scalar_t* px = x.const_data_ptr<scalar_t>();
   const acc_t* py = yT.const_data_ptr<acc_t>();
+  const acc_t* pb = bias.const_data_ptr<acc_t>();
   scalar_t* po = out.data_ptr<scalar_t>();
-  constexpr int64_t T = 16;
   parallel_rows(B, 1, [&](int64_t b) {
-    for (int64_t cb = 0; cb < C; cb += T) {
-      for (int64_t nb = 0; nb < N; nb += T) {
-        const int64_t ce = std::min(cb + T, C), ne = std::min(nb + T, N);
-        for (int64_t c = cb; c < ce; ++c) {
-          const scalar_t* xr = px + b * sb + c * sc;
-          scalar_t* orow = po + (b * C + c) * N;
-          for (int64_t n = nb; n < ne; ++n) {
-            orow[n] = static_cast<scalar_t>(static_cast<acc_t>(xr[n]) + py[(b * N + n) * C + c]);
-          }
-        }
-      }
-    }
+    const scalar_t* xb = px + b * sb;
+    transpose_map(py + b * N * C, C, po + b * C * N, N, N, C, [&](acc_t v, int64_t n, int64_t c) {
+      return static_cast<scalar_t>(static_cast<acc_t>(xb[c * sc + n]) + v + pb[c]);
+    });
   });
 }
 }  // namespace
@@ -165,10 +153,11 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
       relu_transpose_into<in_t, acc_t>(xv.narrow(1, pdim, C - pdim), zT.data_ptr<acc_t>(), C, pdim);
     });
   });
-  Tensor yT = at::addmm(b_proj.to(acc), zT.view({B * N, C}), w_proj.to(acc).t());  // (B*N, C)
+  Tensor yT = at::mm(zT.view({B * N, C}), w_proj.to(acc).t());  // (B*N, C), bias added below
+  Tensor bp = b_proj.to(acc).contiguous();
   Tensor out3 = out.view({B, C, N});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "shsa_block_residual", [&] {
-    residual_add_transposed<scalar_t, at::opmath_type<scalar_t>>(xv, yT, out3);
+    residual_add_transposed<scalar_t, at::opmath_type<scalar_t>>(xv, yT, bp, out3);
   });
   return out;
 }

@@ -3,11 +3,37 @@
 Compiles the CPU kernels in csrc/ into shvit_kernels._C with torch's cpp_extension (ninja).
 Set SHVIT_KERNELS_NO_CPP=1 to skip the build; the package then runs without them (the
 `cpp` backend falls back to the eager composition with a warning).
+
+The extension is compiled for the building machine's CPU (-march=native: AVX2/FMA/AVX-512
+where present), as a from-source install runs where it was built. Set
+SHVIT_KERNELS_PORTABLE=1 to build for the baseline x86-64/aarch64 instruction set instead
+(a build that is copied to other machines).
 """
 import glob
 import os
 
 from setuptools import find_packages, setup
+
+
+
+def _arch_flags() -> list[str]:
+    if os.environ.get("SHVIT_KERNELS_PORTABLE", "0") == "1":
+        return []
+    import subprocess
+    import tempfile
+
+    # only where the compiler accepts it (some compilers/architectures do not)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "t.cpp")
+        open(src, "w").write("int main() { return 0; }\n")
+        cxx = os.environ.get("CXX", "c++")
+        try:
+            ok = subprocess.run([cxx, "-march=native", src, "-o", os.path.join(d, "t")],
+                                capture_output=True).returncode == 0
+        except OSError:
+            ok = False
+    return ["-march=native"] if ok else []
+
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("SHVIT_KERNELS_NO_CPP", "0") != "1":
@@ -17,7 +43,7 @@ if os.environ.get("SHVIT_KERNELS_NO_CPP", "0") != "1":
         CppExtension(
             "shvit_kernels._C",
             sorted(glob.glob("csrc/*.cpp")),
-            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"]},
+            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"] + _arch_flags()},
             extra_link_args=["-fopenmp"],
         )
     )

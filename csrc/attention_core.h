@@ -11,7 +11,15 @@ int64_t query_chunk(int64_t B, int64_t N, int64_t elem_size);
 // out[:, :PD] = ReLU(v @ softmax(qT @ k)^T), out[:, PD:] = ReLU(x2); optionally the row
 // log-sum-exp. qT (B, N, QK) carries the scale; k (B, QK, N); v (B, PD, N) (acc dtype,
 // strides that bmm accepts); x2 (B, C2, N) with unit token stride; out (B, PD+C2, N).
+// With p_keep, the (B, N, N) probabilities are kept when they fit one query chunk.
 void attention_forward_core(const Tensor& qT, const Tensor& k, const Tensor& v, const Tensor& x2, Tensor& out,
-                            Tensor* lse);
+                            Tensor* lse, Tensor* p_keep = nullptr);
+
+// Backward of the above: returns dq, dk, dv (B, QK|QK|PD, N) in f's dtype; writes the gradient of
+// x2 into dx2 (B, C2, N, unit token stride). f is qkv as (B, CQ, N) (acc dtype, unit token
+// stride, unscaled q); p_saved, when defined, is the forward's (B, N, N) probabilities.
+std::tuple<Tensor, Tensor, Tensor> attention_backward_core(const Tensor& dout, const Tensor& f, const Tensor& out,
+                                                           int64_t qk_dim, double scale, const Tensor& p_saved,
+                                                           Tensor& dx2);
 
 }  // namespace shvit_cpu

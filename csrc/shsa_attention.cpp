@@ -39,7 +39,7 @@ int64_t query_chunk(int64_t B, int64_t N, int64_t elem_size) {
 }
 
 void attention_forward_core(const Tensor& qT, const Tensor& k, const Tensor& v, const Tensor& x2, Tensor& out,
-                            Tensor* lse) {
+                            Tensor* lse, Tensor* p_keep) {
   // qT (B, N, QK) already scaled, k (B, QK, N), v (B, PD, N): acc dtype, bmm-compatible strides.
   // x2 (B, C2, N) with unit token stride; out (B, PD + C2, N) contiguous.
   const int64_t B = qT.size(0), N = qT.size(1), PD = v.size(1);
@@ -52,6 +52,7 @@ void attention_forward_core(const Tensor& qT, const Tensor& k, const Tensor& v, 
       // log-sum-exp of each row from its largest score and probability (p_max >= 1/N)
       lse->narrow(1, m0, t).copy_(s.amax(-1) - p.amax(-1).log());
     }
+    if (p_keep != nullptr && t == N) *p_keep = p;  // one chunk: the backward can reuse it
     Tensor o = at::bmm(v, p.transpose(1, 2));  // (B, PD, t)
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "shsa_attn_out", [&] {
       if (o.scalar_type() == at::kDouble) {
@@ -114,25 +115,19 @@ Tensor shsa_attn_fwd_nolse(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, 
   return std::get<0>(attn_fwd(qkv, x2, qk_dim, scale, false));
 }
 
-std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& out,
-                                         const Tensor& lse, int64_t qk_dim, double scale) {
-  NoAutocast no_autocast;
-  check_input(qkv, "qkv");
-  check_input(out, "out");
-  check_input(dout, "dout");
-  TORCH_CHECK(dout.sizes() == out.sizes(), "dout must have the shape of out ", out.sizes(), ", got ",
-              dout.sizes());
-  const int64_t B = qkv.size(0), CQ = qkv.size(1), H = qkv.size(2), W = qkv.size(3), N = H * W;
+std::tuple<Tensor, Tensor, Tensor> attention_backward_core(const Tensor& dout, const Tensor& f, const Tensor& out,
+                                                           int64_t qk_dim, double scale, const Tensor& p_saved,
+                                                           Tensor& dx2) {
+  // dout, out (B, CO, H, W); f = qkv as (B, CQ, N) in the acc dtype with unit token stride;
+  // dx2 (B, C2, N) with unit token stride receives the gradient of x2.
+  const int64_t B = f.size(0), CQ = f.size(1), N = f.size(2);
   const int64_t PD = CQ - 2 * qk_dim, CO = out.size(1), C2 = CO - PD;
-  const auto acc = acc_type(qkv.scalar_type());
-  (void)lse;  // probabilities are recomputed with the forward's own softmax kernel
-  Tensor dx2 = at::empty({B, C2, H, W}, out.options());
-  if (B == 0 || N == 0) return {at::zeros_like(qkv, at::MemoryFormat::Contiguous), dx2};
+  const auto acc = f.scalar_type();
   Tensor o = as_bcn(out);
   Tensor g = as_bcn(dout.scalar_type() == out.scalar_type() ? dout : dout.to(out.scalar_type()));
   // dO masked by the ReLU (in acc dtype), delta = rowsum(dO * O), dx2 = dout * (out > 0): one pass
-  Tensor dom = at::empty({B, PD, N}, qkv.options().dtype(acc));
-  Tensor delta = at::empty({B, N}, qkv.options().dtype(acc));
+  Tensor dom = at::empty({B, PD, N}, f.options());
+  Tensor delta = at::empty({B, N}, f.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "shsa_attn_bwd_pre", [&] {
     using out_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(acc, "shsa_attn_bwd_pre_acc", [&] {
@@ -140,6 +135,7 @@ std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, 
       const out_t* po = o.const_data_ptr<out_t>();
       const out_t* pg = g.const_data_ptr<out_t>();
       const int64_t sob = o.stride(0), soc = o.stride(1), sgb = g.stride(0), sgc = g.stride(1);
+      const int64_t sxb = dx2.stride(0), sxc = dx2.stride(1);
       acc_t* pdom = dom.data_ptr<acc_t>();
       acc_t* pdelta = delta.data_ptr<acc_t>();
       out_t* pdx2 = dx2.data_ptr<out_t>();
@@ -164,7 +160,7 @@ std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, 
         const int64_t b = row / C2, c = row % C2;
         const out_t* __restrict__ orow = po + b * sob + (PD + c) * soc;
         const out_t* __restrict__ grow = pg + b * sgb + (PD + c) * sgc;
-        out_t* __restrict__ xrow = pdx2 + row * N;
+        out_t* __restrict__ xrow = pdx2 + b * sxb + c * sxc;
         for (int64_t i = 0; i < N; ++i) {
           const out_t gv = grow[i];
           xrow[i] = orow[i] > out_t(0) ? gv : out_t(0);
@@ -172,17 +168,23 @@ std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, 
       });
     });
   });
-  Tensor f = as_bcn(qkv.scalar_type() == acc ? qkv : qkv.to(acc));
   Tensor q = f.narrow(1, 0, qk_dim), k = f.narrow(1, qk_dim, qk_dim), v = f.narrow(1, 2 * qk_dim, PD);
   Tensor qsT = q.transpose(1, 2).mul(scale);  // (B, N, QK)
-  Tensor dq = at::empty({B, qk_dim, N}, f.options());
-  Tensor dk, dv;  // accumulated over query chunks (a single chunk for SHViT's usual sizes)
-  const int64_t tm = query_chunk(B, N, f.element_size());
+  // separate contiguous buffers: GEMMs into channel slices of one buffer fall back to
+  // per-image calls in ATen
+  Tensor dq = at::empty({B, qk_dim, N}, f.options()), dk = at::empty({B, qk_dim, N}, f.options());
+  Tensor dv = at::empty({B, PD, N}, f.options());
+  const int64_t tm = p_saved.defined() ? N : query_chunk(B, N, f.element_size());
   for (int64_t m0 = 0; m0 < N; m0 += tm) {
     const int64_t t = std::min(tm, N - m0);
-    Tensor p = at::_softmax(at::bmm(qsT.narrow(1, m0, t), k), -1, false);  // (B, t, N), as in the forward
-    Tensor dom_c = dom.narrow(2, m0, t);                                      // (B, PD, t)
-    dv = m0 == 0 ? at::bmm(dom_c, p) : dv.baddbmm_(dom_c, p);
+    // (B, t, N) probabilities: the forward's own (one chunk), or recomputed with its kernel
+    Tensor p = p_saved.defined() ? p_saved : at::_softmax(at::bmm(qsT.narrow(1, m0, t), k), -1, false);
+    Tensor dom_c = dom.narrow(2, m0, t);  // (B, PD, t)
+    if (m0 == 0) {
+      at::bmm_out(dv, dom_c, p);
+    } else {
+      dv.baddbmm_(dom_c, p);
+    }
     Tensor ds = at::bmm(dom_c.transpose(1, 2), v);  // dP (B, t, N), becomes dS in place
     AT_DISPATCH_FLOATING_TYPES(acc, "shsa_attn_bwd_ds", [&] {
       scalar_t* pds = ds.data_ptr<scalar_t>();
@@ -196,16 +198,41 @@ std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, 
         for (int64_t j = 0; j < N; ++j) r[j] = pr[j] * (r[j] - d);
       });
     });
+    // dq = scale * k @ dS^T, dk = scale * q @ dS (the scale applied by the GEMMs' alpha)
     if (t == N) {
       at::bmm_out(dq, k, ds.transpose(1, 2));
     } else {
       dq.narrow(2, m0, t).copy_(at::bmm(k, ds.transpose(1, 2)));  // (B, QK, t)
     }
     Tensor qc = q.narrow(2, m0, t);
-    dk = m0 == 0 ? at::bmm(qc, ds) : dk.baddbmm_(qc, ds);
+    if (m0 == 0) {
+      at::bmm_out(dk, qc, ds);
+    } else {
+      dk.baddbmm_(qc, ds);
+    }
   }
   dq.mul_(scale);
   dk.mul_(scale);
+  return {dq, dk, dv};
+}
+
+std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                                         const Tensor& lse, int64_t qk_dim, double scale) {
+  NoAutocast no_autocast;
+  check_input(qkv, "qkv");
+  check_input(out, "out");
+  check_input(dout, "dout");
+  TORCH_CHECK(dout.sizes() == out.sizes(), "dout must have the shape of out ", out.sizes(), ", got ",
+              dout.sizes());
+  const int64_t B = qkv.size(0), CQ = qkv.size(1), H = qkv.size(2), W = qkv.size(3), N = H * W;
+  const int64_t PD = CQ - 2 * qk_dim, CO = out.size(1), C2 = CO - PD;
+  const auto acc = acc_type(qkv.scalar_type());
+  (void)lse;  // probabilities are recomputed with the forward's own softmax kernel
+  Tensor dx2 = at::empty({B, C2, H, W}, out.options());
+  if (B == 0 || N == 0) return {at::zeros_like(qkv, at::MemoryFormat::Contiguous), dx2};
+  Tensor f = as_bcn(qkv.scalar_type() == acc ? qkv : qkv.to(acc));
+  Tensor dx2v = dx2.view({B, C2, N});
+  auto [dq, dk, dv] = attention_backward_core(dout, f, out, qk_dim, scale, Tensor(), dx2v);
   Tensor dqkv = at::cat({dq, dk, dv}, 1).view({B, CQ, H, W});
   return {dqkv.scalar_type() == qkv.scalar_type() ? dqkv : dqkv.to(qkv.scalar_type()), dx2};
 }

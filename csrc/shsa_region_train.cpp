@@ -11,6 +11,7 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
+#include <array>
 #include <vector>
 
 #include "attention_core.h"
@@ -18,19 +19,16 @@
 
 namespace shvit_cpu {
 
-std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, const Tensor& out,
-                                         const Tensor& lse, int64_t qk_dim, double scale);
-
 namespace {
 
 struct RegionForward {
   Tensor out;     // (B, C, H, W): ReLU(concat(attention, x2))
   Tensor yT;      // (B*N, P): GroupNorm output, token-major (input of the conv)
-  Tensor zT;      // (B*N, CQ): conv output, token-major
-  Tensor qkvT;    // (B*N, CQ): BatchNorm output = q, k, v (unscaled)
+  Tensor zhat;    // (B, CQ, N): normalised conv output (BatchNorm before its affine)
+  Tensor qkv;     // (B, CQ, N): BatchNorm output = q, k, v (unscaled)
+  Tensor p;       // (B, N, N) attention probabilities when they fit one query chunk, else undefined
   Tensor gn_mu;   // (B)
   Tensor gn_r;    // (B)
-  Tensor bn_mu;   // (CQ)
   Tensor bn_inv;  // (CQ)
 };
 
@@ -64,45 +62,48 @@ void gn_token_major(const Tensor& xv, int64_t P, double eps, const Tensor& gw, c
   });
 }
 
-// Column statistics of zT (M, CQ): mean and biased variance (two passes), then the
-// normalised, affine output qkvT. Rows are reduced in order, so results do not depend on
-// the thread count.
+// BatchNorm with batch statistics on the conv output zT (B*N, CQ), token-major: transposed
+// once into zhat (B, CQ, N), then per-channel mean and biased variance over contiguous rows
+// (two passes, rows in order: independent of the thread count), then zhat normalised in
+// place and the affine output qkv, both channel-major.
 template <typename scalar_t>
-void bn_train_forward(const Tensor& zT, const Tensor& bw, const Tensor& bb, double eps, Tensor& qkvT,
-                      Tensor& mean_t, Tensor& var_t, Tensor& inv_t) {
-  const int64_t M = zT.size(0), CQ = zT.size(1);
+void bn_train_forward(const Tensor& zT, int64_t B, const Tensor& bw, const Tensor& bb, double eps, Tensor& zhat,
+                      Tensor& qkv, Tensor& mean_t, Tensor& var_t, Tensor& inv_t) {
+  const int64_t M = zT.size(0), CQ = zT.size(1), N = M / B;
   const scalar_t* pz = zT.const_data_ptr<scalar_t>();
-  scalar_t* pq = qkvT.data_ptr<scalar_t>();
-  std::vector<double> sum(CQ, 0.0), sq(CQ, 0.0);
-  for (int64_t r = 0; r < M; ++r) {
-    const scalar_t* row = pz + r * CQ;
-    for (int64_t c = 0; c < CQ; ++c) sum[c] += row[c];
-  }
+  scalar_t* ph = zhat.data_ptr<scalar_t>();
+  scalar_t* pq = qkv.data_ptr<scalar_t>();
+  parallel_rows(B, 1, [&](int64_t b) {
+    transpose_map(pz + b * N * CQ, CQ, ph + b * CQ * N, N, N, CQ, [](scalar_t v, int64_t, int64_t) { return v; });
+  });
   scalar_t* pmean = mean_t.data_ptr<scalar_t>();
   scalar_t* pvar = var_t.data_ptr<scalar_t>();
   scalar_t* pinv = inv_t.data_ptr<scalar_t>();
-  for (int64_t c = 0; c < CQ; ++c) pmean[c] = static_cast<scalar_t>(sum[c] / M);
-  for (int64_t r = 0; r < M; ++r) {
-    const scalar_t* row = pz + r * CQ;
-    for (int64_t c = 0; c < CQ; ++c) {
-      const double d = static_cast<double>(row[c] - pmean[c]);
-      sq[c] += d * d;
-    }
-  }
   const scalar_t* pbw = bw.const_data_ptr<scalar_t>();
   const scalar_t* pbb = bb.const_data_ptr<scalar_t>();
-  std::vector<scalar_t> a(CQ), o(CQ);
-  for (int64_t c = 0; c < CQ; ++c) {
-    const double var = sq[c] / M;
-    pvar[c] = static_cast<scalar_t>(var);
-    pinv[c] = static_cast<scalar_t>(1.0 / std::sqrt(var + eps));
-    a[c] = pinv[c] * pbw[c];
-    o[c] = pbb[c] - pmean[c] * a[c];
-  }
-  parallel_rows(M, 64, [&](int64_t r) {
-    const scalar_t* zr = pz + r * CQ;
-    scalar_t* qr = pq + r * CQ;
-    for (int64_t c = 0; c < CQ; ++c) qr[c] = zr[c] * a[c] + o[c];
+  at::parallel_for(0, CQ, 8, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double sum = 0;
+      for (int64_t b = 0; b < B; ++b) sum += row_sum<scalar_t, scalar_t>(ph + (b * CQ + c) * N, N);
+      const scalar_t mu = static_cast<scalar_t>(sum / M);
+      double sq = 0;
+      for (int64_t b = 0; b < B; ++b) sq += row_sq_dev<scalar_t, scalar_t>(ph + (b * CQ + c) * N, N, mu);
+      const double var = sq / M;
+      const scalar_t inv = static_cast<scalar_t>(1.0 / std::sqrt(var + eps));
+      pmean[c] = mu;
+      pvar[c] = static_cast<scalar_t>(var);
+      pinv[c] = inv;
+      const scalar_t w = pbw[c], o = pbb[c];
+      for (int64_t b = 0; b < B; ++b) {
+        scalar_t* h = ph + (b * CQ + c) * N;
+        scalar_t* q = pq + (b * CQ + c) * N;
+        for (int64_t n = 0; n < N; ++n) {
+          const scalar_t v = (h[n] - mu) * inv;
+          h[n] = v;
+          q[n] = v * w + o;
+        }
+      }
+    }
   });
 }
 
@@ -133,7 +134,8 @@ void check_region_args(const Tensor& x, const Tensor& gw, const Tensor& gb, cons
 
 RegionForward region_forward(const Tensor& x, const Tensor& gw, const Tensor& gb, const Tensor& cw,
                              const Tensor& bw, const Tensor& bb, Tensor& rm, Tensor& rv, double momentum,
-                             double gn_eps, double bn_eps, int64_t pdim, int64_t qk_dim, double scale) {
+                             double gn_eps, double bn_eps, int64_t pdim, int64_t qk_dim, double scale,
+                             bool keep_p) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W, M = B * N;
   const int64_t P = pdim, QK = qk_dim, CQ = 2 * QK + P;
   const auto opt = x.options();
@@ -144,68 +146,97 @@ RegionForward region_forward(const Tensor& x, const Tensor& gw, const Tensor& gb
   f.yT = at::empty({M, P}, opt);
   f.gn_mu = at::empty({B}, opt);
   f.gn_r = at::empty({B}, opt);
-  f.qkvT = at::empty({M, CQ}, opt);
-  f.bn_mu = at::empty({CQ}, opt);
+  f.zhat = at::empty({B, CQ, N}, opt);
+  f.qkv = at::empty({B, CQ, N}, opt);
   f.bn_inv = at::empty({CQ}, opt);
-  Tensor var = at::empty({CQ}, opt);
+  Tensor mean = at::empty({CQ}, opt), var = at::empty({CQ}, opt);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shsa_region_gn", [&] {
     gn_token_major<scalar_t>(xv, P, gn_eps, gwc, gbc, f.yT, f.gn_mu, f.gn_r);
   });
-  f.zT = at::mm(f.yT, cw.reshape({CQ, P}).to(x.scalar_type()).t());
+  Tensor zT = at::mm(f.yT, cw.reshape({CQ, P}).to(x.scalar_type()).t());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shsa_region_bn", [&] {
-    bn_train_forward<scalar_t>(f.zT, bwc, bbc, bn_eps, f.qkvT, f.bn_mu, var, f.bn_inv);
+    bn_train_forward<scalar_t>(zT, B, bwc, bbc, bn_eps, f.zhat, f.qkv, mean, var, f.bn_inv);
   });
   {
     // running statistics as nn.BatchNorm2d updates them (unbiased variance)
     at::NoGradGuard no_grad;
-    rm.mul_(1.0 - momentum).add_(f.bn_mu.to(rm.scalar_type()), momentum);
+    rm.mul_(1.0 - momentum).add_(mean.to(rm.scalar_type()), momentum);
     rv.mul_(1.0 - momentum).add_(var.to(rv.scalar_type()), momentum * static_cast<double>(M) / (M - 1));
   }
-  Tensor q3 = f.qkvT.view({B, N, CQ});
-  Tensor qsT = q3.narrow(2, 0, QK).mul(scale);
-  Tensor k = q3.narrow(2, QK, QK).transpose(1, 2);
-  Tensor v = q3.narrow(2, 2 * QK, P).transpose(1, 2);
+  Tensor qsT = f.qkv.narrow(1, 0, QK).transpose(1, 2).mul(scale);  // (B, N, QK)
+  Tensor k = f.qkv.narrow(1, QK, QK);
+  Tensor v = f.qkv.narrow(1, 2 * QK, P);
   f.out = at::empty({B, C, H, W}, opt.memory_format(at::MemoryFormat::Contiguous));
   Tensor out3 = f.out.view({B, C, N});
-  attention_forward_core(qsT, k, v, xv.narrow(1, P, C - P), out3, nullptr);
+  attention_forward_core(qsT, k, v, xv.narrow(1, P, C - P), out3, nullptr, keep_p ? &f.p : nullptr);
   return f;
 }
 
+// BatchNorm backward with batch statistics, channel-major: d (B, CQ, N), given as the three
+// channel groups dq, dk, dv, holds dL/d(output) on entry and dL/dz on exit; dz is also
+// written token-major (B*N, CQ) for the conv's GEMMs.
 template <typename scalar_t>
-void bn_train_backward(Tensor& dT, const Tensor& zT, const Tensor& mean_t, const Tensor& inv_t, const Tensor& bw,
-                       Tensor& dbw, Tensor& dbb) {
-  // dT (M, CQ) holds dL/d(BN output) on entry and dL/dz on exit
-  const int64_t M = dT.size(0), CQ = dT.size(1);
-  scalar_t* pd = dT.data_ptr<scalar_t>();
-  const scalar_t* pz = zT.const_data_ptr<scalar_t>();
-  const scalar_t* pm = mean_t.const_data_ptr<scalar_t>();
+void bn_train_backward(std::array<Tensor, 3>& parts, const Tensor& zhat, const Tensor& inv_t, const Tensor& bw,
+                       Tensor& dzT, Tensor& dbw, Tensor& dbb) {
+  const int64_t B = zhat.size(0), CQ = zhat.size(1), N = zhat.size(2), M = B * N;
+  // row pointer of channel c of image b
+  std::array<scalar_t*, 3> base;
+  std::array<int64_t, 3> width;
+  for (int i = 0; i < 3; ++i) {
+    base[i] = parts[i].data_ptr<scalar_t>();
+    width[i] = parts[i].size(1);
+  }
+  auto row = [&](int64_t b, int64_t c) {
+    int i = 0;
+    while (c >= width[i]) c -= width[i++];
+    return base[i] + (b * width[i] + c) * N;
+  };
+  const scalar_t* ph = zhat.const_data_ptr<scalar_t>();
   const scalar_t* pi = inv_t.const_data_ptr<scalar_t>();
   const scalar_t* pw = bw.const_data_ptr<scalar_t>();
   std::vector<double> s1(CQ, 0.0), s2(CQ, 0.0);
-  for (int64_t r = 0; r < M; ++r) {
-    const scalar_t* dr = pd + r * CQ;
-    const scalar_t* zr = pz + r * CQ;
+  for (int64_t b = 0; b < B; ++b) {  // in order: independent of the thread count
     for (int64_t c = 0; c < CQ; ++c) {
-      s1[c] += dr[c];
-      s2[c] += static_cast<double>(dr[c]) * static_cast<double>(zr[c] - pm[c]);
+      const scalar_t* dr = row(b, c);
+      const scalar_t* hr = ph + (b * CQ + c) * N;
+      // in double: dz below is a small difference of these terms (BatchNorm removes the
+      // mean and the zhat-component of the incoming gradient)
+      s1[c] += row_sum<scalar_t, double>(dr, N);
+      s2[c] += row_dot_sum<scalar_t, double>(dr, hr, N, 0.0).first;
     }
   }
   scalar_t* pdbw = dbw.data_ptr<scalar_t>();
   scalar_t* pdbb = dbb.data_ptr<scalar_t>();
-  std::vector<scalar_t> a(CQ), mz(CQ), k1(CQ);
+  std::vector<double> a(CQ), m1(CQ), m2(CQ);
   for (int64_t c = 0; c < CQ; ++c) {
-    const double inv = pi[c];
     pdbb[c] = static_cast<scalar_t>(s1[c]);
-    pdbw[c] = static_cast<scalar_t>(s2[c] * inv);
-    // dz = w * inv * (d - mean(d) - zhat * mean(d * zhat)), zhat = (z - mean) * inv
-    a[c] = static_cast<scalar_t>(pw[c] * inv);
-    mz[c] = static_cast<scalar_t>(s1[c] / M);
-    k1[c] = static_cast<scalar_t>(s2[c] / M * inv * inv);
+    pdbw[c] = static_cast<scalar_t>(s2[c]);
+    // dz = w * inv * (d - mean(d) - zhat * mean(d * zhat)), the difference taken in double
+    a[c] = static_cast<double>(pw[c]) * static_cast<double>(pi[c]);
+    m1[c] = s1[c] / M;
+    m2[c] = s2[c] / M;
   }
-  parallel_rows(M, 64, [&](int64_t r) {
-    scalar_t* dr = pd + r * CQ;
-    const scalar_t* zr = pz + r * CQ;
-    for (int64_t c = 0; c < CQ; ++c) dr[c] = a[c] * (dr[c] - mz[c] - (zr[c] - pm[c]) * k1[c]);
+  scalar_t* pz = dzT.data_ptr<scalar_t>();
+  parallel_rows(B, 1, [&](int64_t b) {
+    const scalar_t* hb = ph + b * CQ * N;
+    for (int64_t c = 0; c < CQ; ++c) {
+      scalar_t* dr = row(b, c);
+      const double ac = a[c], u = m1[c], w = m2[c];
+      for (int64_t n = 0; n < N; ++n) {
+        dr[n] = static_cast<scalar_t>(ac * (static_cast<double>(dr[n]) - u - static_cast<double>(hb[c * N + n]) * w));
+      }
+    }
+    // token-major copy, 8 channels x 8 tokens at a time
+    scalar_t* zb = pz + b * N * CQ;
+    for (int64_t c0 = 0; c0 < CQ; c0 += 8) {
+      const int64_t tc = std::min<int64_t>(8, CQ - c0);
+      const scalar_t* rows[8];
+      for (int64_t j = 0; j < tc; ++j) rows[j] = row(b, c0 + j);
+      for (int64_t n = 0; n < N; ++n) {
+        scalar_t* dst = zb + n * CQ + c0;
+        for (int64_t j = 0; j < tc; ++j) dst[j] = rows[j][n];
+      }
+    }
   });
 }
 
@@ -267,8 +298,9 @@ struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
                         const Tensor& cw, const Tensor& bw, const Tensor& bb, Tensor rm, Tensor rv,
                         double momentum, double gn_eps, double bn_eps, int64_t pdim, int64_t qk_dim,
                         double scale) {
-    RegionForward f = region_forward(x, gw, gb, cw, bw, bb, rm, rv, momentum, gn_eps, bn_eps, pdim, qk_dim, scale);
-    ctx->save_for_backward({x, gw, cw, bw, f.out, f.yT, f.zT, f.qkvT, f.gn_mu, f.gn_r, f.bn_mu, f.bn_inv});
+    RegionForward f =
+        region_forward(x, gw, gb, cw, bw, bb, rm, rv, momentum, gn_eps, bn_eps, pdim, qk_dim, scale, true);
+    ctx->save_for_backward({x, gw, cw, bw, f.out, f.yT, f.zhat, f.qkv, f.p, f.gn_mu, f.gn_r, f.bn_inv});
     ctx->saved_data["pdim"] = pdim;
     ctx->saved_data["qk_dim"] = qk_dim;
     ctx->saved_data["scale"] = scale;
@@ -278,37 +310,37 @@ struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     NoAutocast no_autocast;
     const auto s = ctx->get_saved_variables();
-    const Tensor &x = s[0], &gw = s[1], &cw = s[2], &bw = s[3], &out = s[4], &yT = s[5], &zT = s[6],
-                 &qkvT = s[7], &gn_mu = s[8], &gn_r = s[9], &bn_mu = s[10], &bn_inv = s[11];
+    const Tensor &x = s[0], &gw = s[1], &cw = s[2], &bw = s[3], &out = s[4], &yT = s[5], &zhat = s[6],
+                 &qkv = s[7], &p = s[8], &gn_mu = s[9], &gn_r = s[10], &bn_inv = s[11];
     const int64_t P = ctx->saved_data["pdim"].toInt(), QK = ctx->saved_data["qk_dim"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
     const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W, M = B * N;
     const int64_t CQ = 2 * QK + P;
     const auto dt = x.scalar_type();
     Tensor dout = grads[0].to(dt);
-    // attention + concat + ReLU: d(qkv) channel-major and dx2
-    Tensor qkv4 = qkvT.view({B, N, CQ}).transpose(1, 2).reshape({B, CQ, H, W});
-    auto [dqkv, dx2] = shsa_attn_bwd(dout, qkv4, out, Tensor(), QK, scale);
-    // BatchNorm (batch statistics) and the conv, token-major
-    Tensor dT = dqkv.view({B, CQ, N}).transpose(1, 2).reshape({M, CQ});
+    Tensor dx = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    Tensor dx3 = dx.view({B, C, N});
+    // attention + concat + ReLU: d(qkv) channel-major; the gradient of x2 straight into dx
+    Tensor dx2 = dx3.narrow(1, P, C - P);
+    auto [dq, dk, dv] = attention_backward_core(dout, qkv, out, QK, scale, p, dx2);
+    std::array<Tensor, 3> parts{dq, dk, dv};
+    // BatchNorm (batch statistics), then the conv's two GEMMs token-major
+    Tensor dT = at::empty({M, CQ}, x.options());
     Tensor dbw = at::empty({CQ}, x.options()), dbb = at::empty({CQ}, x.options());
     Tensor bwc = bw.to(dt).contiguous();
     AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_bn_bwd", [&] {
-      bn_train_backward<scalar_t>(dT, zT, bn_mu, bn_inv, bwc, dbw, dbb);
+      bn_train_backward<scalar_t>(parts, zhat, bn_inv, bwc, dT, dbw, dbb);
     });
     Tensor w2 = cw.reshape({CQ, P}).to(dt);
     Tensor dcw = at::mm(dT.t(), yT).view(cw.sizes());
     Tensor dyT = at::mm(dT, w2);  // (M, P)
-    // GroupNorm, written into the first P channels of dx; the rest of dx is dx2
-    Tensor dx = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
-    Tensor dx3 = dx.view({B, C, N});
+    // GroupNorm, written into the first P channels of dx
     Tensor dgw_part = at::empty({B, P}, x.options()), dgb_part = at::empty({B, P}, x.options());
     Tensor gwc = gw.to(dt).contiguous();
     Tensor xv = as_bcn(x);
     AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_gn_bwd", [&] {
       gn_backward_token_major<scalar_t>(dyT, xv, P, gwc, gn_mu, gn_r, dx3, dgw_part, dgb_part);
     });
-    dx3.narrow(1, P, C - P).copy_(dx2.view({B, C - P, N}));
     return {dx,
             dgw_part.sum(0).to(gw.scalar_type()),
             dgb_part.sum(0).to(gw.scalar_type()),
@@ -337,7 +369,7 @@ Tensor shsa_region_train(const Tensor& x, const Tensor& gn_weight, const Tensor&
   }
   if (!grad) {
     return region_forward(x, gn_weight, gn_bias, conv_weight, bn_weight, bn_bias, running_mean, running_var,
-                          momentum, gn_eps, bn_eps, pdim, qk_dim, scale)
+                          momentum, gn_eps, bn_eps, pdim, qk_dim, scale, false)
         .out;
   }
   return ShsaRegionTrain::apply(x, gn_weight, gn_bias, conv_weight, bn_weight, bn_bias, running_mean, running_var,

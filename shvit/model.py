@@ -132,6 +132,14 @@ class SHViT(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"SHViT expects a floating-point input, got {x.dtype}")
+        w = next(self.patch_embed.parameters())
+        if x.device != w.device:
+            raise ValueError(f"x is on {x.device} but the model's parameters are on {w.device}: move one to the other")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x is {x.dtype} but the model's parameters are {w.dtype}: convert one to the other "
+                "(or run under torch.autocast)"
+            )
 
     def stages(self) -> list[nn.Sequential]:
         return [self.blocks1, self.blocks2, self.blocks3]

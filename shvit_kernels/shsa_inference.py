@@ -175,6 +175,55 @@ def _(x, weight, bias, pdim, qk_dim, eps):
     return x.new_empty(x.shape)
 
 
+def shsa_infer_backward_torch(
+    grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``shsa_infer`` w.r.t. x, weight, bias, written out in torch ops (the
+    forward is recomputed: the inference op keeps no state). It makes the op differentiable
+    where a graph needs it, e.g. a compiled or exported model after ``fuse()``."""
+    B, C, H, W = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x1 = x[:, :pdim].to(acc).flatten(2)
+    mean = x1.mean(dim=(1, 2), keepdim=True)
+    rstd = torch.rsqrt(x1.var(dim=(1, 2), unbiased=False, keepdim=True) + eps)
+    xh = (x1 - mean) * rstd  # (B, P, N)
+    w, b = weight.to(acc), bias.to(acc)
+    qkv = torch.einsum("oc,bcn->bon", w, xh) + b[:, None]
+    q, k, v = qkv.split([qk_dim, qk_dim, pdim], dim=1)
+    a = (q.transpose(-2, -1) @ k).softmax(dim=-1)  # (B, N, N)
+    o = v @ a.transpose(-2, -1)  # (B, P, N)
+    g = grad.to(acc).flatten(2)
+    g_o = g[:, :pdim] * (o > 0)
+    g_x2 = g[:, pdim:] * (x[:, pdim:].flatten(2) > 0)
+    g_v = g_o @ a
+    g_a = g_o.transpose(-2, -1) @ v
+    g_s = a * (g_a - (g_a * a).sum(dim=-1, keepdim=True))
+    g_q = k @ g_s.transpose(-2, -1)
+    g_k = q @ g_s
+    g_qkv = torch.cat([g_q, g_k, g_v], dim=1)  # (B, CQ, N)
+    g_w = torch.einsum("bon,bcn->oc", g_qkv, xh)
+    g_b = g_qkv.sum(dim=(0, 2))
+    g_xh = torch.einsum("oc,bon->bcn", w, g_qkv)
+    g_x1 = rstd * (g_xh - g_xh.mean(dim=(1, 2), keepdim=True) - xh * (g_xh * xh).mean(dim=(1, 2), keepdim=True))
+    g_x = torch.cat([g_x1, g_x2.to(acc)], dim=1).reshape(B, C, H, W)
+    return g_x.to(x.dtype), g_w.to(weight.dtype), g_b.to(bias.dtype)
+
+
+def _infer_setup_context(ctx, inputs, output):
+    x, weight, bias, pdim, qk_dim, eps = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.args = (pdim, qk_dim, eps)
+
+
+def _infer_backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    gx, gw, gb = shsa_infer_backward_torch(grad, x, weight, bias, *ctx.args)
+    return gx, gw, gb, None, None, None
+
+
+shsa_infer.register_autograd(_infer_backward, setup_context=_infer_setup_context)
+
+
 @torch.no_grad()
 def fold_shsa_weights(gn_weight: Tensor, gn_bias: Tensor, qkv_weight: Tensor, qkv_bias: Tensor, qk_dim: int, scale: float):
     """Fold the GroupNorm affine and the attention scale into a (BN-folded) qkv projection.
@@ -193,7 +242,8 @@ def fold_shsa_weights(gn_weight: Tensor, gn_bias: Tensor, qkv_weight: Tensor, qk
 def shsa_inference(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim: int, eps: float = 1e-5) -> Tensor:
     """ReLU(concat(attention, x2)) of a BN-folded SHSA, from x in one pass.
 
-    The op has no backward: when a gradient is needed the eager composition runs instead.
+    In eager mode with a gradient to compute, the composition runs instead (the op's
+    registered backward recomputes the forward; compiled and exported graphs keep the op).
     """
     check_4d("x", x)
     cq = 2 * qk_dim + pdim
@@ -206,9 +256,12 @@ def shsa_inference(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim: i
     check_same_device(x=x, weight=weight, bias=bias)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
     which = backend.select(x)
-    if needs_grad or which == "torch":  # the op has no backward: differentiate the composition
+    compiling = torch.compiler.is_compiling()
+    if which == "torch" or (needs_grad and not compiling):
+        # eager with a gradient to compute: autograd through the composition (the op's own
+        # backward recomputes it; graphs being compiled or exported keep the op instead)
         return shsa_infer_torch(x, weight, bias, pdim, qk_dim, eps)
-    if which == "cpp" and not torch.compiler.is_compiling():
+    if which == "cpp" and not compiling:
         return torch.ops.shvit_cpp.shsa_infer(x, weight, bias, pdim, qk_dim, float(eps))
     return torch.ops.shvit.shsa_infer(x, weight, bias, pdim, qk_dim, float(eps))
 

@@ -1,73 +1,172 @@
-"""Model throughput by the paper's CPU protocol: batch 16, one thread, eval mode.
+"""Model throughput by the paper's protocols, and a training-step benchmark.
 
-Providers: ``eager`` (the reference model as loaded), ``eager+fuse`` (BatchNorm folded
-with ``model.fuse()``, the paper's setting) and ``fused+fuse`` (``fused=True``: the SHSA
-mixers as fused ops, then ``fuse()``; same weights). Prints a table, writes
-``benchmarks/results/model_cpu.json``.
+Inference (eval mode), providers:
+- ``eager``: the reference model as loaded;
+- ``eager+fuse``: BatchNorm folded with ``model.fuse()`` (the paper's setting);
+- ``compile``: ``torch.compile`` of the ``eager+fuse`` model (its compile time is reported:
+  the first call, with a fresh inductor cache unless ``TORCHINDUCTOR_CACHE_DIR`` is set);
+- ``fused+fuse``: ``fused=True`` (the SHSA mixers as fused ops), then ``fuse()``; same weights.
+Protocols: CPU batch 16, one thread (``--threads``); CUDA batch 256 under float16 autocast.
+224 px, S4 at 256 px.
+
+Training (``--train-variants``; train mode, cross-entropy, one SGD step with momentum per
+call): ``eager`` vs ``fused``.
+
+Prints tables headed by the machine line, writes ``benchmarks/results/model_<device>.json``
+and ``.csv``; a progress bar runs on stderr.
 
     python -m benchmarks.bench_model [--variants shvit_s1 shvit_s4] [--batch 16] [--threads 1]
+    python -m benchmarks.bench_model --device cuda
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
+import pathlib
+import tempfile
+import time
 
 import torch
+import torch.nn.functional as F
 
 import shvit
 import shvit_kernels
-from benchmarks.common import format_table, machine_info, machine_line, time_cpu_interleaved, write_results
+from benchmarks.common import Progress, format_table, machine_info, machine_line, time_cpu_interleaved, write_results
 
 RESOLUTION = {"shvit_s1": 224, "shvit_s2": 224, "shvit_s3": 224, "shvit_s4": 256}
 
 
-def build_providers(variant: str) -> dict[str, torch.nn.Module]:
+def build_providers(variant: str, device: str, compile_: bool) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
-    model = shvit.create_model(variant).eval()
-    fused = shvit.create_model(variant, fused=True).eval()
+    model = shvit.create_model(variant).eval().to(device)
+    fused = shvit.create_model(variant, fused=True).eval().to(device)
     fused.load_state_dict(model.state_dict())
-    return {"eager": model, "eager+fuse": copy.deepcopy(model).fuse(), "fused+fuse": fused.fuse()}
+    providers = {"eager": model, "eager+fuse": copy.deepcopy(model).fuse()}
+    if compile_:
+        providers["compile"] = torch.compile(copy.deepcopy(providers["eager+fuse"]))
+    providers["fused+fuse"] = fused.fuse()
+    return providers
+
+
+def timer(device: str, min_time: float):
+    if device == "cuda":
+        import triton.testing
+
+        def run(fns):
+            return {n: dict(median_s=triton.testing.do_bench(f, warmup=25, rep=int(min_time * 1000),
+                                                             return_mode="median") / 1e3, reps=None)
+                    for n, f in fns.items()}
+
+        return run
+    return lambda fns: time_cpu_interleaved(fns, min_time=min_time)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--variants", nargs="+", default=list(RESOLUTION), choices=list(RESOLUTION))
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--train-variants", nargs="*", default=["shvit_s1"], choices=list(RESOLUTION),
+                   help="variants for the training-step benchmark (none: skip)")
+    p.add_argument("--batch", type=int, default=None, help="default: 16 on CPU, 256 on CUDA")
+    p.add_argument("--train-batch", type=int, default=None, help="default: 16 on CPU, 128 on CUDA")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--min-time", type=float, default=3.0, help="seconds of timing per measurement")
-    p.add_argument("--out", default="model_cpu", help="result file name under benchmarks/results/")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per measurement")
+    p.add_argument("--out", default=None,
+                   help="result name under benchmarks/results/, or a path without suffix (default model_<device>)")
     args = p.parse_args(argv)
+    dev = args.device
+    batch = args.batch or (256 if dev == "cuda" else 16)
+    train_batch = args.train_batch or (128 if dev == "cuda" else 16)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if dev == "cuda" else contextlib.nullcontext()
 
-    torch.set_num_threads(args.threads)
+    if dev == "cpu":
+        torch.set_num_threads(args.threads)
+    if not args.no_compile and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # a fresh inductor cache: the compile time reported is a cold compile
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="shvit-bench-inductor-")
     info = machine_info()
-    info["backend"] = shvit_kernels.backend.select(torch.empty(0))
-    print(machine_line(info), f"fused backend: {info['backend']}", flush=True)
+    info["backend"] = shvit_kernels.backend.select(torch.empty(0, device=dev))
+    info["protocol"] = f"batch {batch}, " + ("float16 autocast" if dev == "cuda" else f"{args.threads} thread(s), float32")
+    print(machine_line(info), f"| fused backend: {info['backend']} | {info['protocol']}", flush=True)
+    run = timer(dev, args.min_time)
+    n_steps = len(args.variants) * (2 if not args.no_compile else 1) + len(args.train_variants)
+    progress = Progress(n_steps)
     rows = []
     for variant in args.variants:
         res = RESOLUTION[variant]
-        x = torch.randn(args.batch, 3, res, res)
-        providers = build_providers(variant)
-        print(f"  {variant} {res}px: {', '.join(providers)} ...", flush=True)
-        with torch.inference_mode():
-            times = time_cpu_interleaved({n: (lambda m=m: m(x)) for n, m in providers.items()}, min_time=args.min_time)
-        base = args.batch / times["eager"]["median_s"]
+        x = torch.randn(batch, 3, res, res, device=dev)
+        providers = build_providers(variant, dev, not args.no_compile)
+        compile_s = None
+        with torch.inference_mode(), autocast:
+            if "compile" in providers:
+                progress.step(f"{variant}: compiling")
+                t0 = time.perf_counter()
+                providers["compile"](x)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                compile_s = time.perf_counter() - t0
+            progress.step(f"{variant} {res}px: timing {', '.join(providers)}")
+            times = run({n: (lambda m=m: m(x)) for n, m in providers.items()})
+        base = batch / times["eager"]["median_s"]
         for name, t in times.items():
-            ips = args.batch / t["median_s"]
-            rows.append(
-                dict(variant=variant, resolution=res, batch=args.batch, threads=args.threads, provider=name,
-                     images_per_s=ips, median_ms=t["median_s"] * 1e3, reps=t["reps"], speedup_vs_eager=ips / base)
-            )
+            ips = batch / t["median_s"]
+            rows.append(dict(kind="inference", variant=variant, resolution=res, batch=batch, device=dev,
+                             threads=args.threads if dev == "cpu" else None, provider=name, images_per_s=ips,
+                             median_ms=t["median_s"] * 1e3, reps=t["reps"], speedup_vs_eager=ips / base,
+                             compile_s=compile_s if name == "compile" else None))
+    for variant in args.train_variants:
+        res = RESOLUTION[variant]
+        progress.step(f"{variant} {res}px: training step, eager vs fused")
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(train_batch, 3, res, res, generator=g).to(dev)
+        y = torch.randint(0, 1000, (train_batch,), generator=g).to(dev)
+        torch.manual_seed(0)
+        ref = shvit.create_model(variant).to(dev).train()
+        fused = shvit.create_model(variant, fused=True).to(dev).train()
+        fused.load_state_dict(ref.state_dict())
+        steps = {}
+        for name, model in (("eager", ref), ("fused", fused)):
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+            def step(model=model, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                with autocast:
+                    loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+
+            steps[name] = step
+        peak = {}
+        if dev == "cuda":
+            for name, fn in steps.items():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                fn()
+                torch.cuda.synchronize()
+                peak[name] = torch.cuda.max_memory_allocated()
+        times = run(steps)
+        base = train_batch / times["eager"]["median_s"]
+        for name, t in times.items():
+            ips = train_batch / t["median_s"]
+            rows.append(dict(kind="train-step", variant=variant, resolution=res, batch=train_batch, device=dev,
+                             threads=args.threads if dev == "cpu" else None, provider=name, images_per_s=ips,
+                             median_ms=t["median_s"] * 1e3, reps=t["reps"], speedup_vs_eager=ips / base,
+                             peak_mem_bytes=peak.get(name)))
+    progress.close()
     print()
-    print(machine_line(info), f"fused backend: {info['backend']}")
-    print(
-        format_table(
-            ["model", "px", "provider", "images/s", "ms/batch", "vs eager"],
-            [[r["variant"], str(r["resolution"]), r["provider"], f"{r['images_per_s']:.1f}",
-              f"{r['median_ms']:.1f}", f"{r['speedup_vs_eager']:.2f}x"] for r in rows],
-        )
-    )
-    path = write_results(args.out, info, rows)
-    print(f"\nwrote {path}")
+    print(machine_line(info), f"| fused backend: {info['backend']} | {info['protocol']}")
+    print(format_table(
+        ["kind", "model", "px", "batch", "provider", "images/s", "ms/batch", "vs eager", "compile s"],
+        [[r["kind"], r["variant"], str(r["resolution"]), str(r["batch"]), r["provider"], f"{r['images_per_s']:.1f}",
+          f"{r['median_ms']:.1f}", f"{r['speedup_vs_eager']:.2f}x",
+          f"{r['compile_s']:.0f}" if r.get("compile_s") else ""] for r in rows],
+    ))
+    out = pathlib.Path(args.out or f"model_{dev}")
+    path = write_results(out.stem, info, rows, out.parent if str(out.parent) != "." else None)
+    print(f"\nwrote {path} (and .csv)")
     return rows
 
 

@@ -1,12 +1,14 @@
 """Shared benchmark plumbing: machine description, CPU timing, result files."""
 from __future__ import annotations
 
+import csv
 import datetime
 import json
 import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -91,11 +93,49 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, 
     }
 
 
-def write_results(name: str, info: dict, rows: list[dict]) -> pathlib.Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_results(name: str, info: dict, rows: list[dict], directory: pathlib.Path | None = None) -> pathlib.Path:
+    """``<name>.json`` (machine + rows) and ``<name>.csv`` (one line per row, machine fields
+    repeated) under ``directory`` (default ``benchmarks/results``); returns the JSON path."""
+    directory = pathlib.Path(directory) if directory is not None else RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps(dict(machine=info, rows=rows), indent=2) + "\n")
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    machine_fields = [f"machine_{k}" for k in info]
+    with open(directory / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields + machine_fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, **{f"machine_{k}": v for k, v in info.items()}})
     return path
+
+
+class Progress:
+    """A one-line progress bar on stderr (``[#####-----] 5/10 label  1m02s``); one line per
+    step when stderr is not a terminal (CI logs)."""
+
+    def __init__(self, total: int, width: int = 24):
+        self.total, self.done, self.width = max(total, 1), 0, width
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        """Announce the step about to run."""
+        filled = int(self.width * self.done / self.total)
+        elapsed = int(time.perf_counter() - self.start)
+        bar = "#" * filled + "-" * (self.width - filled)
+        text = f"[{bar}] {self.done + 1}/{self.total} {label}  {elapsed // 60}m{elapsed % 60:02d}s"
+        if self.tty:
+            sys.stderr.write("\r" + text.ljust(100))
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+        self.done += 1
+
+    def close(self) -> None:
+        elapsed = int(time.perf_counter() - self.start)
+        sys.stderr.write(("\r" if self.tty else "") + f"[{'#' * self.width}] done in {elapsed // 60}m{elapsed % 60:02d}s".ljust(100) + "\n")
+        sys.stderr.flush()
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for an offline CUDA machine with torch and triton preinstalled (no network):
 # installs the package without fetching anything, runs the CUDA tests, times the kernels,
-# and writes env.txt, tests.log, tests.xml, bench.log and shsa_cuda.json under $OUT
-# (default benchmarks/results/gpu). Budget: under 8 minutes.
+# and writes env.txt, tests.log, tests.xml, bench.log, shsa_cuda.{json,csv}, model.log and
+# model_cuda.{json,csv} under $OUT (default benchmarks/results/gpu). Budget: under 9 minutes.
 #
 #     OUT=/tmp/out bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -29,3 +29,8 @@ echo "== kernel benchmarks"
 timeout 180 "$PY" -m benchmarks.bench_shsa --device cuda --dtype float16 --batch 256 --out "$OUT/shsa_cuda.json" > "$OUT/bench.log" 2>&1
 echo "bench exit code $?"
 tail -n 22 "$OUT/bench.log"
+echo "== model throughput (batch 256, float16 autocast) and training step"
+timeout 200 "$PY" -m benchmarks.bench_model --device cuda --variants shvit_s1 shvit_s4 --train-variants shvit_s1 \
+  --min-time 1 --out "$OUT/model_cuda" > "$OUT/model.log" 2>&1
+echo "model bench exit code $?"
+tail -n 14 "$OUT/model.log"

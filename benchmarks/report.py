@@ -26,11 +26,12 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 def model_table(data: dict) -> str:
     rows = [
-        [r["variant"], str(r["resolution"]), r["provider"], f"{r['images_per_s']:.1f}", f"{r['median_ms']:.1f}",
-         f"{r['speedup_vs_eager']:.2f}×"]
+        [r.get("kind", "inference"), r["variant"], str(r["resolution"]), str(r["batch"]), r["provider"],
+         f"{r['images_per_s']:.1f}", f"{r['median_ms']:.1f}", f"{r['speedup_vs_eager']:.2f}×",
+         f"{r['compile_s']:.0f}" if r.get("compile_s") else ""]
         for r in data["rows"]
     ]
-    return _table(["model", "px", "provider", "images/s", "ms / batch", "vs eager"], rows)
+    return _table(["kind", "model", "px", "batch", "provider", "images/s", "ms / batch", "vs eager", "compile s"], rows)
 
 
 def shsa_table(data: dict) -> str:
@@ -43,7 +44,7 @@ def shsa_table(data: dict) -> str:
     return _table(["case", "dim/pdim", "N", "mode", "eager ms", "fused ms", "speedup"], rows)
 
 
-RENDER = {"model_cpu": model_table, "shsa_cpu": shsa_table, "shsa_cuda": shsa_table}
+RENDER = {"model_cpu": model_table, "model_cuda": model_table, "shsa_cpu": shsa_table, "shsa_cuda": shsa_table}
 
 
 def render(name: str) -> str:
@@ -52,6 +53,8 @@ def render(name: str) -> str:
     head = f"Machine: {machine_line(info)}"
     if "backend" in info:
         head += f"; fused backend: {info['backend']}"
+    if "protocol" in info:
+        head += f"; {info['protocol']}"
     batch = {r.get("batch") for r in data["rows"]}
     head += f"; batch {', '.join(str(b) for b in sorted(batch))}."
     return head + "\n\n" + RENDER[name](data)

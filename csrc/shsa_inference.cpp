@@ -35,6 +35,47 @@ void normalize_token_major(const Tensor& x, int64_t pdim, double eps, Tensor& xh
 }  // namespace
 
 namespace {
+// xhT[r, c] = (x[r, c] - mean_b) * rstd_b for the first pdim entries of each token row of a
+// token-major (channels_last) x viewed as (B*N, C) with row stride C.
+template <typename scalar_t, typename acc_t>
+void normalize_rows(const scalar_t* px, int64_t B, int64_t N, int64_t C, int64_t pdim, double eps, acc_t* py) {
+  const double inv_cnt = 1.0 / static_cast<double>(pdim * N);
+  parallel_rows(B, 1, [&](int64_t b) {
+    const scalar_t* xb = px + b * N * C;
+    double sum = 0;
+    for (int64_t n = 0; n < N; ++n) sum += row_sum<scalar_t, acc_t>(xb + n * C, pdim);
+    const acc_t mu = static_cast<acc_t>(sum * inv_cnt);
+    double sq = 0;
+    for (int64_t n = 0; n < N; ++n) sq += row_sq_dev<scalar_t, acc_t>(xb + n * C, pdim, mu);
+    const acc_t r = static_cast<acc_t>(1.0 / std::sqrt(sq * inv_cnt + eps));
+    acc_t* yb = py + b * N * pdim;
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* xr = xb + n * C;
+      acc_t* yr = yb + n * pdim;
+      for (int64_t c = 0; c < pdim; ++c) yr[c] = (static_cast<acc_t>(xr[c]) - mu) * r;
+    }
+  });
+}
+
+// qkvT = xhT @ weight^T + bias over all B*N tokens (one GEMM), as (B, N, CQ).
+Tensor qkv_gemm(const Tensor& xhT, const Tensor& weight, const Tensor& bias, int64_t B, int64_t N) {
+  const auto acc = xhT.scalar_type();
+  Tensor qkvT = at::mm(xhT, weight.to(acc).t());
+  Tensor b = bias.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "shsa_infer_bias", [&] {
+    add_row_bias(qkvT.data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), qkvT.size(0), qkvT.size(1));
+  });
+  return qkvT.view({B, N, qkvT.size(1)});
+}
+
+void check_qkv_weights(const Tensor& weight, const Tensor& bias, int64_t C, int64_t pdim, int64_t qk_dim) {
+  const int64_t CQ = 2 * qk_dim + pdim;
+  TORCH_CHECK(pdim > 0 && pdim < C, "pdim must be in 1..", C - 1, ", got ", pdim);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == CQ && weight.size(1) == pdim, "weight must be (", CQ, ", ",
+              pdim, "), got ", weight.sizes());
+  TORCH_CHECK(bias.numel() == CQ, "bias must have ", CQ, " elements, got ", bias.numel());
+}
+
 // Checks x and the folded qkv projection; returns q, k, v of every token as one
 // token-major (B, N, 2*qk_dim + pdim) GEMM result in the accumulation dtype, and x's
 // (B, C, N) view. The GroupNorm affine, BatchNorm and attention scale are in the weight.
@@ -53,12 +94,7 @@ std::pair<Tensor, Tensor> project_qkv(const Tensor& x, const Tensor& weight, con
     normalize_token_major<scalar_t, at::opmath_type<scalar_t>>(xv, pdim, eps, xhT);
   });
   // one GEMM for every token of the batch: (B*N, pdim) @ (pdim, CQ) + bias
-  Tensor qkvT = at::mm(xhT, weight.to(acc).t());
-  Tensor b = bias.to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(acc, "shsa_infer_bias", [&] {
-    add_row_bias(qkvT.data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), B * N, CQ);
-  });
-  return {qkvT.view({B, N, CQ}), xv};
+  return {qkv_gemm(xhT, weight, bias, B, N), xv};
 }
 }  // namespace
 
@@ -124,10 +160,24 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
   TORCH_CHECK(w_proj.dim() == 2 && w_proj.size(0) == C && w_proj.size(1) == C, "w_proj must be (", C, ", ", C,
               "), got ", w_proj.sizes());
   TORCH_CHECK(b_proj.numel() == C, "b_proj must have ", C, " elements, got ", b_proj.numel());
-  Tensor out = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  // channels_last input is token-major already: no transposes, and the output keeps its layout
+  const bool token_major = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  Tensor out = at::empty({B, C, H, W}, x.options().memory_format(token_major ? at::MemoryFormat::ChannelsLast
+                                                                             : at::MemoryFormat::Contiguous));
   if (B == 0 || N == 0) return out;
   const auto acc = acc_type(x.scalar_type());
-  auto [qkvT, xv] = project_qkv(x, w_qkv, b_qkv, pdim, qk_dim, eps);
+  Tensor qkvT, xv;
+  if (token_major) {
+    check_qkv_weights(w_qkv, b_qkv, C, pdim, qk_dim);
+    Tensor xhT = at::empty({B * N, pdim}, x.options().dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "shsa_block_norm_tm", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      normalize_rows<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), B, N, C, pdim, eps, xhT.data_ptr<acc_t>());
+    });
+    qkvT = qkv_gemm(xhT, w_qkv, b_qkv, B, N);
+  } else {
+    std::tie(qkvT, xv) = project_qkv(x, w_qkv, b_qkv, pdim, qk_dim, eps);
+  }
   Tensor qT = qkvT.narrow(2, 0, qk_dim);
   Tensor k = qkvT.narrow(2, qk_dim, qk_dim).transpose(1, 2);  // (B, QK, N)
   Tensor vT = qkvT.narrow(2, 2 * qk_dim, pdim);               // (B, N, PD)
@@ -150,14 +200,40 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "shsa_block_x2", [&] {
       using in_t = scalar_t;
       using acc_t = at::opmath_type<in_t>;
-      relu_transpose_into<in_t, acc_t>(xv.narrow(1, pdim, C - pdim), zT.data_ptr<acc_t>(), C, pdim);
+      if (token_major) {
+        const in_t* px = x.const_data_ptr<in_t>();
+        acc_t* pzz = zT.data_ptr<acc_t>();
+        parallel_rows(B * N, 64, [&](int64_t r) {
+          const in_t* xr = px + r * C;
+          acc_t* zr = pzz + r * C;
+          for (int64_t c = pdim; c < C; ++c) {
+            const acc_t v = static_cast<acc_t>(xr[c]);
+            zr[c] = v > acc_t(0) ? v : acc_t(0);
+          }
+        });
+      } else {
+        relu_transpose_into<in_t, acc_t>(xv.narrow(1, pdim, C - pdim), zT.data_ptr<acc_t>(), C, pdim);
+      }
     });
   });
   Tensor yT = at::mm(zT.view({B * N, C}), w_proj.to(acc).t());  // (B*N, C), bias added below
   Tensor bp = b_proj.to(acc).contiguous();
-  Tensor out3 = out.view({B, C, N});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "shsa_block_residual", [&] {
-    residual_add_transposed<scalar_t, at::opmath_type<scalar_t>>(xv, yT, bp, out3);
+    using acc_t = at::opmath_type<scalar_t>;
+    if (token_major) {  // out[r, c] = x[r, c] + yT[r, c] + bias[c], all rows contiguous
+      const scalar_t* px = x.const_data_ptr<scalar_t>();
+      const acc_t* py = yT.const_data_ptr<acc_t>();
+      const acc_t* pb = bp.const_data_ptr<acc_t>();
+      scalar_t* po = out.data_ptr<scalar_t>();
+      parallel_rows(B * N, 64, [&](int64_t r) {
+        for (int64_t c = 0; c < C; ++c) {
+          po[r * C + c] = static_cast<scalar_t>(static_cast<acc_t>(px[r * C + c]) + py[r * C + c] + pb[c]);
+        }
+      });
+    } else {
+      Tensor out3 = out.view({B, C, N});
+      residual_add_transposed<scalar_t, acc_t>(xv, yT, bp, out3);
+    }
   });
   return out;
 }

@@ -146,6 +146,8 @@ class SHViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self._use_channels_last(x):
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(x)
         x = self.blocks1(x)
         x = self.blocks2(x)
@@ -218,7 +220,15 @@ class SHViT(nn.Module):
         """
         for name, child in self.named_children():
             setattr(self, name, fuse_modules(child))
+        if self.fused:
+            # CPU inference of the folded fused model runs channels_last (token-major): oneDNN's
+            # NHWC convolutions are faster here, and the SHSA block op then needs no transposes
+            self.to(memory_format=torch.channels_last)
+            self._folded_fused = True
         return self
+
+    def _use_channels_last(self, x: torch.Tensor) -> bool:
+        return getattr(self, "_folded_fused", False) and x.device.type == "cpu" and not self.training
 
 
 VARIANTS: dict[str, dict[str, Any]] = {

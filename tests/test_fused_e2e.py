@@ -259,3 +259,19 @@ def test_ddp_two_processes_one_step_matches_reference(sync_bn, tmp_path):
             assert_rel_close(res["fused"][name], p, 1e-5, f"rank {r}: {name}")
     for name, p in ranks[0]["fused"].items():  # gradients were averaged: ranks agree
         assert_rel_close(ranks[1]["fused"][name], p, 1e-6, f"rank 1 vs rank 0: {name}")
+
+
+def test_folded_fused_model_runs_channels_last_on_cpu(monkeypatch):
+    """After fuse(), the fused model runs CPU inference channels_last (token-major SHSA block
+    op, NHWC convolutions): same logits, channels_last features; training is unaffected."""
+    use_backend(monkeypatch, "cpp", "cpu")
+    cfg = load_golden("tiny_b")["config"]
+    ref, fused = _pair(cfg, seed=5)
+    ref.eval()
+    fused = fused.eval().fuse()
+    x, _ = _batch(3, 11, cfg["num_classes"])
+    with torch.no_grad():
+        feats = fused.forward_features(x)
+        assert feats.is_contiguous(memory_format=torch.channels_last)
+        assert_rel_close(fused(x), ref(x), 1e-4, "channels_last folded fused model")
+        assert_rel_close(fused.forward_features(x), ref.forward_features(x), 1e-4, "features")

@@ -81,6 +81,19 @@ inline A row_sq_dev(const T* x, int64_t n, A mu) {
   return s;
 }
 
+// Mean and biased variance of `rows` rows of `len` elements (row i at x + i * stride): two
+// passes (no cancellation), per-row sums in A, across rows in double.
+template <typename T, typename A>
+inline std::pair<A, double> rows_moments(const T* x, int64_t rows, int64_t stride, int64_t len) {
+  const double inv_cnt = 1.0 / static_cast<double>(rows * len);
+  double sum = 0;
+  for (int64_t i = 0; i < rows; ++i) sum += row_sum<T, A>(x + i * stride, len);
+  const A mu = static_cast<A>(sum * inv_cnt);
+  double sq = 0;
+  for (int64_t i = 0; i < rows; ++i) sq += row_sq_dev<T, A>(x + i * stride, len, mu);
+  return {mu, sq * inv_cnt};
+}
+
 // (sum(g * (x - mu)), sum(g))
 template <typename T, typename A>
 inline std::pair<A, A> row_dot_sum(const T* g, const T* x, int64_t n, A mu) {

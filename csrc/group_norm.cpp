@@ -21,15 +21,12 @@ void gn_fwd_impl(const Tensor& x, const Tensor& w, const Tensor& b, double eps, 
   scalar_t* py = y.data_ptr<scalar_t>();
   acc_t* pm = mean.data_ptr<acc_t>();
   acc_t* pr = rstd.data_ptr<acc_t>();
-  const double inv_cnt = 1.0 / static_cast<double>(C * N);
   parallel_rows(B, 1, [&](int64_t i) {
     const scalar_t* xb = px + i * sb;
-    double sum = 0;  // per-row sums in acc_t, across rows in double
-    for (int64_t c = 0; c < C; ++c) sum += row_sum<scalar_t, acc_t>(xb + c * sc, N);
-    const acc_t mu = static_cast<acc_t>(sum * inv_cnt);
-    double sq = 0;  // two-pass variance: no cancellation
-    for (int64_t c = 0; c < C; ++c) sq += row_sq_dev<scalar_t, acc_t>(xb + c * sc, N, mu);
-    const acc_t r = static_cast<acc_t>(1.0 / std::sqrt(sq * inv_cnt + eps));
+    const auto mom = rows_moments<scalar_t, acc_t>(xb, C, sc, N);
+    const acc_t mu = mom.first;
+    const double var = mom.second;
+    const acc_t r = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
     pm[i] = mu;
     pr[i] = r;
     scalar_t* yb = py + i * C * N;

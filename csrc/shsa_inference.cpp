@@ -17,15 +17,12 @@ void normalize_token_major(const Tensor& x, int64_t pdim, double eps, Tensor& xh
   const int64_t sb = x.stride(0), sc = x.stride(1);
   const scalar_t* px = x.const_data_ptr<scalar_t>();
   acc_t* py = xhT.data_ptr<acc_t>();
-  const double inv_cnt = 1.0 / static_cast<double>(pdim * N);
   parallel_rows(B, 1, [&](int64_t b) {
     const scalar_t* xb = px + b * sb;
-    double sum = 0;
-    for (int64_t c = 0; c < pdim; ++c) sum += row_sum<scalar_t, acc_t>(xb + c * sc, N);
-    const acc_t mu = static_cast<acc_t>(sum * inv_cnt);
-    double sq = 0;
-    for (int64_t c = 0; c < pdim; ++c) sq += row_sq_dev<scalar_t, acc_t>(xb + c * sc, N, mu);
-    const acc_t r = static_cast<acc_t>(1.0 / std::sqrt(sq * inv_cnt + eps));
+    const auto mom = rows_moments<scalar_t, acc_t>(xb, pdim, sc, N);
+    const acc_t mu = mom.first;
+    const double var = mom.second;
+    const acc_t r = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
     acc_t* yb = py + b * N * pdim;
     // channel-major (pdim, N) rows of x -> token-major (N, pdim)
     transpose_map(xb, sc, yb, pdim, pdim, N,
@@ -39,15 +36,12 @@ namespace {
 // token-major (channels_last) x viewed as (B*N, C) with row stride C.
 template <typename scalar_t, typename acc_t>
 void normalize_rows(const scalar_t* px, int64_t B, int64_t N, int64_t C, int64_t pdim, double eps, acc_t* py) {
-  const double inv_cnt = 1.0 / static_cast<double>(pdim * N);
   parallel_rows(B, 1, [&](int64_t b) {
     const scalar_t* xb = px + b * N * C;
-    double sum = 0;
-    for (int64_t n = 0; n < N; ++n) sum += row_sum<scalar_t, acc_t>(xb + n * C, pdim);
-    const acc_t mu = static_cast<acc_t>(sum * inv_cnt);
-    double sq = 0;
-    for (int64_t n = 0; n < N; ++n) sq += row_sq_dev<scalar_t, acc_t>(xb + n * C, pdim, mu);
-    const acc_t r = static_cast<acc_t>(1.0 / std::sqrt(sq * inv_cnt + eps));
+    const auto mom = rows_moments<scalar_t, acc_t>(xb, N, C, pdim);
+    const acc_t mu = mom.first;
+    const double var = mom.second;
+    const acc_t r = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
     acc_t* yb = py + b * N * pdim;
     for (int64_t n = 0; n < N; ++n) {
       const scalar_t* xr = xb + n * C;
@@ -82,11 +76,7 @@ void check_qkv_weights(const Tensor& weight, const Tensor& bias, int64_t C, int6
 std::pair<Tensor, Tensor> project_qkv(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t pdim,
                                       int64_t qk_dim, double eps) {
   const int64_t B = x.size(0), C = x.size(1), N = x.size(2) * x.size(3);
-  const int64_t CQ = 2 * qk_dim + pdim;
-  TORCH_CHECK(pdim > 0 && pdim < C, "pdim must be in 1..", C - 1, ", got ", pdim);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == CQ && weight.size(1) == pdim, "weight must be (", CQ, ", ",
-              pdim, "), got ", weight.sizes());
-  TORCH_CHECK(bias.numel() == CQ, "bias must have ", CQ, " elements, got ", bias.numel());
+  check_qkv_weights(weight, bias, C, pdim, qk_dim);
   const auto acc = acc_type(x.scalar_type());
   Tensor xv = as_bcn(x);
   Tensor xhT = at::empty({B * N, pdim}, x.options().dtype(acc));

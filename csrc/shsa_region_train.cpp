@@ -42,15 +42,12 @@ void gn_token_major(const Tensor& xv, int64_t P, double eps, const Tensor& gw, c
   scalar_t* py = yT.data_ptr<scalar_t>();
   scalar_t* pmu = mu_t.data_ptr<scalar_t>();
   scalar_t* pr = r_t.data_ptr<scalar_t>();
-  const double inv_cnt = 1.0 / static_cast<double>(P * N);
   parallel_rows(B, 1, [&](int64_t b) {
     const scalar_t* xb = px + b * sb;
-    double sum = 0;
-    for (int64_t c = 0; c < P; ++c) sum += row_sum<scalar_t, scalar_t>(xb + c * sc, N);
-    const scalar_t mu = static_cast<scalar_t>(sum * inv_cnt);
-    double sq = 0;
-    for (int64_t c = 0; c < P; ++c) sq += row_sq_dev<scalar_t, scalar_t>(xb + c * sc, N, mu);
-    const scalar_t r = static_cast<scalar_t>(1.0 / std::sqrt(sq * inv_cnt + eps));
+    const auto mom = rows_moments<scalar_t, scalar_t>(xb, P, sc, N);
+    const scalar_t mu = mom.first;
+    const double var = mom.second;
+    const scalar_t r = static_cast<scalar_t>(1.0 / std::sqrt(var + eps));
     pmu[b] = mu;
     pr[b] = r;
     scalar_t* yb = py + b * N * P;
@@ -83,12 +80,10 @@ void bn_train_forward(const Tensor& zT, int64_t B, const Tensor& bw, const Tenso
   const scalar_t* pbb = bb.const_data_ptr<scalar_t>();
   at::parallel_for(0, CQ, 8, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      double sum = 0;
-      for (int64_t b = 0; b < B; ++b) sum += row_sum<scalar_t, scalar_t>(ph + (b * CQ + c) * N, N);
-      const scalar_t mu = static_cast<scalar_t>(sum / M);
-      double sq = 0;
-      for (int64_t b = 0; b < B; ++b) sq += row_sq_dev<scalar_t, scalar_t>(ph + (b * CQ + c) * N, N, mu);
-      const double var = sq / M;
+      // channel c of every image: B rows of N, CQ * N apart
+      const auto mom = rows_moments<scalar_t, scalar_t>(ph + c * N, B, CQ * N, N);
+      const scalar_t mu = mom.first;
+      const double var = mom.second;
       const scalar_t inv = static_cast<scalar_t>(1.0 / std::sqrt(var + eps));
       pmean[c] = mu;
       pvar[c] = static_cast<scalar_t>(var);

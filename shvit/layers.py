@@ -25,6 +25,10 @@ __all__ = [
     "SHSAInference",
     "BasicBlock",
     "fuse_modules",
+    "ConvAct",
+    "FFNInference",
+    "PatchMergingInference",
+    "fold_fused_inference",
 ]
 
 
@@ -329,3 +333,75 @@ def fuse_modules(module: nn.Module) -> nn.Module:
         if new is not child:
             setattr(module, name, new)
     return module
+
+
+class ConvAct(nn.Module):
+    """A BN-folded Conv2d with an optional ReLU, one fused op on CPU (``shvit_kernels.conv_act``)."""
+
+    def __init__(self, conv: nn.Conv2d, relu: bool = False):
+        super().__init__()
+        self.conv = conv
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return shvit_kernels.conv_act(x, self.conv, self.relu)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
+
+
+class FFNInference(nn.Module):
+    """A BN-folded residual FFN, ``x + pw2(relu(pw1(x)))``: one op on CPU (``shvit_kernels.ffn_block``)."""
+
+    def __init__(self, pw1: nn.Conv2d, pw2: nn.Conv2d):
+        super().__init__()
+        self.pw1, self.pw2 = pw1, pw2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return shvit_kernels.ffn_block(x, self.pw1.weight, self.pw1.bias, self.pw2.weight, self.pw2.bias)
+
+
+class PatchMergingInference(nn.Module):
+    """A BN-folded PatchMerging with its ReLUs fused into the convolutions."""
+
+    def __init__(self, pm: PatchMerging):
+        super().__init__()
+        self.conv1 = ConvAct(pm.conv1, relu=True)
+        self.conv2 = ConvAct(pm.conv2, relu=True)
+        self.se = pm.se
+        self.conv3 = ConvAct(pm.conv3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.se(self.conv2(self.conv1(x))))
+
+
+@torch.no_grad()
+def fold_fused_inference(module: nn.Module) -> nn.Module:
+    """After ``fuse_modules``, put the fused-epilogue modules of a ``fused=True`` model in place:
+    residual FFNs -> ``FFNInference``, PatchMerging -> ``PatchMergingInference``, Conv2d (+ ReLU)
+    -> ``ConvAct`` (the ReLU that followed it in a Sequential becomes an Identity). Same
+    parameters and outputs; on CPU float32 inference each runs as one fused op."""
+    if isinstance(module, Residual) and isinstance(module.m, FFN) and _folded(module.m.pw1, module.m.pw2):
+        return FFNInference(module.m.pw1, module.m.pw2)
+    if isinstance(module, PatchMerging) and _folded(module.conv1, module.conv2, module.conv3):
+        return PatchMergingInference(module)
+    if isinstance(module, nn.Conv2d) and module.bias is not None:
+        return ConvAct(module)
+    if isinstance(module, (SqueezeExcite, SHSAInference, ConvAct, FFNInference, PatchMergingInference)):
+        return module
+    children = list(module.named_children())
+    for i, (name, child) in enumerate(children):
+        nxt = children[i + 1][1] if i + 1 < len(children) else None
+        if isinstance(module, nn.Sequential) and isinstance(child, nn.Conv2d) and isinstance(nxt, nn.ReLU):
+            setattr(module, name, ConvAct(child, relu=True))
+            setattr(module, children[i + 1][0], nn.Identity())
+            children[i + 1] = (children[i + 1][0], nn.Identity())
+            continue
+        new = fold_fused_inference(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def _folded(*convs: nn.Module) -> bool:
+    return all(isinstance(c, nn.Conv2d) and c.bias is not None for c in convs)

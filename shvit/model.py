@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import timm_to_official
-from .layers import FFN, BasicBlock, BN_Linear, Conv2d_BN, PatchMerging, Residual, fuse_modules
+from .layers import FFN, BasicBlock, BN_Linear, Conv2d_BN, PatchMerging, Residual, fold_fused_inference, fuse_modules
 
 __all__ = ["SHViT", "VARIANTS", "shvit_s1", "shvit_s2", "shvit_s3", "shvit_s4", "create_model"]
 
@@ -221,8 +221,11 @@ class SHViT(nn.Module):
         for name, child in self.named_children():
             setattr(self, name, fuse_modules(child))
         if self.fused:
-            # CPU inference of the folded fused model runs channels_last (token-major): oneDNN's
-            # NHWC convolutions are faster here, and the SHSA block op then needs no transposes
+            # CPU inference of the folded fused model runs channels_last (token-major): the 1x1
+            # convs are GEMMs with fused bias/ReLU/residual epilogues (FFNs one op each), the
+            # others oneDNN NHWC convs with the ReLU fused, and the SHSA block op needs no transposes
+            for name, child in self.named_children():
+                setattr(self, name, fold_fused_inference(child))
             self.to(memory_format=torch.channels_last)
             self._folded_fused = True
         return self

@@ -3,10 +3,13 @@
 Ops (``torch.library``, namespace ``shvit``): ``gn_partial_fwd`` / ``gn_partial_bwd``,
 ``shsa_attn_fwd`` / ``shsa_attn_bwd`` and ``shsa_infer``. CUDA tensors run Triton kernels;
 CPU tensors run the C++ kernels when built, else the eager composition; see
-``shvit_kernels.backend`` for ``SHVIT_KERNELS_BACKEND``.
+``shvit_kernels.backend`` for ``SHVIT_KERNELS_BACKEND``. For the rest of a BN-folded network
+on CPU: ``conv1x1`` / ``ffn_block`` / ``conv_act`` (convolutions with fused epilogues, see
+``shvit_kernels.pointwise``).
 """
 from . import backend
 from .group_norm import group_norm_partial
+from .pointwise import conv1x1, conv_act, ffn_block
 from .shsa_attention import shsa_attention
 from .shsa_inference import ONE_PASS_MAX_N, fold_shsa_weights, shsa_block_inference, shsa_inference
 
@@ -18,4 +21,7 @@ __all__ = [
     "shsa_block_inference",
     "fold_shsa_weights",
     "ONE_PASS_MAX_N",
+    "conv1x1",
+    "conv_act",
+    "ffn_block",
 ]

@@ -1,0 +1,147 @@
+// 1x1 convolutions of the BN-folded network as token-major GEMMs with fused epilogues
+// (CPU kernels of shvit_cpp::pw_conv and shvit_cpp::ffn_block; see shvit_kernels/pointwise.py).
+//
+// Activations are channels_last float32 tensors, i.e. (B*H*W, C) row-major token rows; the
+// weights are packed once by shvit_cpp::pack_weight (gemm.h). Rows are split across threads.
+#include <torch/library.h>
+
+#include "common.h"
+#include "gemm.h"
+
+namespace shvit_cpu {
+
+namespace {
+
+// FFN rows per tile: the hidden tile (rows x 2C floats) stays in L2 between its two GEMMs.
+constexpr int64_t kFfnRows = 96;
+
+void require_gemm() {
+  TORCH_CHECK(shvit_gemm::available(),
+              "shvit_cpp: the packed GEMM needs an x86-64 CPU with AVX2 and FMA (use the torch path elsewhere)");
+}
+
+void check_act(const Tensor& x, const char* name, int64_t channels) {
+  check_input(x, name);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, name, " must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), name,
+              " must be channels_last (token-major), got strides ", x.strides());
+  TORCH_CHECK(channels < 0 || x.size(1) == channels, name, " must have ", channels, " channels, got ", x.size(1));
+}
+
+// wp: the packed form of an (n, k) weight; bias (n,) float32.
+void check_packed(const Tensor& wp, const Tensor& bias, int64_t k, const char* name) {
+  TORCH_CHECK(bias.dim() == 1 && bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.device().is_cpu(),
+              name, ": bias must be a contiguous float32 CPU vector, got ", bias.sizes(), " ", bias.scalar_type());
+  const int64_t n = bias.size(0);
+  TORCH_CHECK(wp.dim() == 3 && wp.scalar_type() == at::kFloat && wp.is_contiguous() && wp.device().is_cpu() &&
+                  wp.size(0) == (n + shvit_gemm::kPanel - 1) / shvit_gemm::kPanel && wp.size(1) == k &&
+                  wp.size(2) == shvit_gemm::kPanel,
+              name, ": expected a weight packed by shvit_cpp::pack_weight for ", n, " outputs and ", k,
+              " inputs, got ", wp.sizes(), " ", wp.scalar_type());
+}
+
+Tensor empty_cl(const Tensor& x, int64_t channels) {
+  return at::empty({x.size(0), channels, x.size(2), x.size(3)},
+                   x.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+}  // namespace
+
+bool gemm_available() { return shvit_gemm::available(); }
+
+Tensor pack_weight(const Tensor& w) {
+  require_gemm();
+  TORCH_CHECK(w.device().is_cpu() && at::isFloatingType(w.scalar_type()), "w must be a floating-point CPU tensor");
+  TORCH_CHECK(w.dim() == 2 || (w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1),
+              "w must be (out, in) or a 1x1 conv weight (out, in, 1, 1), got ", w.sizes());
+  const Tensor w2 = w.reshape({w.size(0), w.size(1)}).to(at::kFloat).contiguous();
+  const int64_t n = w2.size(0), k = w2.size(1);
+  Tensor out = at::empty({(n + shvit_gemm::kPanel - 1) / shvit_gemm::kPanel, k, shvit_gemm::kPanel},
+                         w2.options());
+  shvit_gemm::pack_weight(w2.const_data_ptr<float>(), n, k, k, out.data_ptr<float>());
+  return out;
+}
+
+// relu?(conv1x1(x) + bias + residual)
+Tensor pw_conv(const Tensor& x, const Tensor& w_packed, const Tensor& bias, bool relu,
+               const std::optional<Tensor>& residual) {
+  require_gemm();
+  check_act(x, "x", -1);
+  const int64_t k = x.size(1);
+  check_packed(w_packed, bias, k, "pw_conv");
+  const int64_t n = bias.size(0);
+  if (residual.has_value()) {
+    check_act(*residual, "residual", n);
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef({x.size(0), n, x.size(2), x.size(3)}),
+                "residual must be (", x.size(0), ", ", n, ", ", x.size(2), ", ", x.size(3), "), got ",
+                residual->sizes());
+  }
+  Tensor out = empty_cl(x, n);
+  const int64_t m = x.size(0) * x.size(2) * x.size(3);
+  if (m == 0) return out;
+  const float* px = x.const_data_ptr<float>();
+  const float* pw = w_packed.const_data_ptr<float>();
+  const float* pres = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
+  float* po = out.data_ptr<float>();
+  shvit_gemm::Epilogue epi;
+  epi.bias = bias.const_data_ptr<float>();
+  epi.relu = relu;
+  epi.ldr = n;
+  at::parallel_for(0, m, 48, [&](int64_t r0, int64_t r1) {
+    shvit_gemm::Epilogue e = epi;
+    e.residual = pres ? pres + r0 * n : nullptr;
+    shvit_gemm::gemm_packed(r1 - r0, n, k, px + r0 * k, k, pw, po + r0 * n, n, e);
+  });
+  return out;
+}
+
+// x + conv1x1_2(relu(conv1x1_1(x) + b1)) + b2, tile by tile (the hidden activation never
+// leaves the cache).
+Tensor ffn_block(const Tensor& x, const Tensor& w1_packed, const Tensor& b1, const Tensor& w2_packed,
+                 const Tensor& b2) {
+  require_gemm();
+  check_act(x, "x", -1);
+  const int64_t c = x.size(1);
+  check_packed(w1_packed, b1, c, "ffn_block (first conv)");
+  const int64_t h = b1.size(0);
+  check_packed(w2_packed, b2, h, "ffn_block (second conv)");
+  TORCH_CHECK(b2.size(0) == c, "ffn_block: the second conv must map back to ", c, " channels, got ", b2.size(0));
+  Tensor out = empty_cl(x, c);
+  const int64_t m = x.size(0) * x.size(2) * x.size(3);
+  if (m == 0) return out;
+  const float* px = x.const_data_ptr<float>();
+  const float* pw1 = w1_packed.const_data_ptr<float>();
+  const float* pw2 = w2_packed.const_data_ptr<float>();
+  const float* pb1 = b1.const_data_ptr<float>();
+  const float* pb2 = b2.const_data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const int64_t tiles = (m + kFfnRows - 1) / kFfnRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> hidden(static_cast<size_t>(kFfnRows * h));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * kFfnRows, rows = std::min(kFfnRows, m - r0);
+      shvit_gemm::Epilogue e1;
+      e1.bias = pb1;
+      e1.relu = true;
+      shvit_gemm::gemm_packed(rows, h, c, px + r0 * c, c, pw1, hidden.data(), h, e1);
+      shvit_gemm::Epilogue e2;
+      e2.bias = pb2;
+      e2.residual = px + r0 * c;
+      e2.ldr = c;
+      shvit_gemm::gemm_packed(rows, c, h, hidden.data(), h, pw2, po + r0 * c, c, e2);
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) {
+  m.impl("pack_weight", &pack_weight);
+  m.impl("pw_conv", &pw_conv);
+  m.impl("ffn_block", &ffn_block);
+}
+
+TORCH_LIBRARY_FRAGMENT(shvit_cpp, m) {
+  m.def("gemm_available() -> bool", &gemm_available);
+}
+
+}  // namespace shvit_cpu

@@ -1,0 +1,40 @@
+// A float32 GEMM for token-major (channels_last) activations times a pre-packed weight, with
+// the epilogues of SHViT's 1x1 convolutions fused: bias, ReLU, residual add.
+//
+//   C[m, n] = relu?( sum_k A[m, k] * W[n, k] + bias[n] + residual[m, n] )
+//
+// W (N, K) -- a 1x1 conv weight -- is packed once into panels of 16 output channels,
+// K x 16 contiguous floats each (zero past N), so the inner kernel streams one panel from L1
+// while six rows of A are broadcast. Single-threaded; callers split the rows across threads.
+// Runs on x86-64 CPUs with AVX2 and FMA (checked at run time); elsewhere available() is false
+// and the callers use ATen's GEMMs.
+#pragma once
+
+#include <cstdint>
+
+namespace shvit_gemm {
+
+constexpr int64_t kPanel = 16;
+
+struct Epilogue {
+  const float* bias = nullptr;      // (N,) or null
+  const float* residual = nullptr;  // (M, N) with row stride ldr, or null
+  bool relu = false;                // applied last, to the whole sum
+  int64_t ldr = 0;
+};
+
+// Whether this CPU runs the kernel (AVX2 + FMA).
+bool available();
+
+// Floats in the packed form of an (n, k) weight.
+inline int64_t packed_size(int64_t n, int64_t k) { return (n + kPanel - 1) / kPanel * kPanel * k; }
+
+// out[(p * k + kk) * 16 + j] = w[(p * 16 + j) * ldw + kk], zero for p * 16 + j >= n.
+void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* out);
+
+// C (m, n; row stride ldc) = epi(A (m, k; row stride lda) @ W^T), W packed by pack_weight.
+// C may alias the residual (same pointer and stride: an in-place residual add) but not A.
+void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
+                 int64_t ldc, const Epilogue& epi);
+
+}  // namespace shvit_gemm

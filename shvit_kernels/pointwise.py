@@ -1,0 +1,125 @@
+"""The convolutions around the mixer of a BN-folded model, with their activations fused.
+
+``conv1x1`` (bias, ReLU, residual add in the GEMM's epilogue), ``ffn_block`` (the whole
+residual FFN ``x + pw2(relu(pw1(x)))``, tile by tile so the hidden activation stays in
+cache) and ``conv_act`` (any conv with an optional fused ReLU).
+
+On CPU, for float32 inputs without a gradient to compute, on the ``cpp`` backend and outside
+``torch.compile``/``torch.export``, the 1x1 convolutions run as token-major GEMMs of
+``shvit_kernels._C`` on channels_last tensors (x86-64 with AVX2 and FMA), and the other
+convolutions as oneDNN convolutions with the ReLU fused (``torch.ops.mkldnn``). Everything
+else -- CUDA, other dtypes, autograd, compiled graphs, other CPUs, ``SHVIT_KERNELS_BACKEND=torch``
+-- runs the eager composition (``F.conv2d``, ``F.relu``, ``+``), which is the reference.
+Outputs of the fast path are channels_last.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backend
+
+__all__ = ["conv1x1", "ffn_block", "conv_act", "packed_weight", "fast_path_applies"]
+
+# id(weight) -> (weakref to weight, version, data_ptr, packed); entries go with their weight
+_packed: dict[int, tuple] = {}
+_simd: bool | None = None
+
+
+def _gemm_available() -> bool:
+    global _simd
+    if _simd is None:
+        _simd = bool(torch.ops.shvit_cpp.gemm_available())
+    return _simd
+
+
+def _mkldnn_conv_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def fast_path_applies(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether ``x`` (with these parameters) takes the CPU fast path described above."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+        return False
+    if any(p is not None and (p.device.type != "cpu" or p.dtype != torch.float32) for p in params):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+        return False
+    return backend.select(x) == "cpp"
+
+
+def packed_weight(weight: Tensor) -> Tensor:
+    """The GEMM's packed form of a (out, in, 1, 1) weight, cached until the weight changes."""
+    key = id(weight)
+    hit = _packed.get(key)
+    if hit is not None and hit[0]() is weight and hit[1:3] == (weight._version, weight.data_ptr()):
+        return hit[3]
+    with torch.no_grad():
+        p = torch.ops.shvit_cpp.pack_weight(weight.detach())
+    if hit is None or hit[0]() is not weight:
+        weakref.finalize(weight, _packed.pop, key, None)
+    _packed[key] = (weakref.ref(weight), weight._version, weight.data_ptr(), p)
+    return p
+
+
+def _cl(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _check_1x1(x: Tensor, weight: Tensor, bias: Tensor) -> None:
+    if weight.dim() != 4 or weight.shape[2:] != (1, 1) or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be ({bias.shape[0]}, {x.shape[1]}, 1, 1), got {tuple(weight.shape)}")
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def conv1x1(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False, residual: Tensor | None = None) -> Tensor:
+    """``relu?(conv2d(x, weight, bias) + residual)`` for a (out, in, 1, 1) weight."""
+    _check_1x1(x, weight, bias)
+    if residual is not None and residual.shape != (x.shape[0], weight.shape[0], *x.shape[2:]):
+        raise ValueError(
+            f"residual must be {(x.shape[0], weight.shape[0], *x.shape[2:])}, got {tuple(residual.shape)}"
+        )
+    if fast_path_applies(x, weight, bias, residual) and _gemm_available():
+        return torch.ops.shvit_cpp.pw_conv(
+            _cl(x), packed_weight(weight), bias.contiguous(), relu, None if residual is None else _cl(residual)
+        )
+    y = F.conv2d(x, weight, bias)
+    if residual is not None:
+        y = residual + y
+    return F.relu(y) if relu else y
+
+
+def ffn_block(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    """The residual FFN of a BN-folded model: ``x + conv2d(relu(conv2d(x, w1, b1)), w2, b2)``."""
+    _check_1x1(x, w1, b1)
+    if w2.dim() != 4 or tuple(w2.shape) != (x.shape[1], w1.shape[0], 1, 1):
+        raise ValueError(f"w2 must be ({x.shape[1]}, {w1.shape[0]}, 1, 1), got {tuple(w2.shape)}")
+    if b2.shape != (x.shape[1],):
+        raise ValueError(f"b2 must be ({x.shape[1]},), got {tuple(b2.shape)}")
+    if fast_path_applies(x, w1, b1, w2, b2) and _gemm_available():
+        return torch.ops.shvit_cpp.ffn_block(
+            _cl(x), packed_weight(w1), b1.contiguous(), packed_weight(w2), b2.contiguous()
+        )
+    return x + F.conv2d(F.relu(F.conv2d(x, w1, b1)), w2, b2)
+
+
+def conv_act(x: Tensor, conv: torch.nn.Conv2d, relu: bool = False) -> Tensor:
+    """``relu?(conv(x))`` for a Conv2d with bias (1x1 convs take ``conv1x1``)."""
+    if x.dim() != 4 or x.shape[1] != conv.in_channels:
+        raise ValueError(f"x must be (B, {conv.in_channels}, H, W), got {tuple(x.shape)}")
+    if conv.bias is None or x.numel() == 0 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        y = conv(x)
+        return F.relu(y) if relu else y
+    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
+        return conv1x1(x, conv.weight, conv.bias, relu=relu)
+    if fast_path_applies(x, conv.weight, conv.bias) and _mkldnn_conv_available():
+        return torch.ops.mkldnn._convolution_pointwise(
+            _cl(x), conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+            "relu" if relu else "none", [], "",
+        )
+    y = conv(x)
+    return F.relu(y) if relu else y

@@ -93,7 +93,59 @@ SHVIT_AVX2 inline void micro6(int64_t kc, const float* const* a, const float* b,
   _mm256_store_ps(acc + 80, c50), _mm256_store_ps(acc + 88, c51);
 }
 
-// One tile of C: rows (<= 6) x nv (<= 16) entries over one k-block. Short tiles repeat their
+// A full 6 x 16 tile with its epilogue in registers (the common case).
+SHVIT_AVX2 inline void tile_full(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
+                                 bool first, bool last, const float* bias, const float* res, int64_t ldr, bool relu) {
+  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  if (first) {
+    const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+    const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+    c00 = c10 = c20 = c30 = c40 = c50 = b0;
+    c01 = c11 = c21 = c31 = c41 = c51 = b1;
+    if (res) {
+#define SHVIT_ADD_ROW(r)                                                 \
+  c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(res + r * ldr));     \
+  c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(res + r * ldr + 8));
+      SHVIT_ADD_ROW(0) SHVIT_ADD_ROW(1) SHVIT_ADD_ROW(2) SHVIT_ADD_ROW(3) SHVIT_ADD_ROW(4) SHVIT_ADD_ROW(5)
+#undef SHVIT_ADD_ROW
+    }
+  } else {
+#define SHVIT_LOAD_ROW(r)                          \
+  c##r##0 = _mm256_loadu_ps(c + r * ldc);          \
+  c##r##1 = _mm256_loadu_ps(c + r * ldc + 8);
+    SHVIT_LOAD_ROW(0) SHVIT_LOAD_ROW(1) SHVIT_LOAD_ROW(2) SHVIT_LOAD_ROW(3) SHVIT_LOAD_ROW(4) SHVIT_LOAD_ROW(5)
+#undef SHVIT_LOAD_ROW
+  }
+  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+#pragma GCC unroll 4
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    const __m256 b0 = _mm256_loadu_ps(b + kk * kPanel);
+    const __m256 b1 = _mm256_loadu_ps(b + kk * kPanel + 8);
+#define SHVIT_FMA_ROW(r)                             \
+  {                                                  \
+    const __m256 av = _mm256_broadcast_ss(a##r + kk); \
+    c##r##0 = _mm256_fmadd_ps(av, b0, c##r##0);      \
+    c##r##1 = _mm256_fmadd_ps(av, b1, c##r##1);      \
+  }
+    SHVIT_FMA_ROW(0) SHVIT_FMA_ROW(1) SHVIT_FMA_ROW(2) SHVIT_FMA_ROW(3) SHVIT_FMA_ROW(4) SHVIT_FMA_ROW(5)
+#undef SHVIT_FMA_ROW
+  }
+  if (last && relu) {
+    const __m256 z = _mm256_setzero_ps();  // max(0, v): NaN stays NaN, as in torch.relu
+#define SHVIT_RELU_ROW(r)                 \
+  c##r##0 = _mm256_max_ps(z, c##r##0);    \
+  c##r##1 = _mm256_max_ps(z, c##r##1);
+    SHVIT_RELU_ROW(0) SHVIT_RELU_ROW(1) SHVIT_RELU_ROW(2) SHVIT_RELU_ROW(3) SHVIT_RELU_ROW(4) SHVIT_RELU_ROW(5)
+#undef SHVIT_RELU_ROW
+  }
+#define SHVIT_STORE_ROW(r)                       \
+  _mm256_storeu_ps(c + r * ldc, c##r##0);        \
+  _mm256_storeu_ps(c + r * ldc + 8, c##r##1);
+  SHVIT_STORE_ROW(0) SHVIT_STORE_ROW(1) SHVIT_STORE_ROW(2) SHVIT_STORE_ROW(3) SHVIT_STORE_ROW(4) SHVIT_STORE_ROW(5)
+#undef SHVIT_STORE_ROW
+}
+
+// Any other tile of C: rows (<= 6) x nv (<= 16) entries over one k-block. Short tiles repeat their
 // last row of A (the extra results are not stored).
 SHVIT_AVX2 void tile(int64_t rows, int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
                      int64_t nv, bool first, bool last, const float* bias, const float* res, int64_t ldr, bool relu) {
@@ -144,6 +196,11 @@ SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64
           const int64_t row = ic + ir;
           const int64_t rows = std::min<int64_t>(6, mc - ir);
           const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
+          if (rows == 6 && nv == kPanel) {
+            tile_full(kc, a + row * lda + pc, lda, panel, c + row * ldc + col, ldc, first, last, bias, res, epi.ldr,
+                      epi.relu);
+            continue;
+          }
           tile(rows, kc, a + row * lda + pc, lda, panel, c + row * ldc + col, ldc, nv, first, last, bias, res,
                epi.ldr, epi.relu);
         }

@@ -1,5 +1,5 @@
-// 1x1 convolutions of the BN-folded network as token-major GEMMs with fused epilogues
-// (CPU kernels of shvit_cpp::pw_conv and shvit_cpp::ffn_block; see shvit_kernels/pointwise.py).
+// 1x1 convolutions of the BN-folded network as token-major GEMMs with fused epilogues (CPU
+// kernels of shvit_cpp::pw_conv and shvit_cpp::ffn_block; see shvit_kernels/pointwise.py).
 //
 // Activations are channels_last float32 tensors, i.e. (B*H*W, C) row-major token rows; the
 // weights are packed once by shvit_cpp::pack_weight (gemm.h). Rows are split across threads.

@@ -22,7 +22,7 @@ TORCH_LIBRARY(shvit_cpp, m) {
   m.def("shsa_infer(Tensor x, Tensor weight, Tensor bias, int pdim, int qk_dim, float eps) -> Tensor");
   m.def(
       "shsa_block_infer(Tensor x, Tensor w_qkv, Tensor b_qkv, Tensor w_proj, Tensor b_proj, int pdim, int qk_dim, "
-      "float eps) -> Tensor");
+      "float eps, Tensor? w_qkv_packed=None, Tensor? w_proj_packed=None) -> Tensor");
   m.def("pack_weight(Tensor w) -> Tensor");
   m.def("pw_conv(Tensor x, Tensor w_packed, Tensor bias, bool relu, Tensor? residual) -> Tensor");
   m.def("ffn_block(Tensor x, Tensor w1_packed, Tensor b1, Tensor w2_packed, Tensor b2) -> Tensor");

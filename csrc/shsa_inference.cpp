@@ -6,6 +6,7 @@
 
 #include "attention_core.h"
 #include "common.h"
+#include "gemm.h"
 
 namespace shvit_cpu {
 
@@ -51,9 +52,40 @@ void normalize_rows(const scalar_t* px, int64_t B, int64_t N, int64_t C, int64_t
   });
 }
 
+// Whether a float32 GEMM can take the packed kernel with this pre-packed weight (from
+// shvit_cpp::pack_weight of an (n, k) weight).
+bool packed_usable(const std::optional<Tensor>& wp, const Tensor& a, int64_t n, int64_t k) {
+  return wp.has_value() && a.scalar_type() == at::kFloat && shvit_gemm::available() && wp->device().is_cpu() &&
+         wp->scalar_type() == at::kFloat && wp->is_contiguous() && wp->dim() == 3 &&
+         wp->size(0) == (n + shvit_gemm::kPanel - 1) / shvit_gemm::kPanel && wp->size(1) == k &&
+         wp->size(2) == shvit_gemm::kPanel;
+}
+
+// c (m, n) = a (m, k) @ W^T + bias (+ residual, same layout as c), rows split across threads.
+void packed_gemm_rows(const float* a, int64_t m, int64_t k, const Tensor& wp, const float* bias, const float* res,
+                      float* c, int64_t n) {
+  const float* pw = wp.const_data_ptr<float>();
+  at::parallel_for(0, m, 48, [&](int64_t r0, int64_t r1) {
+    shvit_gemm::Epilogue e;
+    e.bias = bias;
+    e.residual = res ? res + r0 * n : nullptr;
+    e.ldr = n;
+    shvit_gemm::gemm_packed(r1 - r0, n, k, a + r0 * k, k, pw, c + r0 * n, n, e);
+  });
+}
+
 // qkvT = xhT @ weight^T + bias over all B*N tokens (one GEMM), as (B, N, CQ).
-Tensor qkv_gemm(const Tensor& xhT, const Tensor& weight, const Tensor& bias, int64_t B, int64_t N) {
+Tensor qkv_gemm(const Tensor& xhT, const Tensor& weight, const Tensor& bias, int64_t B, int64_t N,
+                const std::optional<Tensor>& w_packed = std::nullopt) {
   const auto acc = xhT.scalar_type();
+  const int64_t cq = weight.size(0), pdim = weight.size(1);
+  if (packed_usable(w_packed, xhT, cq, pdim)) {
+    Tensor qkvT = at::empty({B * N, cq}, xhT.options());
+    const Tensor b = bias.to(at::kFloat).contiguous();
+    packed_gemm_rows(xhT.const_data_ptr<float>(), B * N, pdim, *w_packed, b.const_data_ptr<float>(), nullptr,
+                     qkvT.data_ptr<float>(), cq);
+    return qkvT.view({B, N, cq});
+  }
   Tensor qkvT = at::mm(xhT, weight.to(acc).t());
   Tensor b = bias.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "shsa_infer_bias", [&] {
@@ -143,7 +175,8 @@ void residual_add_transposed(const Tensor& x, const Tensor& yT, const Tensor& bi
 // NCHW 1x1 convolution is markedly slower on CPU for these shapes); the concat is written
 // token-major once and the residual add transposes back in cache-sized tiles.
 Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qkv, const Tensor& w_proj,
-                        const Tensor& b_proj, int64_t pdim, int64_t qk_dim, double eps) {
+                        const Tensor& b_proj, int64_t pdim, int64_t qk_dim, double eps,
+                        const std::optional<Tensor>& w_qkv_packed, const std::optional<Tensor>& w_proj_packed) {
   NoAutocast no_autocast;
   check_input(x, "x");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W;
@@ -164,7 +197,7 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
       using acc_t = at::opmath_type<scalar_t>;
       normalize_rows<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), B, N, C, pdim, eps, xhT.data_ptr<acc_t>());
     });
-    qkvT = qkv_gemm(xhT, w_qkv, b_qkv, B, N);
+    qkvT = qkv_gemm(xhT, w_qkv, b_qkv, B, N, w_qkv_packed);
   } else {
     std::tie(qkvT, xv) = project_qkv(x, w_qkv, b_qkv, pdim, qk_dim, eps);
   }
@@ -206,8 +239,14 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
       }
     });
   });
-  Tensor yT = at::mm(zT.view({B * N, C}), w_proj.to(acc).t());  // (B*N, C), bias added below
   Tensor bp = b_proj.to(acc).contiguous();
+  if (token_major && x.scalar_type() == at::kFloat && packed_usable(w_proj_packed, zT, C, C)) {
+    // projection, bias and residual add in one packed GEMM, written straight into out
+    packed_gemm_rows(zT.const_data_ptr<float>(), B * N, C, *w_proj_packed, bp.const_data_ptr<float>(),
+                     x.const_data_ptr<float>(), out.data_ptr<float>(), C);
+    return out;
+  }
+  Tensor yT = at::mm(zT.view({B * N, C}), w_proj.to(acc).t());  // (B*N, C), bias added below
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "shsa_block_residual", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (token_major) {  // out[r, c] = x[r, c] + yT[r, c] + bias[c], all rows contiguous

@@ -22,14 +22,15 @@ from torch import Tensor
 
 from . import backend
 
-__all__ = ["conv1x1", "ffn_block", "conv_act", "packed_weight", "fast_path_applies"]
+__all__ = ["conv1x1", "ffn_block", "conv_act", "packed_weight", "fast_path_applies", "gemm_available"]
 
 # id(weight) -> (weakref to weight, version, data_ptr, packed); entries go with their weight
 _packed: dict[int, tuple] = {}
 _simd: bool | None = None
 
 
-def _gemm_available() -> bool:
+def gemm_available() -> bool:
+    """Whether the packed GEMM runs on this CPU (x86-64 with AVX2 and FMA)."""
     global _simd
     if _simd is None:
         _simd = bool(torch.ops.shvit_cpp.gemm_available())
@@ -83,7 +84,7 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False, residua
         raise ValueError(
             f"residual must be {(x.shape[0], weight.shape[0], *x.shape[2:])}, got {tuple(residual.shape)}"
         )
-    if fast_path_applies(x, weight, bias, residual) and _gemm_available():
+    if fast_path_applies(x, weight, bias, residual) and gemm_available():
         return torch.ops.shvit_cpp.pw_conv(
             _cl(x), packed_weight(weight), bias.contiguous(), relu, None if residual is None else _cl(residual)
         )
@@ -100,7 +101,7 @@ def ffn_block(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tens
         raise ValueError(f"w2 must be ({x.shape[1]}, {w1.shape[0]}, 1, 1), got {tuple(w2.shape)}")
     if b2.shape != (x.shape[1],):
         raise ValueError(f"b2 must be ({x.shape[1]},), got {tuple(b2.shape)}")
-    if fast_path_applies(x, w1, b1, w2, b2) and _gemm_available():
+    if fast_path_applies(x, w1, b1, w2, b2) and gemm_available():
         return torch.ops.shvit_cpp.ffn_block(
             _cl(x), packed_weight(w1), b1.contiguous(), packed_weight(w2), b2.contiguous()
         )

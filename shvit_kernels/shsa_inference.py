@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backend
+from . import backend, pointwise
 from ._utils import as_bcn, check_4d, check_same_device, next_pow2
 from .group_norm import gn_partial_fwd_triton
 from .shsa_attention import _precision, shsa_attn_fwd_triton
@@ -279,12 +279,14 @@ def shsa_block_inference(
     """The residual SHSA block of a BN-folded model: ``x + proj(shsa_inference(x))``.
 
     ``proj_weight`` is the folded projection, (dim, dim) or (dim, dim, 1, 1). On the cpp
-    backend, for up to ``CPP_BLOCK_MAX_N`` tokens, one C++ op runs the block with both
-    projections as token-major GEMMs; otherwise it is ``shsa_inference`` followed by the
-    1x1 convolution and the add.
+    backend, for channels_last x or up to ``CPP_BLOCK_MAX_N`` tokens, one C++ op runs the
+    block with both projections as token-major GEMMs (float32 on AVX2 CPUs: the packed GEMM
+    of ``shvit_kernels.pointwise``, the projection writing bias + residual in its epilogue);
+    otherwise it is ``shsa_inference`` followed by the 1x1 convolution and the add.
     """
     check_4d("x", x)
     dim = x.shape[1]
+    proj_param = proj_weight
     proj_weight = proj_weight.reshape(proj_weight.shape[0], -1)
     if proj_weight.shape != (dim, dim) or proj_bias.shape != (dim,):
         raise ValueError(
@@ -294,11 +296,15 @@ def shsa_block_inference(
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, weight, bias, proj_weight, proj_bias)
     )
+    token_major = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     small = x.shape[2] * x.shape[3] <= CPP_BLOCK_MAX_N
-    if small and not needs_grad and not torch.compiler.is_compiling() and backend.select(x) == "cpp":
+    if (small or token_major) and not needs_grad and not torch.compiler.is_compiling() and backend.select(x) == "cpp":
         check_same_device(x=x, weight=weight, proj_weight=proj_weight)
+        packed = (None, None)
+        if pointwise.fast_path_applies(x, weight, bias, proj_param, proj_bias) and pointwise.gemm_available():
+            packed = (pointwise.packed_weight(weight), pointwise.packed_weight(proj_param))
         return torch.ops.shvit_cpp.shsa_block_infer(
-            x, weight, bias, proj_weight, proj_bias, pdim, qk_dim, float(eps)
+            x, weight, bias, proj_weight, proj_bias, pdim, qk_dim, float(eps), *packed
         )
     z = shsa_inference(x, weight, bias, pdim, qk_dim, eps)
     return x + torch.nn.functional.conv2d(z, proj_weight[:, :, None, None], proj_bias)

@@ -1,0 +1,280 @@
+"""The CPU inference path of a folded fused model: the packed GEMM ops (``pw_conv``,
+``ffn_block``), the fused conv + ReLU, the modules that ``fuse()`` puts in place, and the
+whole network against the reference for every variant."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import shvit
+import shvit_kernels
+from conftest import assert_rel_close, load_golden, randomize_bn, use_backend
+from shvit.layers import ConvAct, FFNInference, PatchMergingInference
+from shvit_kernels import backend, pointwise
+
+pytestmark = pytest.mark.skipif(not backend.cpp_available(), reason="needs the C++ extension (its absence is tested in test_cpu_backend.py)")
+
+needs_gemm = pytest.mark.skipif(
+    not (backend.cpp_available() and torch.ops.shvit_cpp.gemm_available()),
+    reason="the packed GEMM needs an x86-64 CPU with AVX2+FMA; elsewhere the composition runs (tested below)",
+)
+
+# float32 GEMMs against a float64 reference from the same inputs
+TOL = 2e-6
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _conv_ref(x, w, b, relu=False, residual=None):
+    y = F.conv2d(x.double(), w.double(), b.double())
+    if residual is not None:
+        y = y + residual.double()
+    return F.relu(y) if relu else y
+
+
+# (B, C_in, C_out, H, W): channels off the 16-column panels, rows off the 6-row tiles, K past
+# one k-block (384) and past two, a single token, a single image
+PW_SHAPES = [(2, 24, 40, 5, 7), (3, 37, 19, 3, 3), (1, 800, 33, 4, 5), (2, 1344, 448, 2, 2), (1, 16, 16, 1, 1), (4, 5, 3, 6, 1)]
+
+
+@needs_gemm
+@pytest.mark.parametrize("shape", PW_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_pw_conv_matches_conv2d(shape, relu, residual):
+    B, ci, co, H, W = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = _cl(torch.randn(B, ci, H, W, generator=g))
+    w = torch.randn(co, ci, 1, 1, generator=g) / ci**0.5
+    b = torch.randn(co, generator=g)
+    r = _cl(torch.randn(B, co, H, W, generator=g)) if residual else None
+    out = torch.ops.shvit_cpp.pw_conv(x, torch.ops.shvit_cpp.pack_weight(w), b, relu, r)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_rel_close(out, _conv_ref(x, w, b, relu, r), TOL, f"pw_conv {shape} relu={relu} residual={residual}")
+
+
+@needs_gemm
+@pytest.mark.parametrize("shape", [(2, 24, 5, 7), (3, 37, 4, 4), (1, 224, 16, 16), (2, 200, 3, 5), (1, 8, 1, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_ffn_block_matches_composition(shape):
+    B, C, H, W = shape
+    g = torch.Generator().manual_seed(C)
+    x = _cl(torch.randn(B, C, H, W, generator=g))
+    w1, b1 = torch.randn(2 * C, C, 1, 1, generator=g) / C**0.5, torch.randn(2 * C, generator=g)
+    w2, b2 = torch.randn(C, 2 * C, 1, 1, generator=g) / (2 * C) ** 0.5, torch.randn(C, generator=g)
+    p = torch.ops.shvit_cpp.pack_weight
+    out = torch.ops.shvit_cpp.ffn_block(x, p(w1), b1, p(w2), b2)
+    ref = x.double() + F.conv2d(F.relu(F.conv2d(x.double(), w1.double(), b1.double())), w2.double(), b2.double())
+    assert_rel_close(out, ref, TOL, f"ffn_block {shape}")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_gemm
+def test_gemm_keeps_nan_and_inf():
+    x = _cl(torch.randn(1, 20, 3, 4))
+    x[0, 3, 1, 2] = float("nan")
+    x[0, 5, 2, 0] = float("inf")
+    w, b = torch.randn(18, 20, 1, 1), torch.randn(18)
+    out = torch.ops.shvit_cpp.pw_conv(x, torch.ops.shvit_cpp.pack_weight(w), b, True, None)
+    ref = F.relu(F.conv2d(x, w, b))
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.isnan(out[0, :, 1, 2]).all()  # relu keeps NaN, as torch.relu does
+
+
+@needs_gemm
+def test_ops_reject_bad_arguments():
+    ops = torch.ops.shvit_cpp
+    x = _cl(torch.randn(2, 8, 3, 3))
+    w, b = torch.randn(4, 8, 1, 1), torch.randn(4)
+    wp = ops.pack_weight(w)
+    with pytest.raises(RuntimeError, match="channels_last"):
+        ops.pw_conv(torch.randn(2, 8, 3, 3), wp, b, False, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.pw_conv(x.double(), wp, b, False, None)
+    with pytest.raises(RuntimeError, match="packed"):
+        ops.pw_conv(x, w, b, False, None)
+    with pytest.raises(RuntimeError, match="packed"):
+        ops.pw_conv(_cl(torch.randn(2, 9, 3, 3)), wp, b, False, None)
+    with pytest.raises(RuntimeError, match="residual"):
+        ops.pw_conv(x, wp, b, False, _cl(torch.randn(2, 5, 3, 3)))
+    with pytest.raises(RuntimeError, match="1x1"):
+        ops.pack_weight(torch.randn(4, 8, 3, 3))
+    with pytest.raises(RuntimeError, match="map back"):
+        ops.ffn_block(x, wp, b, ops.pack_weight(torch.randn(5, 4, 1, 1)), torch.randn(5))
+
+
+@needs_gemm
+def test_empty_batch():
+    x = _cl(torch.randn(0, 8, 3, 3))
+    p = torch.ops.shvit_cpp.pack_weight
+    w1, w2 = torch.randn(16, 8, 1, 1), torch.randn(8, 16, 1, 1)
+    assert torch.ops.shvit_cpp.pw_conv(x, p(w1), torch.randn(16), True, None).shape == (0, 16, 3, 3)
+    assert torch.ops.shvit_cpp.ffn_block(x, p(w1), torch.randn(16), p(w2), torch.randn(8)).shape == (0, 8, 3, 3)
+
+
+# ------------------------------------------------------------------ the Python entry points
+def _modules(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pw1, pw2 = torch.nn.Conv2d(24, 48, 1), torch.nn.Conv2d(48, 24, 1)
+    dw = torch.nn.Conv2d(48, 48, 3, 2, 1, groups=48)
+    stem = torch.nn.Conv2d(3, 24, 3, 2, 1)
+    for m in (pw1, pw2, dw, stem):
+        with torch.no_grad():
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight[0].numel() ** 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    return pw1, pw2, dw, stem
+
+
+@pytest.mark.parametrize("backend_name", ["cpp", "torch"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_entry_points_match_composition(backend_name, layout, monkeypatch):
+    """conv1x1 / ffn_block / conv_act on any input layout equal the eager composition."""
+    use_backend(monkeypatch, backend_name, "cpu")
+    pw1, pw2, dw, stem = _modules()
+    x = torch.randn(2, 30, 7, 9)[:, 3:27]  # a channel slice: neither contiguous nor channels_last
+    if layout == "nchw":
+        x = x.contiguous()
+    elif layout == "channels_last":
+        x = _cl(x)
+    img = torch.randn(2, 3, 11, 13)
+    with torch.no_grad():
+        h = pw1(x)
+        cases = {
+            "conv1x1 relu": (shvit_kernels.conv1x1(x, pw1.weight, pw1.bias, relu=True), F.relu(h)),
+            "conv1x1 residual": (
+                shvit_kernels.conv1x1(F.relu(h), pw2.weight, pw2.bias, residual=x),
+                x + pw2(F.relu(h)),
+            ),
+            "ffn_block": (shvit_kernels.ffn_block(x, pw1.weight, pw1.bias, pw2.weight, pw2.bias), x + pw2(F.relu(h))),
+            "conv_act dw relu": (shvit_kernels.conv_act(h, dw, relu=True), F.relu(dw(h))),
+            "conv_act dense": (shvit_kernels.conv_act(img, stem), stem(img)),
+        }
+    for name, (got, want) in cases.items():
+        assert_rel_close(got, want, TOL, f"{backend_name} {layout}: {name}")
+
+
+def test_fast_path_conditions(monkeypatch):
+    """The fast path runs only where it is exact: CPU float32 inference on the cpp backend."""
+    use_backend(monkeypatch, "cpp", "cpu")
+    x, w = torch.randn(1, 4, 2, 2), torch.randn(3, 4, 1, 1)
+    with torch.no_grad():
+        assert pointwise.fast_path_applies(x, w)
+        assert not pointwise.fast_path_applies(x.double(), w.double())
+        assert not pointwise.fast_path_applies(x.bfloat16(), w)
+    assert not pointwise.fast_path_applies(x, w.requires_grad_())  # autograd: the composition
+    monkeypatch.setenv(backend.ENV, "torch")
+    with torch.no_grad():
+        assert not pointwise.fast_path_applies(x, w)
+
+
+def test_gradients_take_the_composition(monkeypatch):
+    use_backend(monkeypatch, "cpp", "cpu")
+    pw1, pw2, _, _ = _modules(1)
+    x = torch.randn(2, 24, 3, 5, requires_grad=True)
+    out = shvit_kernels.ffn_block(x, pw1.weight, pw1.bias, pw2.weight, pw2.bias)
+    out.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    pw1b, pw2b = copy.deepcopy(pw1), copy.deepcopy(pw2)
+    (x2 + pw2b(F.relu(pw1b(x2)))).square().sum().backward()
+    assert_rel_close(x.grad, x2.grad, 1e-6, "input gradient")
+    assert_rel_close(pw1.weight.grad, pw1b.weight.grad, 1e-6, "pw1 weight gradient")
+
+
+@needs_gemm
+def test_packed_weight_follows_in_place_updates(monkeypatch):
+    use_backend(monkeypatch, "cpp", "cpu")
+    pw1, _, _, _ = _modules(2)
+    x = torch.randn(1, 24, 2, 3)
+    with torch.no_grad():
+        before = shvit_kernels.conv1x1(x, pw1.weight, pw1.bias)
+        pw1.weight.mul_(-2)
+        after = shvit_kernels.conv1x1(x, pw1.weight, pw1.bias)
+    assert_rel_close(after, pw1(x), TOL, "after an in-place weight update")
+    assert_rel_close(after - pw1.bias[:, None, None], -2 * (before - pw1.bias[:, None, None]), TOL, "scaled")
+
+
+def test_entry_points_reject_bad_shapes():
+    pw1, pw2, dw, _ = _modules()
+    x = torch.randn(1, 24, 2, 2)
+    with pytest.raises(ValueError, match="weight"):
+        shvit_kernels.conv1x1(x, pw2.weight, pw2.bias)
+    with pytest.raises(ValueError, match="residual"):
+        shvit_kernels.conv1x1(x, pw1.weight, pw1.bias, residual=x)
+    with pytest.raises(ValueError, match="w2"):
+        shvit_kernels.ffn_block(x, pw1.weight, pw1.bias, pw1.weight, pw1.bias)
+    with pytest.raises(ValueError, match="x must be"):
+        shvit_kernels.conv_act(x, dw)
+
+
+# ------------------------------------------------------------------ the whole network
+def _pair(variant: str, seed: int = 0):
+    ref = randomize_bn(shvit.create_model(variant), seed).eval()
+    fused = shvit.create_model(variant, fused=True).eval()
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+@pytest.mark.parametrize("variant", sorted(shvit.VARIANTS))
+def test_variants_folded_fused_match_reference(variant, monkeypatch):
+    """Every variant, folded and fused, equals the float64 reference within 1e-4 relative
+    (batch 3 at 80x112 px: 5x7 / 3x4 / 2x2 token grids), through the fast path."""
+    use_backend(monkeypatch, "cpp", "cpu")
+    ref, fused = _pair(variant, seed=1)
+    fused.fuse()
+    kinds = {type(m) for m in fused.modules()}
+    assert {FFNInference, PatchMergingInference, ConvAct, shvit.SHSAInference} <= kinds
+    calls = []
+    real = pointwise.fast_path_applies
+    monkeypatch.setattr(pointwise, "fast_path_applies", lambda *a: calls.append(real(*a)) or calls[-1])
+    x = torch.randn(3, 3, 80, 112, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = fused(x)
+        want = ref.double()(x.double())
+    assert calls and all(calls), "every folded conv took the CPU fast path"
+    assert_rel_close(got, want, 1e-4, f"{variant} folded fused vs float64 reference")
+
+
+def test_golden_through_the_fast_path(golden, monkeypatch):
+    use_backend(monkeypatch, "cpp", "cpu")
+    model = shvit.SHViT(**golden["config"], fused=True).eval()
+    model.load_state_dict(golden["state_dict_official"])
+    model.fuse()
+    assert any(isinstance(m, FFNInference) for m in model.modules())
+    with torch.no_grad():
+        assert_rel_close(model(golden["input"]), golden["eval_logits"], 1e-4, "golden logits, folded fused")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_result_with_one_and_two_threads(threads):
+    _, fused = _pair("shvit_s1")
+    fused.fuse()
+    x = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(3))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            one = fused(x)
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            other = fused(x)
+    finally:
+        torch.set_num_threads(old)
+    assert_rel_close(other, one, 1e-6, f"{threads} threads vs 1")
+
+
+def test_training_path_unaffected_and_fuse_keeps_reference_names():
+    """Before fuse() nothing changes (same state dict keys, training path as before); the new
+    modules appear only in folded fused models, and a folded reference model has none."""
+    ref, fused = _pair("shvit_s1")
+    assert list(ref.state_dict()) == list(fused.state_dict())
+    assert not any(isinstance(m, (ConvAct, FFNInference, PatchMergingInference)) for m in fused.modules())
+    ref.fuse()
+    assert not any(isinstance(m, (ConvAct, FFNInference, PatchMergingInference)) for m in ref.modules())
+    # the ReLUs that the fused convs absorbed are gone from the folded fused stem
+    fused.fuse()
+    assert not any(isinstance(m, torch.nn.ReLU) for m in fused.patch_embed)

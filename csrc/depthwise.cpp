@@ -1,0 +1,148 @@
+// Depthwise 3x3 convolution (padding 1, stride 1 or 2) of a channels_last float32 batch, with
+// bias and an optional ReLU: CPU kernel of shvit_cpp::dw_conv3x3 (see shvit_kernels/pointwise.py).
+//
+// Token-major layout makes every tap a contiguous run of channels: each output pixel is
+// bias + sum over the 3x3 taps of w[tap, c] * x[pixel under tap, c], computed 32 channels at a
+// time in AVX registers (x86-64 with AVX2/FMA; a portable loop elsewhere). Output rows are
+// split across threads.
+#include <torch/library.h>
+
+#include "common.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define SHVIT_DW_X86 1
+#include <immintrin.h>
+#endif
+
+namespace shvit_cpu {
+
+namespace {
+
+struct DwArgs {
+  const float* x;
+  const float* w;  // (9, C): tap-major
+  const float* bias;
+  float* out;
+  int64_t H, W, C, OH, OW, stride;
+  bool relu;
+};
+
+// The input pixels under the 9 taps of output pixel (oy, ox) of image b (null: padding).
+inline void tap_rows(const DwArgs& a, int64_t b, int64_t oy, int64_t ox, const float* rows[9]) {
+  for (int64_t ky = 0; ky < 3; ++ky) {
+    const int64_t iy = oy * a.stride - 1 + ky;
+    for (int64_t kx = 0; kx < 3; ++kx) {
+      const int64_t ix = ox * a.stride - 1 + kx;
+      rows[ky * 3 + kx] =
+          (iy >= 0 && iy < a.H && ix >= 0 && ix < a.W) ? a.x + ((b * a.H + iy) * a.W + ix) * a.C : nullptr;
+    }
+  }
+}
+
+void pixel_portable(const DwArgs& a, const float* const rows[9], float* o) {
+  for (int64_t c = 0; c < a.C; ++c) {
+    float s = a.bias[c];
+    for (int t = 0; t < 9; ++t) {
+      if (rows[t]) s += a.w[t * a.C + c] * rows[t][c];
+    }
+    o[c] = a.relu && s < 0.f ? 0.f : s;
+  }
+}
+
+#ifdef SHVIT_DW_X86
+__attribute__((target("avx2,fma"))) void pixel_avx2(const DwArgs& a, const float* const rows[9], float* o) {
+  const int64_t C = a.C;
+  const __m256 z = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 32 <= C; c += 32) {
+    __m256 s0 = _mm256_loadu_ps(a.bias + c), s1 = _mm256_loadu_ps(a.bias + c + 8);
+    __m256 s2 = _mm256_loadu_ps(a.bias + c + 16), s3 = _mm256_loadu_ps(a.bias + c + 24);
+    for (int t = 0; t < 9; ++t) {
+      const float* r = rows[t];
+      if (!r) continue;
+      const float* w = a.w + t * C + c;
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_loadu_ps(r + c), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_loadu_ps(r + c + 8), s1);
+      s2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16), _mm256_loadu_ps(r + c + 16), s2);
+      s3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 24), _mm256_loadu_ps(r + c + 24), s3);
+    }
+    if (a.relu) {  // max(0, v): NaN stays NaN, as in torch.relu
+      s0 = _mm256_max_ps(z, s0), s1 = _mm256_max_ps(z, s1), s2 = _mm256_max_ps(z, s2), s3 = _mm256_max_ps(z, s3);
+    }
+    _mm256_storeu_ps(o + c, s0), _mm256_storeu_ps(o + c + 8, s1);
+    _mm256_storeu_ps(o + c + 16, s2), _mm256_storeu_ps(o + c + 24, s3);
+  }
+  for (; c + 8 <= C; c += 8) {
+    __m256 s = _mm256_loadu_ps(a.bias + c);
+    for (int t = 0; t < 9; ++t) {
+      if (rows[t]) s = _mm256_fmadd_ps(_mm256_loadu_ps(a.w + t * C + c), _mm256_loadu_ps(rows[t] + c), s);
+    }
+    if (a.relu) s = _mm256_max_ps(z, s);
+    _mm256_storeu_ps(o + c, s);
+  }
+  for (; c < C; ++c) {
+    float s = a.bias[c];
+    for (int t = 0; t < 9; ++t) {
+      if (rows[t]) s += a.w[t * C + c] * rows[t][c];
+    }
+    o[c] = a.relu && s < 0.f ? 0.f : s;
+  }
+}
+#endif
+
+bool dw_simd() {
+#ifdef SHVIT_DW_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+Tensor dw_conv3x3(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t stride, bool relu) {
+  check_input(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "x must be channels_last (token-major), got strides ",
+              x.strides());
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == 3 &&
+                  weight.size(3) == 3 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
+              "weight must be a float32 (", C, ", 1, 3, 3) depthwise kernel, got ", weight.sizes(), " ",
+              weight.scalar_type());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C && bias.scalar_type() == at::kFloat && bias.device().is_cpu(),
+              "bias must be a float32 vector of ", C, ", got ", bias.sizes());
+  TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
+  const int64_t OH = (H - 1) / stride + 1, OW = (W - 1) / stride + 1;
+  Tensor out = at::empty({B, C, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const Tensor w9 = weight.reshape({C, 9}).t().contiguous();  // (9, C)
+  const Tensor b = bias.contiguous();
+  const DwArgs a{x.const_data_ptr<float>(), w9.const_data_ptr<float>(), b.const_data_ptr<float>(),
+                 out.data_ptr<float>(), H, W, C, OH, OW, stride, relu};
+  const bool simd = dw_simd();
+  (void)simd;
+  at::parallel_for(0, B * OH, 1, [&](int64_t r0, int64_t r1) {
+    const float* rows[9];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t bb = r / OH, oy = r % OH;
+      for (int64_t ox = 0; ox < OW; ++ox) {
+        tap_rows(a, bb, oy, ox, rows);
+        float* o = a.out + (r * OW + ox) * C;
+#ifdef SHVIT_DW_X86
+        if (simd) {
+          pixel_avx2(a, rows, o);
+          continue;
+        }
+#endif
+        pixel_portable(a, rows, o);
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) { m.impl("dw_conv3x3", &dw_conv3x3); }
+
+}  // namespace shvit_cpu

@@ -74,6 +74,58 @@ def test_ffn_block_matches_composition(shape):
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("shape", [(2, 24, 5, 7), (3, 37, 4, 4), (1, 40, 1, 1), (2, 13, 6, 3), (1, 896, 4, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("relu", [False, True])
+def test_dw_conv3x3_matches_conv2d(shape, stride, relu):
+    """Channels off the 32- and 8-wide vector blocks, odd sizes (stride 2 rounds up), one pixel."""
+    B, C, H, W = shape
+    g = torch.Generator().manual_seed(C + stride)
+    x = _cl(torch.randn(B, C, H, W, generator=g))
+    w, b = torch.randn(C, 1, 3, 3, generator=g) / 3, torch.randn(C, generator=g)
+    out = torch.ops.shvit_cpp.dw_conv3x3(x, w, b, stride, relu)
+    ref = F.conv2d(x.double(), w.double(), b.double(), stride, 1, 1, C)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_rel_close(out, F.relu(ref) if relu else ref, TOL, f"dw {shape} stride {stride} relu {relu}")
+
+
+def test_dw_conv3x3_rejects_bad_arguments():
+    ops = torch.ops.shvit_cpp
+    x = _cl(torch.randn(1, 8, 4, 4))
+    w, b = torch.randn(8, 1, 3, 3), torch.randn(8)
+    with pytest.raises(RuntimeError, match="channels_last"):
+        ops.dw_conv3x3(torch.randn(1, 8, 4, 4), w, b, 1, False)
+    with pytest.raises(RuntimeError, match="stride"):
+        ops.dw_conv3x3(x, w, b, 3, False)
+    with pytest.raises(RuntimeError, match="depthwise"):
+        ops.dw_conv3x3(x, torch.randn(8, 1, 5, 5), b, 1, False)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.dw_conv3x3(x.double(), w.double(), b.double(), 1, False)
+    assert ops.dw_conv3x3(_cl(torch.randn(0, 8, 4, 4)), w, b, 2, True).shape == (0, 8, 2, 2)
+
+
+@needs_gemm
+@pytest.mark.parametrize("shape", [(2, 40, 5, 7, 12), (3, 96, 4, 4, 24), (1, 130, 3, 3, 66)], ids=str)
+def test_shsa_block_packed_gemms_match(shape):
+    """The SHSA block op with pre-packed qkv/projection weights (projection + bias + residual in
+    the GEMM's epilogue) equals the op without them and the composition."""
+    B, C, H, W, pdim = shape
+    qk = 16
+    g = torch.Generator().manual_seed(C)
+    x = _cl(torch.randn(B, C, H, W, generator=g))
+    wq, bq = torch.randn(2 * qk + pdim, pdim, generator=g) / pdim**0.5, torch.randn(2 * qk + pdim, generator=g)
+    wp, bp = torch.randn(C, C, 1, 1, generator=g) / C**0.5, torch.randn(C, generator=g)
+    ops = torch.ops.shvit_cpp
+    plain = ops.shsa_block_infer(x, wq, bq, wp.view(C, C), bp, pdim, qk, 1e-5)
+    packed = ops.shsa_block_infer(x, wq, bq, wp.view(C, C), bp, pdim, qk, 1e-5, ops.pack_weight(wq), ops.pack_weight(wp))
+    z = shvit_kernels.shsa_inference(x.double(), wq.double(), bq.double(), pdim, qk)
+    ref = x.double() + F.conv2d(z, wp.double(), bp.double())
+    assert_rel_close(plain, ref, TOL, "block op, ATen GEMMs")
+    assert_rel_close(packed, ref, TOL, "block op, packed GEMMs")
+    assert packed.is_contiguous(memory_format=torch.channels_last)
+
+
 @needs_gemm
 def test_gemm_keeps_nan_and_inf():
     x = _cl(torch.randn(1, 20, 3, 4))

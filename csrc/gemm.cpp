@@ -9,6 +9,7 @@
 #include "gemm.h"
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -243,6 +244,118 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
       for (int64_t kk = 0; kk < k; ++kk) s += a[i * lda + kk] * panel[kk * kPanel];
       c[i * ldc + j] = epi.relu && s < 0.f ? 0.f : s;
     }
+  }
+}
+
+void pack_weight_t(const float* v, int64_t n, int64_t k, int64_t ldv, float* out) {
+  const int64_t np = (n + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t c0 = p * kPanel, nv = std::min(kPanel, n - c0);
+    float* dst = out + p * k * kPanel;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const float* src = v + kk * ldv + c0;
+      float* d = dst + kk * kPanel;
+      for (int64_t j = 0; j < nv; ++j) d[j] = src[j];
+      for (int64_t j = nv; j < kPanel; ++j) d[j] = 0.f;
+    }
+  }
+}
+
+#ifdef SHVIT_GEMM_X86
+namespace {
+// exp for float32 lanes (Cephes expf: Cody-Waite reduction by ln 2, degree-5 polynomial; about
+// 1 ulp on [-87, 88]). NaN stays NaN; below -87.3 the result flushes towards 0.
+SHVIT_AVX2 inline __m256 exp_ps(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365478515625f);
+  x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));  // operand order keeps NaN
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+SHVIT_AVX2 inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+SHVIT_AVX2 inline float hsum(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_add_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+SHVIT_AVX2 void softmax_rows_avx2(float* s, int64_t m, int64_t n, int64_t ld) {
+  const int64_t n8 = n / 8 * 8;
+  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - n8)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int64_t i = 0; i < m; ++i) {
+    float* r = s + i * ld;
+    __m256 mx = _mm256_set1_ps(-INFINITY), unord = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n8; j += 8) {
+      const __m256 v = _mm256_loadu_ps(r + j);
+      mx = _mm256_max_ps(mx, v);
+      unord = _mm256_or_ps(unord, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float rmax = hmax(mx);
+    bool nan = _mm256_movemask_ps(unord) != 0;
+    for (int64_t j = n8; j < n; ++j) {
+      rmax = r[j] > rmax ? r[j] : rmax;
+      nan |= r[j] != r[j];
+    }
+    if (nan) rmax = NAN;  // the row's output is NaN, as in torch.softmax
+    const __m256 vm = _mm256_set1_ps(rmax);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n8; j += 8) {
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(r + j), vm));
+      _mm256_storeu_ps(r + j, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    if (n8 < n) {
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_maskload_ps(r + n8, tail), vm));
+      _mm256_maskstore_ps(r + n8, tail, e);
+      acc = _mm256_add_ps(acc, _mm256_and_ps(e, _mm256_castsi256_ps(tail)));
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / hsum(acc));
+    for (int64_t j = 0; j < n8; j += 8) _mm256_storeu_ps(r + j, _mm256_mul_ps(_mm256_loadu_ps(r + j), inv));
+    if (n8 < n) _mm256_maskstore_ps(r + n8, tail, _mm256_mul_ps(_mm256_maskload_ps(r + n8, tail), inv));
+  }
+}
+}  // namespace
+#endif
+
+void softmax_rows(float* s, int64_t m, int64_t n, int64_t ld) {
+  if (n <= 0) return;
+#ifdef SHVIT_GEMM_X86
+  if (available()) {
+    softmax_rows_avx2(s, m, n, ld);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < m; ++i) {
+    float* r = s + i * ld;
+    float mx = r[0];
+    bool nan = false;
+    for (int64_t j = 0; j < n; ++j) {
+      mx = r[j] > mx ? r[j] : mx;
+      nan |= r[j] != r[j];
+    }
+    if (nan) mx = NAN;
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; ++j) sum += (r[j] = std::exp(r[j] - mx));
+    for (int64_t j = 0; j < n; ++j) r[j] /= sum;
   }
 }
 

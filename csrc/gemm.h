@@ -38,4 +38,11 @@ void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* out);
 void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
                  int64_t ldc, const Epilogue& epi);
 
+// pack_weight of the transpose: out[(p * k + kk) * 16 + j] = v[kk * ldv + p * 16 + j] (v is
+// (k, n) with row stride ldv; zero for p * 16 + j >= n).
+void pack_weight_t(const float* v, int64_t n, int64_t k, int64_t ldv, float* out);
+
+// Row-wise softmax in place: rows (m, n) with row stride ld; exact-max shift, NaN propagates.
+void softmax_rows(float* s, int64_t m, int64_t n, int64_t ld);
+
 }  // namespace shvit_gemm

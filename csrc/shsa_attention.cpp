@@ -28,7 +28,7 @@ void relu_rows_into(const Tensor& src, Tensor& out, int64_t c0, int64_t n0) {
     const int64_t b = row / R, c = row % R;
     const acc_t* s = ps + b * sb + c * sr;
     out_t* o = po + (b * CO + c0 + c) * N + n0;
-    for (int64_t i = 0; i < T; ++i) o[i] = static_cast<out_t>(s[i] > acc_t(0) ? s[i] : acc_t(0));
+    for (int64_t i = 0; i < T; ++i) o[i] = static_cast<out_t>(s[i] < acc_t(0) ? acc_t(0) : s[i]);  // NaN stays NaN
   });
 }
 }  // namespace
@@ -74,7 +74,7 @@ void attention_forward_core(const Tensor& qT, const Tensor& k, const Tensor& v, 
         const int64_t b = row / C2, c = row % C2;
         const in_t* s = px + b * sb + c * sc;
         scalar_t* o = po + (b * CO + PD + c) * N;
-        for (int64_t i = 0; i < N; ++i) o[i] = static_cast<scalar_t>(s[i] > in_t(0) ? s[i] : in_t(0));
+        for (int64_t i = 0; i < N; ++i) o[i] = static_cast<scalar_t>(s[i] < in_t(0) ? in_t(0) : s[i]);
       });
     });
   });

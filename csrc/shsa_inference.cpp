@@ -4,6 +4,8 @@
 // scale folded into the weight), then the shared attention core writes the output.
 #include <torch/library.h>
 
+#include <vector>
+
 #include "attention_core.h"
 #include "common.h"
 #include "gemm.h"
@@ -74,6 +76,35 @@ void packed_gemm_rows(const float* a, int64_t m, int64_t k, const Tensor& wp, co
   });
 }
 
+// z[b * N + i, 0:PD] = ReLU(softmax(q_i K_b^T) V_b) for a token-major float32 qkv (B * N, CQ)
+// whose q carries the scale: per (image, query chunk), two packed GEMMs around a row softmax;
+// memory per thread linear in N (a chunk x N score tile, never N x N per image).
+void attention_tokens_f32(const float* qkv, int64_t B, int64_t N, int64_t QK, int64_t PD, float* z, int64_t ldz) {
+  const int64_t CQ = 2 * QK + PD;
+  const int64_t tq = std::min<int64_t>(N, 96);
+  const int64_t chunks = (N + tq - 1) / tq;
+  at::parallel_for(0, B * chunks, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> kp(static_cast<size_t>(shvit_gemm::packed_size(N, QK)));
+    std::vector<float> vp(static_cast<size_t>(shvit_gemm::packed_size(PD, N)));
+    std::vector<float> s(static_cast<size_t>(tq * N));
+    int64_t packed_b = -1;
+    shvit_gemm::Epilogue relu;
+    relu.relu = true;
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / chunks, i0 = (w % chunks) * tq, rows = std::min(tq, N - i0);
+      const float* qb = qkv + b * N * CQ;
+      if (b != packed_b) {
+        shvit_gemm::pack_weight(qb + QK, N, QK, CQ, kp.data());        // K as an (N, QK) weight
+        shvit_gemm::pack_weight_t(qb + 2 * QK, PD, N, CQ, vp.data());  // V^T as a (PD, N) weight
+        packed_b = b;
+      }
+      shvit_gemm::gemm_packed(rows, N, QK, qb + i0 * CQ, CQ, kp.data(), s.data(), N, shvit_gemm::Epilogue{});
+      shvit_gemm::softmax_rows(s.data(), rows, N, N);
+      shvit_gemm::gemm_packed(rows, PD, N, s.data(), N, vp.data(), z + (b * N + i0) * ldz, ldz, relu);
+    }
+  });
+}
+
 // qkvT = xhT @ weight^T + bias over all B*N tokens (one GEMM), as (B, N, CQ).
 Tensor qkv_gemm(const Tensor& xhT, const Tensor& weight, const Tensor& bias, int64_t B, int64_t N,
                 const std::optional<Tensor>& w_packed = std::nullopt) {
@@ -128,6 +159,24 @@ Tensor shsa_infer(const Tensor& x, const Tensor& weight, const Tensor& bias, int
   Tensor out = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (B == 0 || N == 0) return out;
   auto [qkvT, xv] = project_qkv(x, weight, bias, pdim, qk_dim, eps);
+  if (x.scalar_type() == at::kFloat && shvit_gemm::available()) {
+    // token-major attention, then one blocked transpose into the channel-major output
+    Tensor zT = at::empty({B * N, pdim}, x.options());
+    attention_tokens_f32(qkvT.const_data_ptr<float>(), B, N, qk_dim, pdim, zT.data_ptr<float>(), pdim);
+    const float* pz = zT.const_data_ptr<float>();
+    const float* px = xv.const_data_ptr<float>();
+    float* po = out.data_ptr<float>();
+    const int64_t sb = xv.stride(0), sc = xv.stride(1);
+    parallel_rows(B, 1, [&](int64_t b) {
+      transpose_map(pz + b * N * pdim, pdim, po + b * C * N, N, N, pdim, [](float v, int64_t, int64_t) { return v; });
+      for (int64_t c = pdim; c < C; ++c) {
+        const float* src = px + b * sb + c * sc;
+        float* dst = po + (b * C + c) * N;
+        for (int64_t n = 0; n < N; ++n) dst[n] = src[n] < 0.f ? 0.f : src[n];  // NaN stays NaN, as in torch.relu
+      }
+    });
+    return out;
+  }
   Tensor qT = qkvT.narrow(2, 0, qk_dim);                        // (B, N, QK), scale folded in
   Tensor k = qkvT.narrow(2, qk_dim, qk_dim).transpose(1, 2);    // (B, QK, N)
   Tensor v = qkvT.narrow(2, 2 * qk_dim, pdim).transpose(1, 2);  // (B, PD, N)
@@ -147,7 +196,7 @@ void relu_transpose_into(const Tensor& src, acc_t* dst, int64_t ldd, int64_t c0)
   parallel_rows(B, 1, [&](int64_t b) {
     transpose_map(ps + b * sb, sc, dst + b * N * ldd + c0, ldd, R, N, [](in_t v, int64_t, int64_t) {
       const acc_t a = static_cast<acc_t>(v);
-      return a > acc_t(0) ? a : acc_t(0);
+      return a < acc_t(0) ? acc_t(0) : a;
     });
   });
 }
@@ -206,9 +255,13 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
   Tensor vT = qkvT.narrow(2, 2 * qk_dim, pdim);               // (B, N, PD)
   Tensor zT = at::empty({B, N, C}, x.options().dtype(acc));   // ReLU(concat), token-major
   const int64_t tm = query_chunk(B, N, zT.element_size());
+  const bool fast_attention = token_major && acc == at::kFloat && shvit_gemm::available();
+  if (fast_attention) {
+    attention_tokens_f32(qkvT.const_data_ptr<float>(), B, N, qk_dim, pdim, zT.data_ptr<float>(), C);
+  }
   AT_DISPATCH_FLOATING_TYPES(acc, "shsa_block_attn", [&] {
     scalar_t* pz = zT.data_ptr<scalar_t>();
-    for (int64_t m0 = 0; m0 < N; m0 += tm) {
+    for (int64_t m0 = fast_attention ? N : 0; m0 < N; m0 += tm) {
       const int64_t t = std::min(tm, N - m0);
       Tensor p = at::_softmax(at::bmm(qT.narrow(1, m0, t), k), -1, false);  // (B, t, N)
       Tensor oT = at::bmm(p, vT);                                           // (B, t, PD)
@@ -217,7 +270,7 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
         const int64_t b = row / t, i = row % t;
         const scalar_t* src = po + row * pdim;
         scalar_t* dst = pz + (b * N + m0 + i) * C;
-        for (int64_t c = 0; c < pdim; ++c) dst[c] = src[c] > scalar_t(0) ? src[c] : scalar_t(0);
+        for (int64_t c = 0; c < pdim; ++c) dst[c] = src[c] < scalar_t(0) ? scalar_t(0) : src[c];
       });
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "shsa_block_x2", [&] {
@@ -231,7 +284,7 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
           acc_t* zr = pzz + r * C;
           for (int64_t c = pdim; c < C; ++c) {
             const acc_t v = static_cast<acc_t>(xr[c]);
-            zr[c] = v > acc_t(0) ? v : acc_t(0);
+            zr[c] = v < acc_t(0) ? acc_t(0) : v;
           }
         });
       } else {

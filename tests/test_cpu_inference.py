@@ -330,3 +330,29 @@ def test_training_path_unaffected_and_fuse_keeps_reference_names():
     # the ReLUs that the fused convs absorbed are gone from the folded fused stem
     fused.fuse()
     assert not any(isinstance(m, torch.nn.ReLU) for m in fused.patch_embed)
+
+
+@pytest.mark.parametrize("where", ["x1", "x2"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_nan_propagates_like_the_composition(where, layout, monkeypatch):
+    """A NaN in the attention channels poisons its image (softmax), one in the pass-through
+    channels only its own entries (ReLU keeps NaN): the same entries as the eager composition."""
+    use_backend(monkeypatch, "cpp", "cpu")
+    B, C, H, W, pdim, qk = 2, 40, 3, 5, 12, 16
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, C, H, W, generator=g)
+    x[1, 3 if where == "x1" else 30, 1, 2] = float("nan")
+    if layout == "channels_last":
+        x = _cl(x)
+    wq, bq = torch.randn(2 * qk + pdim, pdim, generator=g), torch.randn(2 * qk + pdim, generator=g)
+    wp, bp = torch.randn(C, C, 1, 1, generator=g), torch.randn(C, generator=g)
+    with torch.no_grad():
+        z = shvit_kernels.shsa_inference(x, wq, bq, pdim, qk)
+        blk = shvit_kernels.shsa_block_inference(x, wq, bq, wp, bp, pdim, qk)
+    monkeypatch.setenv(backend.ENV, "torch")
+    with torch.no_grad():
+        z_ref = shvit_kernels.shsa_inference(x, wq, bq, pdim, qk)
+        blk_ref = x + F.conv2d(z_ref, wp, bp)
+    assert torch.equal(z.isnan(), z_ref.isnan()) and z.isnan().any()
+    assert torch.equal(blk.isnan(), blk_ref.isnan())
+    assert_rel_close(z.nan_to_num(), z_ref.nan_to_num(), TOL, "finite entries")

@@ -110,10 +110,17 @@ Tensor qkv_gemm(const Tensor& xhT, const Tensor& weight, const Tensor& bias, int
                 const std::optional<Tensor>& w_packed = std::nullopt) {
   const auto acc = xhT.scalar_type();
   const int64_t cq = weight.size(0), pdim = weight.size(1);
-  if (packed_usable(w_packed, xhT, cq, pdim)) {
+  std::optional<Tensor> wp = w_packed;
+  if (!wp.has_value() && acc == at::kFloat && shvit_gemm::available()) {
+    // pack here (cq x pdim floats: far less than the GEMM reads)
+    wp = at::empty({(cq + shvit_gemm::kPanel - 1) / shvit_gemm::kPanel, pdim, shvit_gemm::kPanel}, xhT.options());
+    const Tensor w32 = weight.to(at::kFloat).contiguous();
+    shvit_gemm::pack_weight(w32.const_data_ptr<float>(), cq, pdim, pdim, wp->data_ptr<float>());
+  }
+  if (packed_usable(wp, xhT, cq, pdim)) {
     Tensor qkvT = at::empty({B * N, cq}, xhT.options());
     const Tensor b = bias.to(at::kFloat).contiguous();
-    packed_gemm_rows(xhT.const_data_ptr<float>(), B * N, pdim, *w_packed, b.const_data_ptr<float>(), nullptr,
+    packed_gemm_rows(xhT.const_data_ptr<float>(), B * N, pdim, *wp, b.const_data_ptr<float>(), nullptr,
                      qkvT.data_ptr<float>(), cq);
     return qkvT.view({B, N, cq});
   }

@@ -7,7 +7,8 @@ Inference (eval mode), providers:
   the first call, with a fresh inductor cache unless ``TORCHINDUCTOR_CACHE_DIR`` is set);
 - ``fused+fuse``: ``fused=True`` (the SHSA mixers as fused ops), then ``fuse()``; same weights.
 Protocols: CPU batch 16, one thread (``--threads``); CUDA batch 256 under float16 autocast.
-224 px, S4 at 256 px.
+224 px, S4 at 256 px. On CPU the model is also timed at batch 1 (one thread) and at batch 16
+with two threads (``--extra-settings``; without the compile provider).
 
 Training (``--train-variants``; train mode, cross-entropy, one SGD step with momentum per
 call): ``eager`` vs ``fused``.
@@ -36,6 +37,12 @@ import shvit_kernels
 from benchmarks.common import Progress, format_table, machine_info, machine_line, time_cpu_interleaved, write_results
 
 RESOLUTION = {"shvit_s1": 224, "shvit_s2": 224, "shvit_s3": 224, "shvit_s4": 256}
+
+
+def parse_setting(text: str) -> tuple[int, int]:
+    """``"BxT"``: batch B with T threads."""
+    b, _, t = text.partition("x")
+    return int(b), int(t or 1)
 
 
 def build_providers(variant: str, device: str, compile_: bool) -> dict[str, torch.nn.Module]:
@@ -73,6 +80,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--train-batch", type=int, default=None, help="default: 16 on CPU, 128 on CUDA")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--extra-settings", nargs="*", default=None, metavar="BxT",
+                   help="more CPU inference settings, batch x threads (default: 1x1 16x2; none: skip)")
     p.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per measurement")
     p.add_argument("--out", default=None,
                    help="result name under benchmarks/results/, or a path without suffix (default model_<device>)")
@@ -92,13 +101,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     info["protocol"] = f"batch {batch}, " + ("float16 autocast" if dev == "cuda" else f"{args.threads} thread(s), float32")
     print(machine_line(info), f"| fused backend: {info['backend']} | {info['protocol']}", flush=True)
     run = timer(dev, args.min_time)
-    n_steps = len(args.variants) * (2 if not args.no_compile else 1) + len(args.train_variants)
+    settings = [(batch, args.threads)]
+    if dev == "cpu":
+        extra = ["1x1", "16x2"] if args.extra_settings is None else args.extra_settings
+        settings += [s for s in map(parse_setting, extra) if s != settings[0]]
+    n_steps = len(args.variants) * (len(settings) + (0 if args.no_compile else 1)) + len(args.train_variants)
     progress = Progress(n_steps)
     rows = []
-    for variant in args.variants:
+    for (bsz, threads), variant in [(s, v) for s in settings for v in args.variants]:
+        first = (bsz, threads) == settings[0]
+        if dev == "cpu":
+            torch.set_num_threads(threads)
         res = RESOLUTION[variant]
-        x = torch.randn(batch, 3, res, res, device=dev)
-        providers = build_providers(variant, dev, not args.no_compile)
+        x = torch.randn(bsz, 3, res, res, device=dev)
+        providers = build_providers(variant, dev, first and not args.no_compile)
         compile_s = None
         with torch.inference_mode(), autocast:
             if "compile" in providers:
@@ -108,15 +124,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 compile_s = time.perf_counter() - t0
-            progress.step(f"{variant} {res}px: timing {', '.join(providers)}")
+            progress.step(f"{variant} {res}px batch {bsz}" + (f" {threads} threads" if dev == "cpu" else "")
+                          + f": timing {', '.join(providers)}")
             times = run({n: (lambda m=m: m(x)) for n, m in providers.items()})
-        base = batch / times["eager"]["median_s"]
+        base = bsz / times["eager"]["median_s"]
+        folded = bsz / times["eager+fuse"]["median_s"]
         for name, t in times.items():
-            ips = batch / t["median_s"]
-            rows.append(dict(kind="inference", variant=variant, resolution=res, batch=batch, device=dev,
-                             threads=args.threads if dev == "cpu" else None, provider=name, images_per_s=ips,
+            ips = bsz / t["median_s"]
+            rows.append(dict(kind="inference", variant=variant, resolution=res, batch=bsz, device=dev,
+                             threads=threads if dev == "cpu" else None, provider=name, images_per_s=ips,
                              median_ms=t["median_s"] * 1e3, reps=t["reps"], speedup_vs_eager=ips / base,
+                             speedup_vs_eager_fuse=ips / folded,
                              compile_s=compile_s if name == "compile" else None))
+    if dev == "cpu":
+        torch.set_num_threads(args.threads)
     for variant in args.train_variants:
         res = RESOLUTION[variant]
         progress.step(f"{variant} {res}px: training step, eager vs fused")
@@ -159,9 +180,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print()
     print(machine_line(info), f"| fused backend: {info['backend']} | {info['protocol']}")
     print(format_table(
-        ["kind", "model", "px", "batch", "provider", "images/s", "ms/batch", "vs eager", "compile s"],
-        [[r["kind"], r["variant"], str(r["resolution"]), str(r["batch"]), r["provider"], f"{r['images_per_s']:.1f}",
-          f"{r['median_ms']:.1f}", f"{r['speedup_vs_eager']:.2f}x",
+        ["kind", "model", "px", "batch", "threads", "provider", "images/s", "ms/batch", "vs eager", "vs eager+fuse",
+         "compile s"],
+        [[r["kind"], r["variant"], str(r["resolution"]), str(r["batch"]), str(r["threads"] or ""), r["provider"],
+          f"{r['images_per_s']:.1f}", f"{r['median_ms']:.1f}", f"{r['speedup_vs_eager']:.2f}x",
+          f"{r['speedup_vs_eager_fuse']:.2f}x" if r.get("speedup_vs_eager_fuse") else "",
           f"{r['compile_s']:.0f}" if r.get("compile_s") else ""] for r in rows],
     ))
     out = pathlib.Path(args.out or f"model_{dev}")

@@ -26,12 +26,14 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 def model_table(data: dict) -> str:
     rows = [
-        [r.get("kind", "inference"), r["variant"], str(r["resolution"]), str(r["batch"]), r["provider"],
-         f"{r['images_per_s']:.1f}", f"{r['median_ms']:.1f}", f"{r['speedup_vs_eager']:.2f}×",
+        [r.get("kind", "inference"), r["variant"], str(r["resolution"]), str(r["batch"]), str(r.get("threads") or ""),
+         r["provider"], f"{r['images_per_s']:.1f}", f"{r['median_ms']:.1f}", f"{r['speedup_vs_eager']:.2f}×",
+         f"{r['speedup_vs_eager_fuse']:.2f}×" if r.get("speedup_vs_eager_fuse") else "",
          f"{r['compile_s']:.0f}" if r.get("compile_s") else ""]
         for r in data["rows"]
     ]
-    return _table(["kind", "model", "px", "batch", "provider", "images/s", "ms / batch", "vs eager", "compile s"], rows)
+    return _table(["kind", "model", "px", "batch", "threads", "provider", "images/s", "ms / batch", "vs eager",
+                   "vs eager+fuse", "compile s"], rows)
 
 
 def shsa_table(data: dict) -> str:

@@ -306,7 +306,13 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
                      x.const_data_ptr<float>(), out.data_ptr<float>(), C);
     return out;
   }
-  Tensor yT = at::mm(zT.view({B * N, C}), w_proj.to(acc).t());  // (B*N, C), bias added below
+  Tensor yT;  // (B*N, C), bias added below
+  if (packed_usable(w_proj_packed, zT, C, C)) {
+    yT = at::empty({B * N, C}, zT.options());
+    packed_gemm_rows(zT.const_data_ptr<float>(), B * N, C, *w_proj_packed, nullptr, nullptr, yT.data_ptr<float>(), C);
+  } else {
+    yT = at::mm(zT.view({B * N, C}), w_proj.to(acc).t());
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "shsa_block_residual", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (token_major) {  // out[r, c] = x[r, c] + yT[r, c] + bias[c], all rows contiguous

@@ -107,13 +107,15 @@ def test_dw_conv3x3_rejects_bad_arguments():
 
 @needs_gemm
 @pytest.mark.parametrize("shape", [(2, 40, 5, 7, 12), (3, 96, 4, 4, 24), (1, 130, 3, 3, 66)], ids=str)
-def test_shsa_block_packed_gemms_match(shape):
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_shsa_block_packed_gemms_match(shape, channels_last):
     """The SHSA block op with pre-packed qkv/projection weights (projection + bias + residual in
     the GEMM's epilogue) equals the op without them and the composition."""
     B, C, H, W, pdim = shape
     qk = 16
     g = torch.Generator().manual_seed(C)
-    x = _cl(torch.randn(B, C, H, W, generator=g))
+    x = torch.randn(B, C, H, W, generator=g)
+    x = _cl(x) if channels_last else x
     wq, bq = torch.randn(2 * qk + pdim, pdim, generator=g) / pdim**0.5, torch.randn(2 * qk + pdim, generator=g)
     wp, bp = torch.randn(C, C, 1, 1, generator=g) / C**0.5, torch.randn(C, generator=g)
     ops = torch.ops.shvit_cpp
@@ -123,7 +125,7 @@ def test_shsa_block_packed_gemms_match(shape):
     ref = x.double() + F.conv2d(z, wp.double(), bp.double())
     assert_rel_close(plain, ref, TOL, "block op, ATen GEMMs")
     assert_rel_close(packed, ref, TOL, "block op, packed GEMMs")
-    assert packed.is_contiguous(memory_format=torch.channels_last)
+    assert packed.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 @needs_gemm

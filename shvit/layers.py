@@ -28,6 +28,7 @@ __all__ = [
     "ConvAct",
     "FFNInference",
     "PatchMergingInference",
+    "SqueezeExciteInference",
     "fold_fused_inference",
 ]
 
@@ -361,6 +362,21 @@ class FFNInference(nn.Module):
         return shvit_kernels.ffn_block(x, self.pw1.weight, self.pw1.bias, self.pw2.weight, self.pw2.bias)
 
 
+class SqueezeExciteInference(nn.Module):
+    """SqueezeExcite of a folded fused model: its two 1x1 convs on the pooled (B, C) vector
+    through ``shvit_kernels.conv1x1`` (the ReLU fused), then the sigmoid gate."""
+
+    def __init__(self, se: SqueezeExcite):
+        super().__init__()
+        self.fc1, self.fc2 = se.fc1, se.fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        s = shvit_kernels.conv1x1(s, self.fc1.weight, self.fc1.bias, relu=True)
+        s = shvit_kernels.conv1x1(s, self.fc2.weight, self.fc2.bias)
+        return x * s.sigmoid()
+
+
 class PatchMergingInference(nn.Module):
     """A BN-folded PatchMerging with its ReLUs fused into the convolutions."""
 
@@ -368,7 +384,7 @@ class PatchMergingInference(nn.Module):
         super().__init__()
         self.conv1 = ConvAct(pm.conv1, relu=True)
         self.conv2 = ConvAct(pm.conv2, relu=True)
-        self.se = pm.se
+        self.se = SqueezeExciteInference(pm.se)
         self.conv3 = ConvAct(pm.conv3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

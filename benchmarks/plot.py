@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
         rows = data["rows"]
         if path == model_path:
             rows = [r for r in rows if r.get("kind", "inference") == "inference"]
+            # the main protocol (the first setting timed); batch 1 / two threads are in the tables
+            rows = [r for r in rows if (r["batch"], r.get("threads")) == (rows[0]["batch"], rows[0].get("threads"))]
             variants = list(dict.fromkeys(r["variant"] for r in rows))
             providers = list(dict.fromkeys(r["provider"] for r in rows))
             width = 0.8 / len(providers)

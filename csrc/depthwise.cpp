@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "gemm.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define SHVIT_DW_X86 1
@@ -90,15 +91,6 @@ __attribute__((target("avx2,fma"))) void pixel_avx2(const DwArgs& a, const float
 }
 #endif
 
-bool dw_simd() {
-#ifdef SHVIT_DW_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 
 Tensor dw_conv3x3(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t stride, bool relu) {
@@ -121,7 +113,7 @@ Tensor dw_conv3x3(const Tensor& x, const Tensor& weight, const Tensor& bias, int
   const Tensor b = bias.contiguous();
   const DwArgs a{x.const_data_ptr<float>(), w9.const_data_ptr<float>(), b.const_data_ptr<float>(),
                  out.data_ptr<float>(), H, W, C, OH, OW, stride, relu};
-  const bool simd = dw_simd();
+  const bool simd = shvit_gemm::available();  // the same AVX2 + FMA check
   (void)simd;
   at::parallel_for(0, B * OH, 1, [&](int64_t r0, int64_t r1) {
     const float* rows[9];

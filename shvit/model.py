@@ -146,8 +146,6 @@ class SHViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if self._use_channels_last(x):
-            x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(x)
         x = self.blocks1(x)
         x = self.blocks2(x)
@@ -221,17 +219,15 @@ class SHViT(nn.Module):
         for name, child in self.named_children():
             setattr(self, name, fuse_modules(child))
         if self.fused:
-            # CPU inference of the folded fused model runs channels_last (token-major): the 1x1
-            # convs are GEMMs with fused bias/ReLU/residual epilogues (FFNs one op each), the
-            # others oneDNN NHWC convs with the ReLU fused, and the SHSA block op needs no transposes
+            # CPU inference of the folded fused model runs channels_last (token-major) from the
+            # first conv's output on (that conv reads the NCHW image): the 1x1 convs are GEMMs with
+            # fused bias/ReLU/residual epilogues (FFNs one op each), depthwise and stem convs have
+            # the ReLU fused, and the SHSA block op needs no transposes
             for name, child in self.named_children():
                 setattr(self, name, fold_fused_inference(child))
             self.to(memory_format=torch.channels_last)
             self._folded_fused = True
         return self
-
-    def _use_channels_last(self, x: torch.Tensor) -> bool:
-        return getattr(self, "_folded_fused", False) and x.device.type == "cpu" and not self.training
 
 
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -8,8 +8,10 @@ kernel of our own).
 On CPU, for float32 inputs without a gradient to compute, on the ``cpp`` backend and outside
 ``torch.compile``/``torch.export``, the 1x1 convolutions run as token-major GEMMs of
 ``shvit_kernels._C`` on channels_last tensors (x86-64 with AVX2 and FMA), the depthwise
-3x3 convolutions (stride 1 or 2) as a token-major kernel of ``_C``, and the other convolutions
-(the stem) as oneDNN convolutions with the ReLU fused (``torch.ops.mkldnn``). Everything
+3x3 convolutions (stride 1 or 2) as a token-major kernel of ``_C``, the first stem conv by a
+kernel that reads the NCHW image directly (no layout conversion) and writes channels_last,
+and the other stem convolutions as oneDNN convolutions with the ReLU fused
+(``torch.ops.mkldnn``). Everything
 else -- CUDA, other dtypes, autograd, compiled graphs, other CPUs, ``SHVIT_KERNELS_BACKEND=torch``
 -- runs the eager composition (``F.conv2d``, ``F.relu``, ``+``), which is the reference.
 Outputs of the fast path are channels_last.
@@ -110,6 +112,19 @@ def ffn_block(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tens
     return x + F.conv2d(F.relu(F.conv2d(x, w1, b1)), w2, b2)
 
 
+def _is_stem3x3(conv: torch.nn.Conv2d) -> bool:
+    """A 3x3 conv with few input channels (an image) that ``stem_conv3x3`` takes from NCHW."""
+    return (
+        conv.groups == 1
+        and conv.in_channels * 9 <= 64
+        and conv.out_channels <= 32
+        and conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.stride in ((1, 1), (2, 2))
+    )
+
+
 def _is_dw3x3(conv: torch.nn.Conv2d) -> bool:
     return (
         conv.groups == conv.in_channels == conv.out_channels
@@ -131,6 +146,9 @@ def conv_act(x: Tensor, conv: torch.nn.Conv2d, relu: bool = False) -> Tensor:
         return conv1x1(x, conv.weight, conv.bias, relu=relu)
     if _is_dw3x3(conv) and fast_path_applies(x, conv.weight, conv.bias):
         return torch.ops.shvit_cpp.dw_conv3x3(_cl(x), conv.weight, conv.bias, conv.stride[0], relu)
+    if _is_stem3x3(conv) and x.is_contiguous() and fast_path_applies(x, conv.weight, conv.bias) and gemm_available():
+        # the first stem conv, straight from the NCHW image (no layout conversion), channels_last out
+        return torch.ops.shvit_cpp.stem_conv3x3(x, conv.weight, conv.bias, conv.stride[0], relu)
     if fast_path_applies(x, conv.weight, conv.bias) and _mkldnn_conv_available():
         return torch.ops.mkldnn._convolution_pointwise(
             _cl(x), conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,

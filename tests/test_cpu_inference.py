@@ -129,6 +129,40 @@ def test_shsa_block_packed_gemms_match(shape, channels_last):
 
 
 @needs_gemm
+@pytest.mark.parametrize("shape", [(2, 3, 17, 13), (1, 3, 1, 1), (3, 1, 8, 9), (1, 7, 5, 4), (1, 3, 2, 30)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("cout", [5, 16, 28, 32])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_stem_conv3x3_matches_conv2d(shape, cout, stride):
+    """The first stem conv from the NCHW image: odd sizes, one pixel, output channels below,
+    at and between the 16/32 vector widths; channels_last output."""
+    B, C, H, W = shape
+    g = torch.Generator().manual_seed(H * W + C + cout)
+    x = torch.randn(B, C, H, W, generator=g)
+    w, b = torch.randn(cout, C, 3, 3, generator=g) / 3, torch.randn(cout, generator=g)
+    for relu in (False, True):
+        out = torch.ops.shvit_cpp.stem_conv3x3(x, w, b, stride, relu)
+        ref = F.conv2d(x.double(), w.double(), b.double(), stride, 1)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert_rel_close(out, F.relu(ref) if relu else ref, TOL, f"stem {shape} cout {cout} s{stride} relu {relu}")
+
+
+@needs_gemm
+def test_stem_conv3x3_rejects_bad_arguments():
+    ops = torch.ops.shvit_cpp
+    w, b = torch.randn(8, 3, 3, 3), torch.randn(8)
+    with pytest.raises(RuntimeError, match="NCHW"):
+        ops.stem_conv3x3(_cl(torch.randn(1, 3, 5, 5)), w, b, 2, False)
+    with pytest.raises(RuntimeError, match="Cout <= 32"):
+        ops.stem_conv3x3(torch.randn(1, 3, 5, 5), torch.randn(40, 3, 3, 3), torch.randn(40), 2, False)
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.stem_conv3x3(torch.randn(1, 4, 5, 5), w, b, 2, False)
+    with pytest.raises(RuntimeError, match="stride"):
+        ops.stem_conv3x3(torch.randn(1, 3, 5, 5), w, b, 3, False)
+    assert ops.stem_conv3x3(torch.randn(0, 3, 5, 5), w, b, 2, True).shape == (0, 8, 3, 3)
+
+
+@needs_gemm
 def test_gemm_keeps_nan_and_inf():
     x = _cl(torch.randn(1, 20, 3, 4))
     x[0, 3, 1, 2] = float("nan")

@@ -1,0 +1,171 @@
+// The first stem convolution (3x3, padding 1, few input channels) read straight from the NCHW
+// image and written channels_last, with bias and ReLU: CPU kernel of shvit_cpp::stem_conv3x3
+// (see shvit_kernels/pointwise.py). It saves the NCHW -> channels_last copy of the image that
+// an NHWC convolution would need first.
+//
+// Per output row: the 3 input rows of each channel are copied once into zero-padded buffers
+// (so the taps need no bounds checks), then each group of output pixels accumulates the 9*Cin
+// taps into AVX registers holding all its output channels (up to 32; 8 accumulators: 4 pixels
+// x 16 channels or 2 pixels x 32 channels). x86-64 with AVX2/FMA only; the caller falls back
+// to oneDNN elsewhere.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common.h"
+#include "gemm.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SHVIT_STEM_X86 1
+#endif
+
+namespace shvit_cpu {
+
+namespace {
+
+struct StemArgs {
+  const float* x;     // (B, Cin, H, W)
+  const float* w;     // (9 * Cin, CoP): tap-major, zero past Cout
+  const float* bias;  // (CoP,), zero past Cout
+  float* out;         // (B, OH, OW, Cout)
+  int64_t Cin, H, W, OH, OW, Cout, CoP, stride;
+  bool relu;
+};
+
+#ifdef SHVIT_STEM_X86
+#define SHVIT_STEM_AVX2 __attribute__((target("avx2,fma")))
+
+// Store one pixel's NV vectors of output channels (masked past Cout).
+SHVIT_STEM_AVX2 inline void store_pixel(const StemArgs& a, float* o, const __m256* v, int nv) {
+  const __m256 z = _mm256_setzero_ps();
+  for (int j = 0; j < nv; ++j) {
+    __m256 r = a.relu ? _mm256_max_ps(z, v[j]) : v[j];  // max(0, v): NaN stays NaN
+    const int64_t c0 = j * 8;
+    if (c0 + 8 <= a.Cout) {
+      _mm256_storeu_ps(o + c0, r);
+    } else {
+      const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(a.Cout - c0)),
+                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      _mm256_maskstore_ps(o + c0, m, r);
+    }
+  }
+}
+
+// One output row with NV vectors (8 channels each) per pixel and 8 / NV pixels per step.
+// rows[ci * 3 + ky] is input row oy * stride - 1 + ky of channel ci, padded: rows[..][ix + 1].
+template <int NV>
+SHVIT_STEM_AVX2 void stem_row(const StemArgs& a, const float* const* rows, float* orow) {
+  constexpr int PX = 8 / NV;
+  constexpr int64_t CoP = 8 * NV;
+  const int64_t s = a.stride, nrows = a.Cin * 3;
+  for (int64_t ox0 = 0; ox0 < a.OW; ox0 += PX) {
+    int64_t px[PX];
+    for (int p = 0; p < PX; ++p) px[p] = std::min<int64_t>(ox0 + p, a.OW - 1) * s;  // short groups repeat
+    __m256 acc0 = _mm256_loadu_ps(a.bias), acc1 = _mm256_loadu_ps(a.bias + 8);
+    __m256 acc2, acc3, acc4, acc5, acc6, acc7;
+    if (NV == 2) {
+      acc2 = acc4 = acc6 = acc0;
+      acc3 = acc5 = acc7 = acc1;
+    } else {
+      acc2 = _mm256_loadu_ps(a.bias + 16), acc3 = _mm256_loadu_ps(a.bias + 24);
+      acc4 = acc0, acc5 = acc1, acc6 = acc2, acc7 = acc3;
+    }
+    for (int64_t rr = 0; rr < nrows; ++rr) {  // input row (ci, ky), then its 3 taps kx
+      const float* row = rows[rr];
+#pragma GCC unroll 3
+      for (int kx = 0; kx < 3; ++kx) {
+        const float* r = row + kx;
+        const float* w = a.w + (rr * 3 + kx) * CoP;
+        if (NV == 2) {
+          const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+          __m256 v = _mm256_broadcast_ss(r + px[0]);
+          acc0 = _mm256_fmadd_ps(v, w0, acc0), acc1 = _mm256_fmadd_ps(v, w1, acc1);
+          v = _mm256_broadcast_ss(r + px[1 % PX]);
+          acc2 = _mm256_fmadd_ps(v, w0, acc2), acc3 = _mm256_fmadd_ps(v, w1, acc3);
+          v = _mm256_broadcast_ss(r + px[2 % PX]);
+          acc4 = _mm256_fmadd_ps(v, w0, acc4), acc5 = _mm256_fmadd_ps(v, w1, acc5);
+          v = _mm256_broadcast_ss(r + px[3 % PX]);
+          acc6 = _mm256_fmadd_ps(v, w0, acc6), acc7 = _mm256_fmadd_ps(v, w1, acc7);
+        } else {
+          const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+          const __m256 w2 = _mm256_loadu_ps(w + 16), w3 = _mm256_loadu_ps(w + 24);
+          __m256 v = _mm256_broadcast_ss(r + px[0]);
+          acc0 = _mm256_fmadd_ps(v, w0, acc0), acc1 = _mm256_fmadd_ps(v, w1, acc1);
+          acc2 = _mm256_fmadd_ps(v, w2, acc2), acc3 = _mm256_fmadd_ps(v, w3, acc3);
+          v = _mm256_broadcast_ss(r + px[1 % PX]);
+          acc4 = _mm256_fmadd_ps(v, w0, acc4), acc5 = _mm256_fmadd_ps(v, w1, acc5);
+          acc6 = _mm256_fmadd_ps(v, w2, acc6), acc7 = _mm256_fmadd_ps(v, w3, acc7);
+        }
+      }
+    }
+    const __m256 all[8] = {acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7};
+    for (int p = 0; p < PX && ox0 + p < a.OW; ++p) store_pixel(a, orow + (ox0 + p) * a.Cout, all + p * NV, NV);
+  }
+}
+#endif
+
+}  // namespace
+
+// relu?(conv2d(x, weight, bias, stride, padding=1)) for a 3x3 kernel, NCHW float32 x with
+// Cin * 9 <= 64 and Cout <= 32; the output is channels_last.
+Tensor stem_conv3x3(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t stride, bool relu) {
+  check_input(x, "x");
+  TORCH_CHECK(shvit_gemm::available(), "stem_conv3x3 needs an x86-64 CPU with AVX2 and FMA");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous (NCHW) float32 tensor");
+  const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == Cin && weight.size(2) == 3 && weight.size(3) == 3 &&
+                  weight.scalar_type() == at::kFloat,
+              "weight must be a float32 (Cout, ", Cin, ", 3, 3) kernel, got ", weight.sizes(), " ", weight.scalar_type());
+  const int64_t Cout = weight.size(0);
+  TORCH_CHECK(Cin * 9 <= 64 && Cout <= 32 && Cout > 0, "stem_conv3x3 takes Cin * 9 <= 64 and Cout <= 32, got Cin ",
+              Cin, ", Cout ", Cout);
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == Cout && bias.scalar_type() == at::kFloat,
+              "bias must be a float32 vector of ", Cout);
+  TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
+  const int64_t OH = (H - 1) / stride + 1, OW = (W - 1) / stride + 1;
+  Tensor out = at::empty({B, Cout, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const int64_t CoP = Cout <= 16 ? 16 : 32;
+  // (Cout, Cin, 3, 3) -> (Cin * 9, CoP), zero-padded
+  Tensor wt = at::zeros({Cin * 9, CoP}, x.options());
+  wt.narrow(1, 0, Cout).copy_(weight.reshape({Cout, Cin * 9}).t());
+  Tensor bp = at::zeros({CoP}, x.options());
+  bp.narrow(0, 0, Cout).copy_(bias);
+  const StemArgs a{x.const_data_ptr<float>(), wt.const_data_ptr<float>(), bp.const_data_ptr<float>(),
+                   out.data_ptr<float>(), Cin, H, W, OH, OW, Cout, CoP, stride, relu};
+#ifdef SHVIT_STEM_X86
+  at::parallel_for(0, B * OH, 1, [&](int64_t r0, int64_t r1) {
+    const int64_t Wp = W + 2 + 8;  // the taps of a short pixel group may read up to 2 past the row
+    std::vector<float> pad(static_cast<size_t>(Cin * 3 * Wp), 0.f);
+    std::vector<const float*> rows(static_cast<size_t>(Cin * 3));
+    const std::vector<float> zero_row(static_cast<size_t>(Wp), 0.f);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / OH, oy = r % OH;
+      for (int64_t ci = 0; ci < Cin; ++ci) {
+        for (int64_t ky = 0; ky < 3; ++ky) {
+          const int64_t iy = oy * stride - 1 + ky;
+          if (iy < 0 || iy >= H) {
+            rows[ci * 3 + ky] = zero_row.data();
+            continue;
+          }
+          float* p = pad.data() + (ci * 3 + ky) * Wp;
+          std::copy_n(a.x + ((b * Cin + ci) * H + iy) * W, W, p + 1);  // p[0] and p[W + 1..] stay 0
+          rows[ci * 3 + ky] = p;
+        }
+      }
+      float* orow = a.out + r * OW * Cout;
+      if (CoP == 16) {
+        stem_row<2>(a, rows.data(), orow);
+      } else {
+        stem_row<4>(a, rows.data(), orow);
+      }
+    }
+  });
+#endif
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) { m.impl("stem_conv3x3", &stem_conv3x3); }
+
+}  // namespace shvit_cpu

@@ -392,3 +392,25 @@ def test_nan_propagates_like_the_composition(where, layout, monkeypatch):
     assert torch.equal(z.isnan(), z_ref.isnan()) and z.isnan().any()
     assert torch.equal(blk.isnan(), blk_ref.isnan())
     assert_rel_close(z.nan_to_num(), z_ref.nan_to_num(), TOL, "finite entries")
+
+
+@pytest.mark.parametrize("missing", ["extension", "avx2"])
+def test_folded_fused_model_without_extension_or_avx2(missing, monkeypatch):
+    """Without the C++ build (one warning, then the eager composition) or where the packed GEMM
+    is unavailable (the composition for the convolutions, no packed weights for the SHSA op),
+    the folded fused model still gives the reference's logits."""
+    use_backend(monkeypatch, "cpp", "cpu")
+    monkeypatch.setattr(backend, "_warned", set())
+    if missing == "extension":
+        monkeypatch.setattr(backend, "cpp_available", lambda: False)
+    else:
+        monkeypatch.setattr(pointwise, "_simd", False)
+    ref, fused = _pair("shvit_s1", seed=2)
+    fused.fuse()
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    ctx = pytest.warns(RuntimeWarning, match="not built") if missing == "extension" else torch.no_grad()
+    with ctx, torch.no_grad():
+        got = fused(x)
+    with torch.no_grad():
+        want = ref.double()(x.double())
+    assert_rel_close(got, want, 1e-4, f"folded fused model, {missing} missing")

@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define SHVIT_GEMM_X86 1
@@ -22,12 +21,6 @@ namespace shvit_gemm {
 namespace {
 constexpr int64_t kKcMax = 384;
 constexpr int64_t kMc = 144;  // a multiple of the 6-row tile
-
-Epilogue shifted(const Epilogue& e, int64_t rows) {
-  Epilogue out = e;
-  if (out.residual) out.residual += rows * e.ldr;
-  return out;
-}
 }  // namespace
 
 bool available() {
@@ -60,44 +53,32 @@ namespace {
 
 #define SHVIT_AVX2 __attribute__((target("avx2,fma")))
 
-// Where the rows of A come from: row r's k-th entry of segment s is rows[r * nseg + s][k]
-// (segments of kseg entries; K = nseg * kseg). A plain GEMM has one segment per row; a
-// convolution one per kernel tap (the input pixel under that tap, or zeros).
-struct KBlock {
-  int64_t s0, s1, k0, k1;  // segments [s0, s1), entries [k0, k1) of each
-};
-
 #define SHVIT_ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
 
-// One 6 x 16 tile of C over one k-block. Row pointers rp[r * nseg + s]; the panel holds the
-// k-block's weights at panel[(s * kseg + k) * 16]. acc (6 x 16) is the tile's running sum.
-SHVIT_AVX2 inline void micro6(const KBlock& kb, int64_t nseg, int64_t kseg, const float* const* rp,
-                              const float* panel, float* acc) {
+// acc (6 x 16, the tile's running sum) += A[rows, k0:k0+kc] @ panel[k0:k0+kc, 0:16], with the
+// six rows of A at a[r] (already offset to k0) and the panel's k-block at b.
+SHVIT_AVX2 inline void micro6(int64_t kc, const float* const* a, const float* b, float* acc) {
   __m256 c00 = _mm256_load_ps(acc + 0), c01 = _mm256_load_ps(acc + 8);
   __m256 c10 = _mm256_load_ps(acc + 16), c11 = _mm256_load_ps(acc + 24);
   __m256 c20 = _mm256_load_ps(acc + 32), c21 = _mm256_load_ps(acc + 40);
   __m256 c30 = _mm256_load_ps(acc + 48), c31 = _mm256_load_ps(acc + 56);
   __m256 c40 = _mm256_load_ps(acc + 64), c41 = _mm256_load_ps(acc + 72);
   __m256 c50 = _mm256_load_ps(acc + 80), c51 = _mm256_load_ps(acc + 88);
-  const int64_t kc = kb.k1 - kb.k0;
-  for (int64_t s = kb.s0; s < kb.s1; ++s) {
-#define SHVIT_ROW_PTR(r) const float* a##r = rp[r * nseg + s] + kb.k0;
-    SHVIT_ROWS6(SHVIT_ROW_PTR)
+#define SHVIT_ROW_PTR(r) const float* a##r = a[r];
+  SHVIT_ROWS6(SHVIT_ROW_PTR)
 #undef SHVIT_ROW_PTR
-    const float* b = panel + (s * kseg + kb.k0) * kPanel;
 #pragma GCC unroll 4
-    for (int64_t kk = 0; kk < kc; ++kk) {
-      const __m256 b0 = _mm256_loadu_ps(b + kk * kPanel);
-      const __m256 b1 = _mm256_loadu_ps(b + kk * kPanel + 8);
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    const __m256 b0 = _mm256_loadu_ps(b + kk * kPanel);
+    const __m256 b1 = _mm256_loadu_ps(b + kk * kPanel + 8);
 #define SHVIT_FMA_ROW(r)                              \
   {                                                   \
     const __m256 av = _mm256_broadcast_ss(a##r + kk); \
     c##r##0 = _mm256_fmadd_ps(av, b0, c##r##0);       \
     c##r##1 = _mm256_fmadd_ps(av, b1, c##r##1);       \
   }
-      SHVIT_ROWS6(SHVIT_FMA_ROW)
+    SHVIT_ROWS6(SHVIT_FMA_ROW)
 #undef SHVIT_FMA_ROW
-    }
   }
 #define SHVIT_STORE_ACC(r)                          \
   _mm256_store_ps(acc + r * 2 * 8, c##r##0);        \
@@ -106,21 +87,16 @@ SHVIT_AVX2 inline void micro6(const KBlock& kb, int64_t nseg, int64_t kseg, cons
 #undef SHVIT_STORE_ACC
 }
 
-// A tile of C: rows (<= 6) x nv (<= 16) entries of C at c (row stride ldc). The first k-block
-// starts from bias + residual, the last applies the ReLU. Short tiles repeat their last row
-// pointers (the extra results are not stored).
-SHVIT_AVX2 void tile(int64_t rows, int64_t nv, const KBlock& kb, int64_t nseg, int64_t kseg, const float* const* rp,
-                     const float* panel, float* c, int64_t ldc, bool first, bool last, const float* bias,
-                     const float* res, int64_t ldr, bool relu) {
+// A tile of C: rows (<= 6) x nv (<= 16) entries of C at c (row stride ldc) over the k-block
+// [k0, k0 + kc); a points at the tile's first row of A (row stride lda), b at the k-block of
+// its panel. The first k-block starts from bias + residual, the last applies the ReLU. Short
+// tiles repeat their last row of A (the extra results are not stored).
+SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, const float* a, int64_t lda, const float* b, float* c,
+                     int64_t ldc, bool first, bool last, const float* bias, const float* res, int64_t ldr,
+                     bool relu) {
   alignas(32) float acc[6 * kPanel];
-  const float* ptr[6 * kMaxSegments];
-  const float* const* rows_p = rp;
-  if (rows < 6) {
-    for (int64_t r = 0; r < 6; ++r) {
-      for (int64_t s = kb.s0; s < kb.s1; ++s) ptr[r * nseg + s] = rp[std::min(r, rows - 1) * nseg + s];
-    }
-    rows_p = ptr;
-  }
+  const float* ar[6];
+  for (int64_t r = 0; r < 6; ++r) ar[r] = a + std::min(r, rows - 1) * lda;
   if (rows == 6 && nv == kPanel) {
     __m256 v0 = _mm256_setzero_ps(), v1 = _mm256_setzero_ps();
     for (int64_t r = 0; r < 6; ++r) {
@@ -138,7 +114,7 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, const KBlock& kb, int64_t nseg, i
       _mm256_store_ps(acc + r * kPanel, v0);
       _mm256_store_ps(acc + r * kPanel + 8, v1);
     }
-    micro6(kb, nseg, kseg, rows_p, panel, acc);
+    micro6(kc, ar, b, acc);
     const __m256 z = _mm256_setzero_ps();
     for (int64_t r = 0; r < 6; ++r) {
       v0 = _mm256_load_ps(acc + r * kPanel);
@@ -160,7 +136,7 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, const KBlock& kb, int64_t nseg, i
       t[j] = v;
     }
   }
-  micro6(kb, nseg, kseg, rows_p, panel, acc);
+  micro6(kc, ar, b, acc);
   for (int64_t r = 0; r < rows; ++r) {
     const float* t = acc + r * kPanel;
     float* cr = c + r * ldc;
@@ -168,42 +144,27 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, const KBlock& kb, int64_t nseg, i
   }
 }
 
-// C rows [0, m) = epi(A @ W^T) with A's rows given by row pointers (see KBlock). rp holds
-// m * nseg pointers. k-blocks: whole segments when they are short, else slices of one.
-SHVIT_AVX2 void gemm_rows(int64_t m, int64_t n, int64_t nseg, int64_t kseg, const float* const* rp,
-                          const float* wp, float* c, int64_t ldc, const Epilogue& epi) {
-  const int64_t k = nseg * kseg;
+// C rows [0, m) = epi(A @ W^T): k in balanced blocks of at most kKcMax, rows in blocks of kMc.
+SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
+                          int64_t ldc, const Epilogue& epi) {
   const int64_t np = (n + kPanel - 1) / kPanel;
-  // k-blocks of at most ~kKcMax entries, balanced
-  std::vector<KBlock> blocks;
-  if (kseg <= kKcMax) {
-    const int64_t per = std::max<int64_t>(1, kKcMax / kseg);
-    const int64_t groups = (nseg + per - 1) / per;
-    const int64_t size = (nseg + groups - 1) / groups;
-    for (int64_t s = 0; s < nseg; s += size) blocks.push_back({s, std::min(nseg, s + size), 0, kseg});
-  } else {
-    const int64_t parts = (kseg + kKcMax - 1) / kKcMax;
-    const int64_t size = ((kseg + parts - 1) / parts + 7) / 8 * 8;
-    for (int64_t s = 0; s < nseg; ++s) {
-      for (int64_t k0 = 0; k0 < kseg; k0 += size) blocks.push_back({s, s + 1, k0, std::min(kseg, k0 + size)});
-    }
-  }
-  const int64_t nb = static_cast<int64_t>(blocks.size());
+  const int64_t nk = (k + kKcMax - 1) / kKcMax;
+  const int64_t kcs = ((k + nk - 1) / nk + 7) / 8 * 8;
   for (int64_t ic = 0; ic < m; ic += kMc) {
     const int64_t mc = std::min(kMc, m - ic);
-    for (int64_t ib = 0; ib < nb; ++ib) {
-      const KBlock& kb = blocks[ib];
-      const bool first = ib == 0, last = ib == nb - 1;
+    for (int64_t k0 = 0; k0 < k; k0 += kcs) {
+      const int64_t kc = std::min(kcs, k - k0);
+      const bool first = k0 == 0, last = k0 + kc >= k;
       for (int64_t jp = 0; jp < np; ++jp) {
         const int64_t col = jp * kPanel;
         const int64_t nv = std::min(kPanel, n - col);
-        const float* panel = wp + jp * k * kPanel;
+        const float* b = wp + (jp * k + k0) * kPanel;
         const float* bias = epi.bias ? epi.bias + col : nullptr;
         for (int64_t ir = 0; ir < mc; ir += 6) {
           const int64_t row = ic + ir;
           const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
-          tile(std::min<int64_t>(6, mc - ir), nv, kb, nseg, kseg, rp + row * nseg, panel, c + row * ldc + col, ldc,
-               first, last, bias, res, epi.ldr, epi.relu);
+          tile(std::min<int64_t>(6, mc - ir), nv, kc, a + row * lda + k0, lda, b, c + row * ldc + col, ldc, first,
+               last, bias, res, epi.ldr, epi.relu);
         }
       }
     }
@@ -227,12 +188,7 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
   }
 #ifdef SHVIT_GEMM_X86
   if (available()) {
-    std::vector<const float*> rp(static_cast<size_t>(std::min(m, kMc)));
-    for (int64_t i0 = 0; i0 < m; i0 += kMc) {
-      const int64_t mc = std::min(kMc, m - i0);
-      for (int64_t r = 0; r < mc; ++r) rp[r] = a + (i0 + r) * lda;
-      gemm_rows(mc, n, 1, k, rp.data(), wp, c + i0 * ldc, ldc, shifted(epi, i0));
-    }
+    gemm_avx2(m, n, k, a, lda, wp, c, ldc, epi);
     return;
   }
 #endif

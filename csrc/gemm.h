@@ -15,7 +15,6 @@
 namespace shvit_gemm {
 
 constexpr int64_t kPanel = 16;
-constexpr int64_t kMaxSegments = 64;  // row segments (see gemm.cpp)
 
 struct Epilogue {
   const float* bias = nullptr;      // (N,) or null

@@ -262,13 +262,16 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
   Tensor vT = qkvT.narrow(2, 2 * qk_dim, pdim);               // (B, N, PD)
   Tensor zT = at::empty({B, N, C}, x.options().dtype(acc));   // ReLU(concat), token-major
   const int64_t tm = query_chunk(B, N, zT.element_size());
+  // float32 on AVX2 CPUs: the token-major attention writes the first pdim columns of zT;
+  // otherwise ATen's bmm + softmax per query chunk
   const bool fast_attention = token_major && acc == at::kFloat && shvit_gemm::available();
   if (fast_attention) {
     attention_tokens_f32(qkvT.const_data_ptr<float>(), B, N, qk_dim, pdim, zT.data_ptr<float>(), C);
   }
+  const int64_t aten_tokens = fast_attention ? 0 : N;
   AT_DISPATCH_FLOATING_TYPES(acc, "shsa_block_attn", [&] {
     scalar_t* pz = zT.data_ptr<scalar_t>();
-    for (int64_t m0 = fast_attention ? N : 0; m0 < N; m0 += tm) {
+    for (int64_t m0 = 0; m0 < aten_tokens; m0 += tm) {
       const int64_t t = std::min(tm, N - m0);
       Tensor p = at::_softmax(at::bmm(qT.narrow(1, m0, t), k), -1, false);  // (B, t, N)
       Tensor oT = at::bmm(p, vT);                                           // (B, t, PD)

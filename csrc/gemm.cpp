@@ -92,8 +92,8 @@ SHVIT_AVX2 inline void micro6(int64_t kc, const float* const* a, const float* b,
 // its panel. The first k-block starts from bias + residual, the last applies the ReLU. Short
 // tiles repeat their last row of A (the extra results are not stored).
 SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, const float* a, int64_t lda, const float* b, float* c,
-                     int64_t ldc, bool first, bool last, const float* bias, const float* res, int64_t ldr,
-                     bool relu) {
+                     int64_t ldc, bool first, bool last, const float* bias, const float* rbias, const float* res,
+                     int64_t ldr, bool relu) {
   alignas(32) float acc[6 * kPanel];
   const float* ar[6];
   for (int64_t r = 0; r < 6; ++r) ar[r] = a + std::min(r, rows - 1) * lda;
@@ -103,6 +103,11 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, const float* a, int64
       if (first) {
         v0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
         v1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+        if (rbias) {
+          const __m256 rb = _mm256_set1_ps(rbias[r]);
+          v0 = _mm256_add_ps(v0, rb);
+          v1 = _mm256_add_ps(v1, rb);
+        }
         if (res) {
           v0 = _mm256_add_ps(v0, _mm256_loadu_ps(res + r * ldr));
           v1 = _mm256_add_ps(v1, _mm256_loadu_ps(res + r * ldr + 8));
@@ -132,7 +137,10 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, const float* a, int64
     float* t = acc + r * kPanel;
     for (int64_t j = 0; j < kPanel; ++j) {
       float v = 0.f;
-      if (r < rows && j < nv) v = first ? (bias ? bias[j] : 0.f) + (res ? res[r * ldr + j] : 0.f) : c[r * ldc + j];
+      if (r < rows && j < nv) {
+        v = first ? (bias ? bias[j] : 0.f) + (rbias ? rbias[r] : 0.f) + (res ? res[r * ldr + j] : 0.f)
+                  : c[r * ldc + j];
+      }
       t[j] = v;
     }
   }
@@ -163,8 +171,9 @@ SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64
         for (int64_t ir = 0; ir < mc; ir += 6) {
           const int64_t row = ic + ir;
           const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
+          const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
           tile(std::min<int64_t>(6, mc - ir), nv, kc, a + row * lda + k0, lda, b, c + row * ldc + col, ldc, first,
-               last, bias, res, epi.ldr, epi.relu);
+               last, bias, rbias, res, epi.ldr, epi.relu);
         }
       }
     }
@@ -180,7 +189,8 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
   if (k <= 0) {  // an empty sum: the epilogue alone
     for (int64_t i = 0; i < m; ++i) {
       for (int64_t j = 0; j < n; ++j) {
-        float v = (epi.bias ? epi.bias[j] : 0.f) + (epi.residual ? epi.residual[i * epi.ldr + j] : 0.f);
+        float v = (epi.bias ? epi.bias[j] : 0.f) + (epi.row_bias ? epi.row_bias[i] : 0.f) +
+                  (epi.residual ? epi.residual[i * epi.ldr + j] : 0.f);
         c[i * ldc + j] = epi.relu && v < 0.f ? 0.f : v;
       }
     }
@@ -196,7 +206,8 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
       const float* panel = wp + (j / kPanel) * k * kPanel + j % kPanel;
-      float s = (epi.bias ? epi.bias[j] : 0.f) + (epi.residual ? epi.residual[i * epi.ldr + j] : 0.f);
+      float s = (epi.bias ? epi.bias[j] : 0.f) + (epi.row_bias ? epi.row_bias[i] : 0.f) +
+                (epi.residual ? epi.residual[i * epi.ldr + j] : 0.f);
       for (int64_t kk = 0; kk < k; ++kk) s += a[i * lda + kk] * panel[kk * kPanel];
       c[i * ldc + j] = epi.relu && s < 0.f ? 0.f : s;
     }
@@ -289,8 +300,61 @@ SHVIT_AVX2 void softmax_rows_avx2(float* s, int64_t m, int64_t n, int64_t ld) {
     if (n8 < n) _mm256_maskstore_ps(r + n8, tail, _mm256_mul_ps(_mm256_maskload_ps(r + n8, tail), inv));
   }
 }
+SHVIT_AVX2 void softmax_panel_columns_avx2(float* p, int64_t m) {
+  __m256 mx0 = _mm256_set1_ps(-INFINITY), mx1 = mx0;
+  __m256 un0 = _mm256_setzero_ps(), un1 = un0;
+  for (int64_t i = 0; i < m; ++i) {
+    const __m256 a = _mm256_loadu_ps(p + i * kPanel), b = _mm256_loadu_ps(p + i * kPanel + 8);
+    mx0 = _mm256_max_ps(mx0, a);
+    mx1 = _mm256_max_ps(mx1, b);
+    un0 = _mm256_or_ps(un0, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    un1 = _mm256_or_ps(un1, _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
+  }
+  // a column holding NaN gets a NaN shift: its output is NaN, as in torch.softmax
+  const __m256 nan = _mm256_set1_ps(NAN);
+  mx0 = _mm256_blendv_ps(mx0, nan, un0);
+  mx1 = _mm256_blendv_ps(mx1, nan, un1);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  for (int64_t i = 0; i < m; ++i) {
+    const __m256 a = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + i * kPanel), mx0));
+    const __m256 b = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + i * kPanel + 8), mx1));
+    _mm256_storeu_ps(p + i * kPanel, a);
+    _mm256_storeu_ps(p + i * kPanel + 8, b);
+    s0 = _mm256_add_ps(s0, a);
+    s1 = _mm256_add_ps(s1, b);
+  }
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 i0 = _mm256_div_ps(one, s0), i1 = _mm256_div_ps(one, s1);
+  for (int64_t i = 0; i < m; ++i) {
+    _mm256_storeu_ps(p + i * kPanel, _mm256_mul_ps(_mm256_loadu_ps(p + i * kPanel), i0));
+    _mm256_storeu_ps(p + i * kPanel + 8, _mm256_mul_ps(_mm256_loadu_ps(p + i * kPanel + 8), i1));
+  }
+}
 }  // namespace
 #endif
+
+void softmax_panel_columns(float* p, int64_t m) {
+  if (m <= 0) return;
+#ifdef SHVIT_GEMM_X86
+  if (available()) {
+    softmax_panel_columns_avx2(p, m);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < kPanel; ++j) {
+    float mx = p[j];
+    bool nan = false;
+    for (int64_t i = 0; i < m; ++i) {
+      const float v = p[i * kPanel + j];
+      mx = v > mx ? v : mx;
+      nan |= v != v;
+    }
+    if (nan) mx = NAN;
+    float sum = 0.f;
+    for (int64_t i = 0; i < m; ++i) sum += (p[i * kPanel + j] = std::exp(p[i * kPanel + j] - mx));
+    for (int64_t i = 0; i < m; ++i) p[i * kPanel + j] /= sum;
+  }
+}
 
 void softmax_rows(float* s, int64_t m, int64_t n, int64_t ld) {
   if (n <= 0) return;

@@ -1,7 +1,7 @@
 // A float32 GEMM for token-major (channels_last) activations times a pre-packed weight, with
 // the epilogues of SHViT's 1x1 convolutions fused: bias, ReLU, residual add.
 //
-//   C[m, n] = relu?( sum_k A[m, k] * W[n, k] + bias[n] + residual[m, n] )
+//   C[m, n] = relu?( sum_k A[m, k] * W[n, k] + bias[n] + row_bias[m] + residual[m, n] )
 //
 // W (N, K) -- a 1x1 conv weight -- is packed once into panels of 16 output channels,
 // K x 16 contiguous floats each (zero past N), so the inner kernel streams one panel from L1
@@ -18,6 +18,7 @@ constexpr int64_t kPanel = 16;
 
 struct Epilogue {
   const float* bias = nullptr;      // (N,) or null
+  const float* row_bias = nullptr;  // (M,) or null: one value per row of C (channel-major outputs)
   const float* residual = nullptr;  // (M, N) with row stride ldr, or null
   bool relu = false;                // applied last, to the whole sum
   int64_t ldr = 0;
@@ -43,5 +44,10 @@ void pack_weight_t(const float* v, int64_t n, int64_t k, int64_t ldv, float* out
 
 // Row-wise softmax in place: rows (m, n) with row stride ld; exact-max shift, NaN propagates.
 void softmax_rows(float* s, int64_t m, int64_t n, int64_t ld);
+
+// Column-wise softmax in place of a panel of kPanel columns: p (m, 16) contiguous, each of the
+// 16 columns normalised over its m entries; exact-max shift, NaN propagates per column.
+// (The score tile S^T of 16 queries, laid out as a packed weight for the next GEMM.)
+void softmax_panel_columns(float* p, int64_t m);
 
 }  // namespace shvit_gemm

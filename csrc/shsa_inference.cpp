@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "attention_cm.h"
 #include "attention_core.h"
 #include "common.h"
 #include "gemm.h"
@@ -105,6 +106,33 @@ void attention_tokens_f32(const float* qkv, int64_t B, int64_t N, int64_t QK, in
   });
 }
 
+// Per-thread buffers of the channel-major float32 path.
+struct CmImage {
+  CmWorkspace att;
+  std::vector<float> xp;   // normalised x1 token panels
+  std::vector<float> qkv;  // (CQ, N): q (scaled), k, v of the image
+};
+
+// One image of the channel-major float32 path, x's rows at xb (row stride sc, unit token
+// stride): GroupNorm statistics of the first pdim rows, their normalised token panels,
+// q, k, v = W @ x1_hat + b (one packed GEMM, W (CQ, pdim) with the affine, BatchNorm and scale
+// folded in), then ReLU(attention) into out (see attention_cm_image for out, ldo, panel_out, ldp).
+void cm_project_attend(const float* xb, int64_t sc, int64_t N, int64_t pdim, int64_t QK, double eps,
+                       const float* w, const float* bias, float* out, int64_t ldo, bool panel_out, int64_t ldp,
+                       CmImage& ws) {
+  const int64_t CQ = 2 * QK + pdim;
+  const auto mom = rows_moments<float, float>(xb, pdim, sc, N);
+  const float r = static_cast<float>(1.0 / std::sqrt(mom.second + eps));
+  ws.xp.resize(static_cast<size_t>(shvit_gemm::packed_size(N, pdim)));
+  ws.qkv.resize(static_cast<size_t>(CQ * N));
+  pack_tokens_normalized(xb, sc, pdim, N, mom.first, r, ws.xp.data());
+  shvit_gemm::Epilogue e;
+  e.row_bias = bias;
+  shvit_gemm::gemm_packed(CQ, N, pdim, w, pdim, ws.xp.data(), ws.qkv.data(), N, e);
+  const float* f = ws.qkv.data();
+  attention_cm_image(f, f + QK * N, f + 2 * QK * N, N, N, QK, pdim, nullptr, out, ldo, panel_out, ldp, ws.att);
+}
+
 // qkvT = xhT @ weight^T + bias over all B*N tokens (one GEMM), as (B, N, CQ).
 Tensor qkv_gemm(const Tensor& xhT, const Tensor& weight, const Tensor& bias, int64_t B, int64_t N,
                 const std::optional<Tensor>& w_packed = std::nullopt) {
@@ -165,25 +193,31 @@ Tensor shsa_infer(const Tensor& x, const Tensor& weight, const Tensor& bias, int
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W;
   Tensor out = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (B == 0 || N == 0) return out;
-  auto [qkvT, xv] = project_qkv(x, weight, bias, pdim, qk_dim, eps);
   if (x.scalar_type() == at::kFloat && shvit_gemm::available()) {
-    // token-major attention, then one blocked transpose into the channel-major output
-    Tensor zT = at::empty({B * N, pdim}, x.options());
-    attention_tokens_f32(qkvT.const_data_ptr<float>(), B, N, qk_dim, pdim, zT.data_ptr<float>(), pdim);
-    const float* pz = zT.const_data_ptr<float>();
+    // channel-major, image by image: no transposes, the output written in place
+    check_qkv_weights(weight, bias, C, pdim, qk_dim);
+    const Tensor xv = as_bcn(x);
+    const Tensor w = weight.to(at::kFloat).contiguous(), bq = bias.to(at::kFloat).contiguous();
     const float* px = xv.const_data_ptr<float>();
     float* po = out.data_ptr<float>();
     const int64_t sb = xv.stride(0), sc = xv.stride(1);
-    parallel_rows(B, 1, [&](int64_t b) {
-      transpose_map(pz + b * N * pdim, pdim, po + b * C * N, N, N, pdim, [](float v, int64_t, int64_t) { return v; });
-      for (int64_t c = pdim; c < C; ++c) {
-        const float* src = px + b * sb + c * sc;
-        float* dst = po + (b * C + c) * N;
-        for (int64_t n = 0; n < N; ++n) dst[n] = src[n] < 0.f ? 0.f : src[n];  // NaN stays NaN, as in torch.relu
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      CmImage ws;
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* xb = px + b * sb;
+        float* ob = po + b * C * N;
+        cm_project_attend(xb, sc, N, pdim, qk_dim, eps, w.const_data_ptr<float>(), bq.const_data_ptr<float>(), ob,
+                          N, false, 0, ws);
+        for (int64_t c = pdim; c < C; ++c) {
+          const float* src = xb + c * sc;
+          float* dst = ob + c * N;
+          for (int64_t n = 0; n < N; ++n) dst[n] = src[n] < 0.f ? 0.f : src[n];  // NaN stays NaN, as in torch.relu
+        }
       }
     });
     return out;
   }
+  auto [qkvT, xv] = project_qkv(x, weight, bias, pdim, qk_dim, eps);
   Tensor qT = qkvT.narrow(2, 0, qk_dim);                        // (B, N, QK), scale folded in
   Tensor k = qkvT.narrow(2, qk_dim, qk_dim).transpose(1, 2);    // (B, QK, N)
   Tensor v = qkvT.narrow(2, 2 * qk_dim, pdim).transpose(1, 2);  // (B, PD, N)
@@ -244,6 +278,34 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
   Tensor out = at::empty({B, C, H, W}, x.options().memory_format(token_major ? at::MemoryFormat::ChannelsLast
                                                                              : at::MemoryFormat::Contiguous));
   if (B == 0 || N == 0) return out;
+  if (!token_major && x.scalar_type() == at::kFloat && shvit_gemm::available()) {
+    // NCHW float32: channel-major, image by image. The attention writes its ReLU'd output
+    // and the ReLU of x2 into token panels (the packed operand of the projection), and
+    // out = W_proj @ panels + bias + x is one packed GEMM: no transposes.
+    check_qkv_weights(w_qkv, b_qkv, C, pdim, qk_dim);
+    const Tensor xv = as_bcn(x);
+    const Tensor wq = w_qkv.to(at::kFloat).contiguous(), bq = b_qkv.to(at::kFloat).contiguous();
+    const Tensor wp = w_proj.to(at::kFloat).contiguous(), bp = b_proj.to(at::kFloat).contiguous();
+    const float* px = xv.const_data_ptr<float>();
+    float* po = out.data_ptr<float>();
+    const int64_t sb = xv.stride(0), sc = xv.stride(1);
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      CmImage ws;
+      std::vector<float> zp(static_cast<size_t>(shvit_gemm::packed_size(N, C)));
+      shvit_gemm::Epilogue e;
+      e.row_bias = bp.const_data_ptr<float>();
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* xb = px + b * sb;
+        cm_project_attend(xb, sc, N, pdim, qk_dim, eps, wq.const_data_ptr<float>(), bq.const_data_ptr<float>(),
+                          zp.data(), 0, true, C * shvit_gemm::kPanel, ws);
+        pack_tokens_relu(xb + pdim * sc, sc, C - pdim, N, zp.data(), C, pdim);
+        e.residual = xb;
+        e.ldr = sc;
+        shvit_gemm::gemm_packed(C, N, C, wp.const_data_ptr<float>(), C, zp.data(), po + b * C * N, N, e);
+      }
+    });
+    return out;
+  }
   const auto acc = acc_type(x.scalar_type());
   Tensor qkvT, xv;
   if (token_major) {

@@ -26,9 +26,10 @@ try:
 except ImportError:
     triton = None
 
-# The C++ block op (token-major GEMMs, transposed concat and residual add) beat the NCHW
-# path at 16 and 64 tokens on the 2-core benchmark machine and lost at 196 (its transposes
-# cost more than the GEMM layout saves there), so larger images take the NCHW path.
+# Without the packed GEMM (dtypes other than float32, CPUs without AVX2), the C++ block op on
+# NCHW x (token-major ATen GEMMs, transposed concat and residual add) beat the composition at
+# 16 and 64 tokens on the 2-core benchmark machine and lost at 196 (its transposes cost more
+# than the GEMM layout saves there), so larger NCHW images take the composition there.
 CPP_BLOCK_MAX_N = 64
 
 # The one-pass kernel keeps an N x N score tile in registers; 64 covers SHViT at 224 and
@@ -279,10 +280,11 @@ def shsa_block_inference(
     """The residual SHSA block of a BN-folded model: ``x + proj(shsa_inference(x))``.
 
     ``proj_weight`` is the folded projection, (dim, dim) or (dim, dim, 1, 1). On the cpp
-    backend, for channels_last x or up to ``CPP_BLOCK_MAX_N`` tokens, one C++ op runs the
-    block with both projections as token-major GEMMs (float32 on AVX2 CPUs: the packed GEMM
-    of ``shvit_kernels.pointwise``, the projection writing bias + residual in its epilogue);
-    otherwise it is ``shsa_inference`` followed by the 1x1 convolution and the add.
+    backend one C++ op runs the block for float32 on AVX2 CPUs (the packed GEMM of
+    ``shvit_kernels.pointwise``: token-major for channels_last x, channel-major image by
+    image for NCHW x, the projection writing bias + residual in its epilogue either way), and
+    for other dtypes with channels_last x or up to ``CPP_BLOCK_MAX_N`` tokens (ATen's GEMMs,
+    token-major); otherwise it is ``shsa_inference`` followed by the 1x1 convolution and the add.
     """
     check_4d("x", x)
     dim = x.shape[1]
@@ -298,7 +300,12 @@ def shsa_block_inference(
     )
     token_major = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     small = x.shape[2] * x.shape[3] <= CPP_BLOCK_MAX_N
-    if (small or token_major) and not needs_grad and not torch.compiler.is_compiling() and backend.select(x) == "cpp":
+    if (
+        not needs_grad
+        and not torch.compiler.is_compiling()
+        and backend.select(x) == "cpp"
+        and (small or token_major or (x.dtype == torch.float32 and pointwise.gemm_available()))
+    ):
         check_same_device(x=x, weight=weight, proj_weight=proj_weight)
         packed = (None, None)
         if pointwise.fast_path_applies(x, weight, bias, proj_param, proj_bias) and pointwise.gemm_available():

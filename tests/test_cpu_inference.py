@@ -414,3 +414,75 @@ def test_folded_fused_model_without_extension_or_avx2(missing, monkeypatch):
     with torch.no_grad():
         want = ref.double()(x.double())
     assert_rel_close(got, want, 1e-4, f"folded fused model, {missing} missing")
+
+
+# (B, C, pdim, qk_dim, H, W) for the channel-major NCHW float32 paths: tokens off the 16-query
+# panels, a single token, more keys than one k-block (384) and several query chunks, qk_dim
+# off 16, and SHViT-S4's stage-2/3 shapes
+CM_SHAPES = [
+    (2, 30, 9, 16, 5, 7),
+    (1, 40, 17, 8, 1, 1),
+    (3, 50, 24, 24, 20, 21),
+    (2, 336, 72, 16, 8, 8),
+    (2, 448, 96, 16, 4, 4),
+]
+
+
+def _cm_inputs(shape, seed):
+    B, C, pdim, qk, H, W = shape
+    g = torch.Generator().manual_seed(seed)
+    cq = 2 * qk + pdim
+    x = torch.randn(B, C, H, W, generator=g) * 2
+    wq, bq = torch.randn(cq, pdim, generator=g) / pdim**0.5, torch.randn(cq, generator=g)
+    wp, bp = torch.randn(C, C, generator=g) / C**0.5, torch.randn(C, generator=g)
+    return x, wq, bq, wp, bp
+
+
+def _region_ref(x, wq, bq, pdim, qk):
+    # float64 composition: GroupNorm (no affine, folded into wq) -> qkv -> attention -> concat -> ReLU
+    xd = x.double()
+    x1 = F.group_norm(xd[:, :pdim], 1, eps=1e-5)
+    qkv = F.conv2d(x1, wq.double()[:, :, None, None], bq.double())
+    return shvit_kernels.shsa_attention(qkv, xd[:, pdim:], qk, 1.0)
+
+
+@needs_gemm
+@pytest.mark.parametrize("view", ["contiguous", "channel_slice", "strided"])
+@pytest.mark.parametrize("shape", CM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_nchw_float32_region_and_block(shape, view, monkeypatch):
+    """shsa_infer and the block op on NCHW float32 (the channel-major packed-GEMM path) against
+    the float64 composition; x as given, as a channel slice of a wider tensor, and strided."""
+    use_backend(monkeypatch, "cpp", "cpu")
+    B, C, pdim, qk, H, W = shape
+    x, wq, bq, wp, bp = _cm_inputs(shape, sum(shape))
+    if view == "channel_slice":
+        x = torch.cat([torch.randn(B, 3, H, W), x, torch.randn(B, 2, H, W)], 1)[:, 3 : 3 + C]
+    elif view == "strided":
+        x = torch.randn(B, C, H, 2 * W)[..., ::2].copy_(x)
+    with torch.no_grad():
+        z = torch.ops.shvit_cpp.shsa_infer(x, wq, bq, pdim, qk, 1e-5)
+        blk = torch.ops.shvit_cpp.shsa_block_infer(x, wq, bq, wp, bp, pdim, qk, 1e-5, None, None)
+        via_api = shvit_kernels.shsa_block_inference(x, wq, bq, wp, bp, pdim, qk)
+    z_ref = _region_ref(x, wq, bq, pdim, qk)
+    blk_ref = x.double() + F.conv2d(z_ref, wp.double()[:, :, None, None], bp.double())
+    assert z.is_contiguous() and blk.is_contiguous()
+    assert_rel_close(z, z_ref, 1e-5, f"region {shape} {view}")
+    assert_rel_close(blk, blk_ref, 1e-5, f"block {shape} {view}")
+    assert torch.equal(via_api, blk)
+
+
+@needs_gemm
+def test_nchw_float32_paths_same_with_one_and_two_threads():
+    """Images are independent work items: the same bits with one and two threads."""
+    x, wq, bq, wp, bp = _cm_inputs(CM_SHAPES[2], 1)
+    outs = []
+    prev = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            with torch.no_grad():
+                outs.append((torch.ops.shvit_cpp.shsa_infer(x, wq, bq, 24, 24, 1e-5),
+                             torch.ops.shvit_cpp.shsa_block_infer(x, wq, bq, wp, bp, 24, 24, 1e-5, None, None)))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

@@ -279,9 +279,9 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
                                                                              : at::MemoryFormat::Contiguous));
   if (B == 0 || N == 0) return out;
   if (!token_major && x.scalar_type() == at::kFloat && shvit_gemm::available()) {
-    // NCHW float32: channel-major, image by image. The attention writes its ReLU'd output
-    // and the ReLU of x2 into token panels (the packed operand of the projection), and
-    // out = W_proj @ panels + bias + x is one packed GEMM: no transposes.
+    // NCHW float32: channel-major, image by image, no transposes. The attention writes its
+    // ReLU'd output and the ReLU of x2 into token panels (the packed operand of the
+    // projection), W_proj @ panels + bias is one packed GEMM, then the residual is added.
     check_qkv_weights(w_qkv, b_qkv, C, pdim, qk_dim);
     const Tensor xv = as_bcn(x);
     const Tensor wq = w_qkv.to(at::kFloat).contiguous(), bq = b_qkv.to(at::kFloat).contiguous();
@@ -296,12 +296,18 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
       e.row_bias = bp.const_data_ptr<float>();
       for (int64_t b = b0; b < b1; ++b) {
         const float* xb = px + b * sb;
+        float* ob = po + b * C * N;
         cm_project_attend(xb, sc, N, pdim, qk_dim, eps, wq.const_data_ptr<float>(), bq.const_data_ptr<float>(),
                           zp.data(), 0, true, C * shvit_gemm::kPanel, ws);
         pack_tokens_relu(xb + pdim * sc, sc, C - pdim, N, zp.data(), C, pdim);
-        e.residual = xb;
-        e.ldr = sc;
-        shvit_gemm::gemm_packed(C, N, C, wp.const_data_ptr<float>(), C, zp.data(), po + b * C * N, N, e);
+        shvit_gemm::gemm_packed(C, N, C, wp.const_data_ptr<float>(), C, zp.data(), ob, N, e);
+        // the residual in a separate sequential pass while the image's output is in cache
+        // (read in the GEMM's tile order, x's rows cost a cache miss per tile)
+        for (int64_t c = 0; c < C; ++c) {
+          const float* xr = xb + c * sc;
+          float* orow = ob + c * N;
+          for (int64_t n = 0; n < N; ++n) orow[n] += xr[n];
+        }
       }
     });
     return out;

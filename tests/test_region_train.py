@@ -51,6 +51,7 @@ SHAPES = [  # (B, dim, pdim, qk_dim, H, W)
     (3, 40, 9, 8, 3, 5),
     (2, 24, 8, 16, 3, 3),
     (2, 19, 1, 16, 7, 1),
+    (2, 40, 9, 24, 20, 21),  # several query chunks, more keys than one GEMM k-block (384)
 ]
 
 
@@ -190,3 +191,25 @@ def test_region_op_not_used_under_autocast_or_other_backends(monkeypatch):
         m(x)
     m.eval()(x)
     assert calls == []
+
+
+def test_region_train_large_image_recomputes_probabilities(monkeypatch):
+    """Past the score budget the forward keeps no probabilities and the backward recomputes
+    them (float32: the channel-major forward, ATen's recomputation in the backward)."""
+    use_backend(monkeypatch, "cpp", "cpu")
+    B, dim, pdim, qk_dim, H, W = 1, 24, 8, 16, 42, 50  # N = 2100: 1 x N x N floats > 16 MiB
+    ref = _module(dim, pdim, qk_dim, torch.float32)
+    exact = copy.deepcopy(ref).double()
+    fused = copy.deepcopy(ref)
+    fused.fused = True
+    x = _input(B, dim, H, W, torch.float32, "contiguous").requires_grad_()
+    xf = x.detach().clone().requires_grad_()
+    xe = x.detach().double().requires_grad_()
+    out_r, out_f, out_e = ref(x), fused(xf), exact(xe)
+    _check(out_f, out_r, out_e, "output")
+    g = torch.randn_like(out_e)
+    out_r.backward(g.float())
+    out_f.backward(g.float())
+    out_e.backward(g)
+    _check(xf.grad, x.grad, xe.grad, "input grad")
+    _check(fused.qkv.c.weight.grad, ref.qkv.c.weight.grad, exact.qkv.c.weight.grad, "qkv weight grad")

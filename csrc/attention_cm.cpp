@@ -38,6 +38,10 @@ void pack_tokens_normalized(const float* x, int64_t ldx, int64_t rows, int64_t N
   pack_tokens(x, ldx, rows, N, out, rows, 0, [mu, r](float v) { return (v - mu) * r; });
 }
 
+void pack_tokens_copy(const float* x, int64_t ldx, int64_t rows, int64_t N, float* out) {
+  pack_tokens(x, ldx, rows, N, out, rows, 0, [](float v) { return v; });
+}
+
 void pack_tokens_relu(const float* x, int64_t ldx, int64_t rows, int64_t N, float* out, int64_t rows_total,
                       int64_t row0) {
   // max(v, 0) written as v < 0 ? 0 : v keeps NaN, as torch.relu does

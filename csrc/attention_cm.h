@@ -38,7 +38,10 @@ void attention_cm_image(const float* q, const float* k, const float* v, int64_t 
 // for c < rows, zero for tokens 16p + j >= N (the packed operand of W @ x).
 void pack_tokens_normalized(const float* x, int64_t ldx, int64_t rows, int64_t N, float mu, float r, float* out);
 
-// out[(p * rows + c) * 16 + j] = max(x[c * ldx + 16p + j], 0) (NaN kept), zero past N.
+// out[(p * rows + c) * 16 + j] = x[c * ldx + 16p + j], zero past N.
+void pack_tokens_copy(const float* x, int64_t ldx, int64_t rows, int64_t N, float* out);
+
+// out[(p * rows_total + row0 + c) * 16 + j] = max(x[c * ldx + 16p + j], 0) (NaN kept), zero past N.
 void pack_tokens_relu(const float* x, int64_t ldx, int64_t rows, int64_t N, float* out, int64_t rows_total,
                       int64_t row0);
 

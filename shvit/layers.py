@@ -11,7 +11,7 @@ from torch import nn
 
 import shvit_kernels
 from shvit_kernels._utils import check_4d
-from shvit_kernels.shsa_train import region_train_applies, shsa_region_train
+from shvit_kernels.shsa_train import conv1x1_train, conv1x1_train_applies, region_train_applies, shsa_region_train
 
 __all__ = [
     "Conv2d_BN",
@@ -247,7 +247,12 @@ class SHSA(nn.Module):
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         check_4d("x", x, self.dim)
-        return self.proj[1](self.fused_mixer(x))  # the kernels applied proj's ReLU
+        z = self.fused_mixer(x)  # the kernels applied proj's ReLU
+        proj = self.proj[1]
+        if isinstance(proj, Conv2d_BN) and conv1x1_train_applies(z, proj.c):
+            # the conv on the packed GEMM, forward and backward; PyTorch's BatchNorm after it
+            return proj.bn(conv1x1_train(z, proj.c.weight))
+        return proj(z)
 
     def fused_mixer(self, x: torch.Tensor) -> torch.Tensor:
         """ReLU(concat(attention, x2)) of the fused path: everything before the projection conv."""

@@ -4,6 +4,10 @@ BatchNorm with batch statistics (running statistics updated) -> attention + conc
 ``shvit.SHSA(fused=True)`` uses it in training on the ``cpp`` backend for float32/float64
 inputs outside ``torch.compile`` and CPU autocast; everywhere else the region runs as the
 ``group_norm_partial`` op, PyTorch's ``Conv2d_BN`` and the ``shsa_attention`` op.
+
+The projection's 1x1 conv (before its BatchNorm) runs as ``conv1x1_train`` under the same
+conditions in float32 on CPUs with AVX2+FMA: forward and both gradients on the packed GEMM,
+channel-major (no layout conversion of NCHW activations).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from torch import Tensor, nn
 
 from . import backend
 
-__all__ = ["region_train_applies", "shsa_region_train"]
+__all__ = ["conv1x1_train", "conv1x1_train_applies", "region_train_applies", "shsa_region_train"]
 
 
 def region_train_applies(x: Tensor, bn: nn.Module) -> bool:
@@ -53,3 +57,31 @@ def shsa_region_train(
         x, gn_weight, gn_bias, conv_weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
         float(momentum), float(gn_eps), float(bn.eps), pdim, qk_dim, float(scale),
     )
+
+
+def conv1x1_train_applies(x: Tensor, conv: nn.Module) -> bool:
+    """Whether ``conv1x1_train`` can run the bias-free 1x1 ``conv`` on ``x``."""
+    from . import pointwise
+
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and type(conv) is nn.Conv2d
+        and conv.bias is None
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.groups == 1
+        and conv.weight.dtype == torch.float32
+        and conv.weight.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled("cpu")
+        and backend.select(x) == "cpp"
+        and pointwise.gemm_available()
+    )
+
+
+def conv1x1_train(x: Tensor, weight: Tensor) -> Tensor:
+    """``conv2d(x, weight)`` for a (out, in, 1, 1) float32 weight on the packed GEMM, with
+    autograd (the input and weight gradients on the same GEMM). NCHW output."""
+    return torch.ops.shvit_cpp.conv1x1_train(x, weight)

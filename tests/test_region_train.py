@@ -46,6 +46,18 @@ def _count_region_calls(monkeypatch):
     return calls
 
 
+def _count_conv_calls(monkeypatch):
+    calls = []
+    real = shvit.layers.conv1x1_train
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shvit.layers, "conv1x1_train", counting)
+    return calls
+
+
 SHAPES = [  # (B, dim, pdim, qk_dim, H, W)
     (16, 336, 72, 16, 8, 8),
     (3, 40, 9, 8, 3, 5),
@@ -74,6 +86,7 @@ def _check(actual, ref, exact, what):
 def test_region_train_matches_reference(shape, dtype, momentum, layout, monkeypatch):
     use_backend(monkeypatch, "cpp", "cpu")
     calls = _count_region_calls(monkeypatch)
+    conv_calls = _count_conv_calls(monkeypatch)
     B, dim, pdim, qk_dim, H, W = shape
     ref = _module(dim, pdim, qk_dim, dtype)
     ref.qkv.bn.momentum = momentum
@@ -108,6 +121,8 @@ def test_region_train_matches_reference(shape, dtype, momentum, layout, monkeypa
         else:
             _check(buffers_f[name], buffers_r[name], b, f"buffer {name}")
     assert len(calls) == 2, "the region op must run in training on the cpp backend"
+    gemm = torch.ops.shvit_cpp.gemm_available()
+    assert len(conv_calls) == (2 if dtype == torch.float32 and gemm else 0), "the projection's conv op"
 
 
 def test_region_train_without_grad_updates_running_stats(monkeypatch):

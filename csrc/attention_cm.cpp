@@ -50,7 +50,7 @@ void pack_tokens_relu(const float* x, int64_t ldx, int64_t rows, int64_t N, floa
 
 void attention_cm_image(const float* q, const float* k, const float* v, int64_t ld, int64_t N, int64_t QK,
                         int64_t PD, const float* v_bias, float* out, int64_t ldo, bool panel_out, int64_t ldp,
-                        CmWorkspace& ws, float q_scale, float* p_out) {
+                        CmWorkspace& ws) {
   const int64_t chunk_panels = kCmChunk / kPanel;
   ws.kT.resize(static_cast<size_t>(N * QK));
   ws.qp.resize(static_cast<size_t>(chunk_panels * QK * kPanel));
@@ -70,20 +70,10 @@ void attention_cm_image(const float* q, const float* k, const float* v, int64_t 
     const int64_t panels = (nq + kPanel - 1) / kPanel;
     // query panels (zero past N: those columns get uniform weights and are never stored)
     shvit_gemm::pack_weight_t(q + n0, nq, QK, ld, ws.qp.data());
-    if (q_scale != 1.f) {
-      for (int64_t i = 0; i < panels * QK * kPanel; ++i) ws.qp[static_cast<size_t>(i)] *= q_scale;
-    }
     for (int64_t p = 0; p < panels; ++p) {
       float* s = ws.sp.data() + p * N * kPanel;
       shvit_gemm::gemm_packed(N, kPanel, QK, kT, QK, ws.qp.data() + p * QK * kPanel, s, kPanel, none);
       shvit_gemm::softmax_panel_columns(s, N);
-      if (p_out != nullptr) {  // the panel's queries as rows of p_out
-        const int64_t t0 = n0 + p * kPanel, nv = std::min(kPanel, N - t0);
-        for (int64_t j = 0; j < nv; ++j) {
-          float* row = p_out + (t0 + j) * N;
-          for (int64_t m = 0; m < N; ++m) row[m] = s[m * kPanel + j];
-        }
-      }
     }
     if (panel_out) {
       for (int64_t p = 0; p < panels; ++p) {

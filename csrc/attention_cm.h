@@ -27,12 +27,10 @@ constexpr int64_t kCmChunk = 64;
 // q, k, v: channel-major rows with row stride ld (>= N); q carries the attention scale. With
 // panel_out false, row c of the result goes to out + c * ldo; with panel_out true, query
 // panel p (tokens 16p..16p+15) goes to out + p * ldp as PD rows of 16 floats (the packed
-// layout of the next GEMM), all 16 columns written. v_bias may be null. q is multiplied by
-// q_scale (1 where the scale is folded into q already). With p_out, the probabilities are
-// also written row-major: p_out[n * N + m] = softmax_m(...) (the training forward keeps them).
+// layout of the next GEMM), all 16 columns written. v_bias may be null.
 void attention_cm_image(const float* q, const float* k, const float* v, int64_t ld, int64_t N, int64_t QK,
                         int64_t PD, const float* v_bias, float* out, int64_t ldo, bool panel_out, int64_t ldp,
-                        CmWorkspace& ws, float q_scale = 1.f, float* p_out = nullptr);
+                        CmWorkspace& ws);
 
 // Normalised token panels of one image: out[(p * rows + c) * 16 + j] = (x[c * ldx + 16p + j] - mu) * r
 // for c < rows, zero for tokens 16p + j >= N (the packed operand of W @ x).

@@ -6,8 +6,7 @@
 // BatchNorm kernels, which at SHViT's sizes cost more than the attention itself. Here the
 // normalised x1 is written token-major once, the convolution is one GEMM over all B*N tokens
 // (forward, and its two gradients in the backward), BatchNorm statistics and the running-stat
-// update are one pass over that buffer, and the attention core reads q, k, v from it in place
-// (float32 on AVX2 CPUs: the channel-major attention of attention_cm.h on the packed GEMM).
+// update are one pass over that buffer, and the attention core reads q, k, v from it in place.
 #include <torch/csrc/autograd/custom_function.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/library.h>
@@ -15,10 +14,8 @@
 #include <array>
 #include <vector>
 
-#include "attention_cm.h"
 #include "attention_core.h"
 #include "common.h"
-#include "gemm.h"
 
 namespace shvit_cpu {
 
@@ -161,37 +158,11 @@ RegionForward region_forward(const Tensor& x, const Tensor& gw, const Tensor& gb
     rm.mul_(1.0 - momentum).add_(mean.to(rm.scalar_type()), momentum);
     rv.mul_(1.0 - momentum).add_(var.to(rv.scalar_type()), momentum * static_cast<double>(M) / (M - 1));
   }
-  f.out = at::empty({B, C, H, W}, opt.memory_format(at::MemoryFormat::Contiguous));
-  Tensor out3 = f.out.view({B, C, N});
-  if (x.scalar_type() == at::kFloat && shvit_gemm::available()) {
-    // channel-major attention on the packed GEMM, image by image (attention_cm.h); the
-    // probabilities are kept for the backward under the same rule as attention_forward_core's
-    const bool keep = keep_p && query_chunk(B, N, static_cast<int64_t>(sizeof(float))) >= N;
-    if (keep) f.p = at::empty({B, N, N}, opt);
-    const float* pq = f.qkv.const_data_ptr<float>();
-    const float* px = xv.const_data_ptr<float>();
-    float* po = f.out.data_ptr<float>();
-    float* pp = keep ? f.p.data_ptr<float>() : nullptr;
-    const int64_t sb = xv.stride(0), sc = xv.stride(1);
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      CmWorkspace ws;
-      for (int64_t b = b0; b < b1; ++b) {
-        const float* fb = pq + b * CQ * N;
-        float* ob = po + b * C * N;
-        attention_cm_image(fb, fb + QK * N, fb + 2 * QK * N, N, N, QK, P, nullptr, ob, N, false, 0, ws,
-                           static_cast<float>(scale), keep ? pp + b * N * N : nullptr);
-        for (int64_t c = P; c < C; ++c) {
-          const float* src = px + b * sb + c * sc;
-          float* dst = ob + c * N;
-          for (int64_t n = 0; n < N; ++n) dst[n] = src[n] < 0.f ? 0.f : src[n];  // NaN stays NaN
-        }
-      }
-    });
-    return f;
-  }
   Tensor qsT = f.qkv.narrow(1, 0, QK).transpose(1, 2).mul(scale);  // (B, N, QK)
   Tensor k = f.qkv.narrow(1, QK, QK);
   Tensor v = f.qkv.narrow(1, 2 * QK, P);
+  f.out = at::empty({B, C, H, W}, opt.memory_format(at::MemoryFormat::Contiguous));
+  Tensor out3 = f.out.view({B, C, N});
   attention_forward_core(qsT, k, v, xv.narrow(1, P, C - P), out3, nullptr, keep_p ? &f.p : nullptr);
   return f;
 }

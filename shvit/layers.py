@@ -11,7 +11,14 @@ from torch import nn
 
 import shvit_kernels
 from shvit_kernels._utils import check_4d
-from shvit_kernels.shsa_train import conv1x1_train, conv1x1_train_applies, region_train_applies, shsa_region_train
+from shvit_kernels.shsa_train import (
+    bn_train,
+    bn_train_applies,
+    conv1x1_train,
+    conv1x1_train_applies,
+    region_train_applies,
+    shsa_region_train,
+)
 
 __all__ = [
     "Conv2d_BN",
@@ -250,8 +257,9 @@ class SHSA(nn.Module):
         z = self.fused_mixer(x)  # the kernels applied proj's ReLU
         proj = self.proj[1]
         if isinstance(proj, Conv2d_BN) and conv1x1_train_applies(z, proj.c):
-            # the conv on the packed GEMM, forward and backward; PyTorch's BatchNorm after it
-            return proj.bn(conv1x1_train(z, proj.c.weight))
+            # the conv on the packed GEMM, forward and backward, then the C++ training BatchNorm
+            y = conv1x1_train(z, proj.c.weight)
+            return bn_train(y, proj.bn) if bn_train_applies(y, proj.bn) else proj.bn(y)
         return proj(z)
 
     def fused_mixer(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ inputs outside ``torch.compile`` and CPU autocast; everywhere else the region ru
 
 The projection's 1x1 conv (before its BatchNorm) runs as ``conv1x1_train`` under the same
 conditions in float32 on CPUs with AVX2+FMA: forward and both gradients on the packed GEMM,
-channel-major (no layout conversion of NCHW activations).
+channel-major (no layout conversion of NCHW activations); its BatchNorm in training then
+runs as ``bn_train`` (C++, forward and backward).
 """
 from __future__ import annotations
 
@@ -16,11 +17,23 @@ from torch import Tensor, nn
 
 from . import backend
 
-__all__ = ["conv1x1_train", "conv1x1_train_applies", "region_train_applies", "shsa_region_train"]
+__all__ = [
+    "bn_train",
+    "bn_train_applies",
+    "conv1x1_train",
+    "conv1x1_train_applies",
+    "region_train_applies",
+    "shsa_region_train",
+]
 
 
 def region_train_applies(x: Tensor, bn: nn.Module) -> bool:
     """Whether the one-op training region can run ``x`` with the qkv BatchNorm ``bn``."""
+    return bn_train_applies(x, bn)
+
+
+def bn_train_applies(x: Tensor, bn: nn.Module) -> bool:
+    """Whether the C++ training BatchNorm (``bn_train``) can run ``bn`` on ``x``."""
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
@@ -34,6 +47,20 @@ def region_train_applies(x: Tensor, bn: nn.Module) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and backend.select(x) == "cpp"
     )
+
+
+def _momentum(bn: nn.BatchNorm2d) -> float:
+    """Counts the batch and returns the running-average factor, as ``nn.BatchNorm2d`` does."""
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    return float(bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked))
+
+
+def bn_train(x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
+    """``bn(x)`` in training mode (batch statistics; running statistics and
+    ``num_batches_tracked`` updated as ``nn.BatchNorm2d`` does), in C++ with autograd. NCHW out."""
+    momentum = _momentum(bn)
+    return torch.ops.shvit_cpp.bn_train(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, float(bn.eps))
 
 
 def shsa_region_train(
@@ -50,9 +77,7 @@ def shsa_region_train(
     """ReLU(concat(attention(BN(conv(GroupNorm(x[:, :pdim])))), x[:, pdim:])) with ``bn`` in
     training mode: batch statistics, and ``running_mean`` / ``running_var`` /
     ``num_batches_tracked`` updated exactly as ``nn.BatchNorm2d`` does."""
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    momentum = _momentum(bn)
     return torch.ops.shvit_cpp.shsa_region_train(
         x, gn_weight, gn_bias, conv_weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
         float(momentum), float(gn_eps), float(bn.eps), pdim, qk_dim, float(scale),

@@ -1,0 +1,157 @@
+// BatchNorm2d in training (batch statistics, running statistics updated as nn.BatchNorm2d
+// does), forward and backward, for float32/float64 CPU tensors: shvit_cpp::bn_train, used
+// after SHSA's projection conv in training (shvit/layers.py).
+//
+// Channel by channel over B rows of N contiguous tokens (NCHW): statistics in two passes
+// (no cancellation), the normalisation in one, the backward's two sums in one pass and the
+// gradient in another. PyTorch's CPU batch_norm is several times slower at SHViT's small
+// token counts (a few dozen tokens per row).
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace shvit_cpu {
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename T>
+void bn_forward(const Tensor& xv, const Tensor& w, const Tensor& b, double eps, Tensor& out, Tensor& mean,
+                Tensor& var, Tensor& invstd) {
+  const int64_t B = xv.size(0), C = xv.size(1), N = xv.size(2), sb = xv.stride(0), sc = xv.stride(1);
+  const T* px = xv.const_data_ptr<T>();
+  const T* pw = w.const_data_ptr<T>();
+  const T* pb = b.const_data_ptr<T>();
+  T* po = out.data_ptr<T>();
+  T* pm = mean.data_ptr<T>();
+  T* pv = var.data_ptr<T>();
+  T* pi = invstd.data_ptr<T>();
+  at::parallel_for(0, C, 4, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const auto mom = rows_moments<T, T>(px + c * sc, B, sb, N);
+      const T mu = mom.first;
+      const T inv = static_cast<T>(1.0 / std::sqrt(mom.second + eps));
+      pm[c] = mu;
+      pv[c] = static_cast<T>(mom.second);
+      pi[c] = inv;
+      const T a = inv * pw[c], o = pb[c] - mu * a;
+      for (int64_t i = 0; i < B; ++i) {
+        const T* xr = px + i * sb + c * sc;
+        T* orow = po + (i * C + c) * N;
+        for (int64_t n = 0; n < N; ++n) orow[n] = xr[n] * a + o;
+      }
+    }
+  });
+}
+
+template <typename T>
+void bn_backward(const Tensor& dyv, const Tensor& xv, const Tensor& w, const Tensor& mean, const Tensor& invstd,
+                 Tensor& dx, Tensor& dw, Tensor& db) {
+  const int64_t B = xv.size(0), C = xv.size(1), N = xv.size(2);
+  const int64_t sb = xv.stride(0), sc = xv.stride(1), gb = dyv.stride(0), gc = dyv.stride(1);
+  const T* px = xv.const_data_ptr<T>();
+  const T* pg = dyv.const_data_ptr<T>();
+  const T* pw = w.const_data_ptr<T>();
+  const T* pm = mean.const_data_ptr<T>();
+  const T* pi = invstd.const_data_ptr<T>();
+  T* pdx = dx.data_ptr<T>();
+  T* pdw = dw.data_ptr<T>();
+  T* pdb = db.data_ptr<T>();
+  const double inv_cnt = 1.0 / static_cast<double>(B * N);
+  at::parallel_for(0, C, 4, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const T mu = pm[c], inv = pi[c];
+      // sums in double: dx below is a small difference of these terms
+      double s1 = 0, s2 = 0;
+      for (int64_t i = 0; i < B; ++i) {
+        const auto ds = row_dot_sum<T, double>(pg + i * gb + c * gc, px + i * sb + c * sc, N, static_cast<double>(mu));
+        s2 += ds.first;
+        s1 += ds.second;
+      }
+      s2 *= static_cast<double>(inv);  // sum(dy * xhat)
+      pdb[c] = static_cast<T>(s1);
+      pdw[c] = static_cast<T>(s2);
+      // dx = w * inv * (dy - mean(dy) - xhat * mean(dy * xhat))
+      const T a = static_cast<T>(static_cast<double>(pw[c]) * static_cast<double>(inv));
+      const T m1 = static_cast<T>(s1 * inv_cnt), m2 = static_cast<T>(s2 * inv_cnt);
+      for (int64_t i = 0; i < B; ++i) {
+        const T* xr = px + i * sb + c * sc;
+        const T* gr = pg + i * gb + c * gc;
+        T* dr = pdx + (i * C + c) * N;
+        for (int64_t n = 0; n < N; ++n) dr[n] = a * (gr[n] - m1 - (xr[n] - mu) * inv * m2);
+      }
+    }
+  });
+}
+
+struct BnTrain : public torch::autograd::Function<BnTrain> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                        Tensor running_mean, Tensor running_var, double momentum, double eps) {
+    const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), M = B * H * W;
+    const Tensor xv = as_bcn(x);
+    const auto opt = x.options();
+    Tensor out = at::empty({B, C, H, W}, opt.memory_format(at::MemoryFormat::Contiguous));
+    Tensor mean = at::empty({C}, opt), var = at::empty({C}, opt), invstd = at::empty({C}, opt);
+    const Tensor w = weight.to(x.scalar_type()).contiguous(), b = bias.to(x.scalar_type()).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_train_fwd", [&] {
+      Tensor o3 = out.view({B, C, H * W});
+      bn_forward<scalar_t>(xv, w, b, eps, o3, mean, var, invstd);
+    });
+    {
+      at::NoGradGuard no_grad;  // as nn.BatchNorm2d: unbiased variance in the running estimate
+      running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
+      running_var.mul_(1.0 - momentum)
+          .add_(var.to(running_var.scalar_type()), momentum * static_cast<double>(M) / static_cast<double>(M - 1));
+    }
+    ctx->save_for_backward({x, weight, mean, invstd});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    NoAutocast no_autocast;
+    const auto s = ctx->get_saved_variables();
+    const Tensor &x = s[0], &weight = s[1], &mean = s[2], &invstd = s[3];
+    const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+    const Tensor dyv = as_bcn(grads[0].to(x.scalar_type()));
+    const Tensor xv = as_bcn(x);
+    const Tensor w = weight.to(x.scalar_type()).contiguous();
+    Tensor dx = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    Tensor dw = at::empty({C}, x.options()), db = at::empty({C}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_train_bwd", [&] {
+      Tensor d3 = dx.view({B, C, H * W});
+      bn_backward<scalar_t>(dyv, xv, w, mean, invstd, d3, dw, db);
+    });
+    return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type()), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor bn_train(const Tensor& x, const Tensor& weight, const Tensor& bias, Tensor& running_mean, Tensor& running_var,
+                double momentum, double eps) {
+  NoAutocast no_autocast;
+  check_input(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "bn_train supports float32 and float64, got ", x.scalar_type());
+  const int64_t C = x.size(1);
+  for (const Tensor* t : {&weight, &bias, static_cast<const Tensor*>(&running_mean), static_cast<const Tensor*>(&running_var)}) {
+    TORCH_CHECK(t->device().is_cpu() && t->numel() == C, "BatchNorm parameters and buffers must be CPU tensors of ",
+                C, " elements, got ", t->sizes(), " on ", t->device());
+  }
+  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1,
+              "Expected more than 1 value per channel when training, got input size ", x.sizes());
+  return BnTrain::apply(x, weight, bias, running_mean, running_var, momentum, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(shvit_cpp, m) {
+  m.def(
+      "bn_train(Tensor x, Tensor weight, Tensor bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "float momentum, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(shvit_cpp, CompositeImplicitAutograd, m) { m.impl("bn_train", &bn_train); }
+
+}  // namespace shvit_cpu

@@ -34,27 +34,16 @@ def _input(B, C, H, W, dtype, layout):
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
-def _count_region_calls(monkeypatch):
+def _count_calls(monkeypatch, name):
+    """Counts the calls that shvit.layers makes to its function ``name``."""
     calls = []
-    real = shvit.layers.shsa_region_train
+    real = getattr(shvit.layers, name)
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(shvit.layers, "shsa_region_train", counting)
-    return calls
-
-
-def _count_conv_calls(monkeypatch):
-    calls = []
-    real = shvit.layers.conv1x1_train
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(shvit.layers, "conv1x1_train", counting)
+    monkeypatch.setattr(shvit.layers, name, counting)
     return calls
 
 
@@ -85,8 +74,9 @@ def _check(actual, ref, exact, what):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_region_train_matches_reference(shape, dtype, momentum, layout, monkeypatch):
     use_backend(monkeypatch, "cpp", "cpu")
-    calls = _count_region_calls(monkeypatch)
-    conv_calls = _count_conv_calls(monkeypatch)
+    calls = _count_calls(monkeypatch, "shsa_region_train")
+    conv_calls = _count_calls(monkeypatch, "conv1x1_train")
+    bn_calls = _count_calls(monkeypatch, "bn_train")
     B, dim, pdim, qk_dim, H, W = shape
     ref = _module(dim, pdim, qk_dim, dtype)
     ref.qkv.bn.momentum = momentum
@@ -122,12 +112,12 @@ def test_region_train_matches_reference(shape, dtype, momentum, layout, monkeypa
             _check(buffers_f[name], buffers_r[name], b, f"buffer {name}")
     assert len(calls) == 2, "the region op must run in training on the cpp backend"
     gemm = torch.ops.shvit_cpp.gemm_available()
-    assert len(conv_calls) == (2 if dtype == torch.float32 and gemm else 0), "the projection's conv op"
+    assert len(conv_calls) == len(bn_calls) == (2 if dtype == torch.float32 and gemm else 0), "projection ops"
 
 
 def test_region_train_without_grad_updates_running_stats(monkeypatch):
     use_backend(monkeypatch, "cpp", "cpu")
-    calls = _count_region_calls(monkeypatch)
+    calls = _count_calls(monkeypatch, "shsa_region_train")
     ref = _module(40, 9, 8, torch.float32)
     fused = copy.deepcopy(ref)
     fused.fused = True
@@ -195,7 +185,7 @@ def test_region_train_op_rejects_bad_arguments(change, match):
 
 
 def test_region_op_not_used_under_autocast_or_other_backends(monkeypatch):
-    calls = _count_region_calls(monkeypatch)
+    calls = _count_calls(monkeypatch, "shsa_region_train")
     m = _module(40, 9, 8, torch.float32)
     m.fused = True
     x = _input(3, 40, 4, 4, torch.float32, "contiguous")

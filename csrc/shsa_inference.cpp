@@ -261,9 +261,10 @@ void residual_add_transposed(const Tensor& x, const Tensor& yT, const Tensor& bi
 }  // namespace
 
 // The whole residual SHSA block for inference: x + proj(ReLU(concat(attention, x2))).
-// Both 1x1 projections run as one GEMM over all B*N tokens in token-major layout (oneDNN's
-// NCHW 1x1 convolution is markedly slower on CPU for these shapes); the concat is written
-// token-major once and the residual add transposes back in cache-sized tiles.
+// float32 NCHW on AVX2 CPUs: channel-major image by image on the packed GEMM (below).
+// Otherwise both 1x1 projections run as one GEMM over all B*N tokens in token-major layout
+// (oneDNN's NCHW 1x1 convolution is markedly slower on CPU for these shapes); for NCHW x the
+// concat is written token-major once and the residual add transposes back in cache-sized tiles.
 Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qkv, const Tensor& w_proj,
                         const Tensor& b_proj, int64_t pdim, int64_t qk_dim, double eps,
                         const std::optional<Tensor>& w_qkv_packed, const std::optional<Tensor>& w_proj_packed) {

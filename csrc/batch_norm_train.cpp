@@ -4,8 +4,8 @@
 //
 // Channel by channel over B rows of N contiguous tokens (NCHW): statistics in two passes
 // (no cancellation), the normalisation in one, the backward's two sums in one pass and the
-// gradient in another. PyTorch's CPU batch_norm is several times slower at SHViT's small
-// token counts (a few dozen tokens per row).
+// gradient in another. On the benchmark machine, forward + backward ran 1.2-1.35x faster
+// than PyTorch's CPU batch_norm at SHViT-S4's projection shapes (16 to 196 tokens per row).
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 

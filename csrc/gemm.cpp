@@ -20,7 +20,7 @@ namespace shvit_gemm {
 
 namespace {
 constexpr int64_t kKcMax = 384;
-constexpr int64_t kMc = kRowBlock;  // a multiple of the 6-row tile
+constexpr int64_t kMc = 144;  // a multiple of the 6-row tile
 }  // namespace
 
 bool available() {

@@ -15,8 +15,6 @@
 namespace shvit_gemm {
 
 constexpr int64_t kPanel = 16;
-// Rows of A per block (the block is reused from L2 across every weight panel).
-constexpr int64_t kRowBlock = 144;
 
 struct Epilogue {
   const float* bias = nullptr;      // (N,) or null

@@ -111,7 +111,24 @@ struct CmImage {
   CmWorkspace att;
   std::vector<float> xp;   // normalised x1 token panels
   std::vector<float> qkv;  // (CQ, N): q (scaled), k, v of the image
+  std::vector<float> zp;   // the block op's projection input, token panels
 };
+
+// f(xb, sc, ob, ws) for every image of x (float32, any strides; xb its rows with stride sc and
+// unit token stride) and of the contiguous NCHW out (ob), images split across threads, each
+// thread with its own CmImage.
+template <typename F>
+void for_each_image_cm(const Tensor& x, Tensor& out, const F& f) {
+  const Tensor xv = as_bcn(x);
+  const int64_t B = xv.size(0), CN = out.size(1) * xv.size(2);
+  const float* px = xv.const_data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const int64_t sb = xv.stride(0), sc = xv.stride(1);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    CmImage ws;
+    for (int64_t b = b0; b < b1; ++b) f(px + b * sb, sc, po + b * CN, ws);
+  });
+}
 
 // One image of the channel-major float32 path, x's rows at xb (row stride sc, unit token
 // stride): GroupNorm statistics of the first pdim rows, their normalised token panels,
@@ -196,23 +213,14 @@ Tensor shsa_infer(const Tensor& x, const Tensor& weight, const Tensor& bias, int
   if (x.scalar_type() == at::kFloat && shvit_gemm::available()) {
     // channel-major, image by image: no transposes, the output written in place
     check_qkv_weights(weight, bias, C, pdim, qk_dim);
-    const Tensor xv = as_bcn(x);
     const Tensor w = weight.to(at::kFloat).contiguous(), bq = bias.to(at::kFloat).contiguous();
-    const float* px = xv.const_data_ptr<float>();
-    float* po = out.data_ptr<float>();
-    const int64_t sb = xv.stride(0), sc = xv.stride(1);
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      CmImage ws;
-      for (int64_t b = b0; b < b1; ++b) {
-        const float* xb = px + b * sb;
-        float* ob = po + b * C * N;
-        cm_project_attend(xb, sc, N, pdim, qk_dim, eps, w.const_data_ptr<float>(), bq.const_data_ptr<float>(), ob,
-                          N, false, 0, ws);
-        for (int64_t c = pdim; c < C; ++c) {
-          const float* src = xb + c * sc;
-          float* dst = ob + c * N;
-          for (int64_t n = 0; n < N; ++n) dst[n] = src[n] < 0.f ? 0.f : src[n];  // NaN stays NaN, as in torch.relu
-        }
+    for_each_image_cm(x, out, [&](const float* xb, int64_t sc, float* ob, CmImage& ws) {
+      cm_project_attend(xb, sc, N, pdim, qk_dim, eps, w.const_data_ptr<float>(), bq.const_data_ptr<float>(), ob, N,
+                        false, 0, ws);
+      for (int64_t c = pdim; c < C; ++c) {
+        const float* src = xb + c * sc;
+        float* dst = ob + c * N;
+        for (int64_t n = 0; n < N; ++n) dst[n] = src[n] < 0.f ? 0.f : src[n];  // NaN stays NaN, as in torch.relu
       }
     });
     return out;
@@ -284,31 +292,22 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
     // ReLU'd output and the ReLU of x2 into token panels (the packed operand of the
     // projection), W_proj @ panels + bias is one packed GEMM, then the residual is added.
     check_qkv_weights(w_qkv, b_qkv, C, pdim, qk_dim);
-    const Tensor xv = as_bcn(x);
     const Tensor wq = w_qkv.to(at::kFloat).contiguous(), bq = b_qkv.to(at::kFloat).contiguous();
     const Tensor wp = w_proj.to(at::kFloat).contiguous(), bp = b_proj.to(at::kFloat).contiguous();
-    const float* px = xv.const_data_ptr<float>();
-    float* po = out.data_ptr<float>();
-    const int64_t sb = xv.stride(0), sc = xv.stride(1);
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      CmImage ws;
-      std::vector<float> zp(static_cast<size_t>(shvit_gemm::packed_size(N, C)));
+    for_each_image_cm(x, out, [&](const float* xb, int64_t sc, float* ob, CmImage& ws) {
+      ws.zp.resize(static_cast<size_t>(shvit_gemm::packed_size(N, C)));
+      cm_project_attend(xb, sc, N, pdim, qk_dim, eps, wq.const_data_ptr<float>(), bq.const_data_ptr<float>(),
+                        ws.zp.data(), 0, true, C * shvit_gemm::kPanel, ws);
+      pack_tokens_relu(xb + pdim * sc, sc, C - pdim, N, ws.zp.data(), C, pdim);
       shvit_gemm::Epilogue e;
       e.row_bias = bp.const_data_ptr<float>();
-      for (int64_t b = b0; b < b1; ++b) {
-        const float* xb = px + b * sb;
-        float* ob = po + b * C * N;
-        cm_project_attend(xb, sc, N, pdim, qk_dim, eps, wq.const_data_ptr<float>(), bq.const_data_ptr<float>(),
-                          zp.data(), 0, true, C * shvit_gemm::kPanel, ws);
-        pack_tokens_relu(xb + pdim * sc, sc, C - pdim, N, zp.data(), C, pdim);
-        shvit_gemm::gemm_packed(C, N, C, wp.const_data_ptr<float>(), C, zp.data(), ob, N, e);
-        // the residual in a separate sequential pass while the image's output is in cache
-        // (read in the GEMM's tile order, x's rows cost a cache miss per tile)
-        for (int64_t c = 0; c < C; ++c) {
-          const float* xr = xb + c * sc;
-          float* orow = ob + c * N;
-          for (int64_t n = 0; n < N; ++n) orow[n] += xr[n];
-        }
+      shvit_gemm::gemm_packed(C, N, C, wp.const_data_ptr<float>(), C, ws.zp.data(), ob, N, e);
+      // the residual in a separate sequential pass while the image's output is in cache
+      // (read in the GEMM's tile order, x's rows cost a cache miss per tile)
+      for (int64_t c = 0; c < C; ++c) {
+        const float* xr = xb + c * sc;
+        float* orow = ob + c * N;
+        for (int64_t n = 0; n < N; ++n) orow[n] += xr[n];
       }
     });
     return out;

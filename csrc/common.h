@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <utility>
+#include <vector>
 
 namespace shvit_cpu {
 
@@ -162,6 +164,35 @@ inline void add_row_bias(T* m, const T* bias, int64_t rows, int64_t cols) {
     }
   });
 }
+
+// Working memory of the packed GEMMs' operands, kept per thread between calls. Freshly
+// allocated buffers of a few MB are handed back to the system by glibc after each call and
+// fault their pages in again on the next one, which cost these memory-bound passes more than
+// the copies themselves; a cached arena is reused instead. Arenas up to kScratchCacheFloats
+// are kept (one per slot and thread); larger requests get a buffer of their own. The contents
+// are undefined. A slot must not be held twice at once on one thread.
+constexpr size_t kScratchCacheFloats = size_t(2) << 20;  // 8 MiB
+enum ScratchSlot : int { kScratchA = 0, kScratchB = 1, kScratchPanels = 2, kScratchSlots = 3 };
+
+class Scratch {
+ public:
+  Scratch(ScratchSlot slot, size_t n) {
+    if (n > kScratchCacheFloats) {
+      own_.reset(new float[n]);
+      p_ = own_.get();
+      return;
+    }
+    thread_local std::vector<float> arenas[kScratchSlots];
+    std::vector<float>& a = arenas[slot];
+    if (a.size() < n) a.resize(n);
+    p_ = a.data();
+  }
+  float* data() const { return p_; }
+
+ private:
+  std::unique_ptr<float[]> own_;
+  float* p_ = nullptr;
+};
 
 // Splits [0, n) over threads in chunks of at least `grain`.
 template <typename F>

@@ -45,7 +45,7 @@ Tensor conv_cm(const Tensor& x, const Tensor& a, int64_t cout) {
   float* po = out.data_ptr<float>();
   const int64_t sb = xv.stride(0), sc = xv.stride(1);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> panels(static_cast<size_t>(shvit_gemm::packed_size(N, Cin)));
+    const Scratch panels(kScratchPanels, static_cast<size_t>(shvit_gemm::packed_size(N, Cin)));
     for (int64_t b = b0; b < b1; ++b) {
       pack_tokens_copy(px + b * sb, sc, Cin, N, panels.data());
       shvit_gemm::gemm_packed(cout, N, Cin, pa, Cin, panels.data(), po + b * cout * N, N, shvit_gemm::Epilogue{});
@@ -54,40 +54,27 @@ Tensor conv_cm(const Tensor& x, const Tensor& a, int64_t cout) {
   return out;
 }
 
-// dW (Cout, Cin) = sum_b dy_b @ x_b^T as one GEMM over k = B*N tokens: dy gathered into
-// (Cout, B*N) rows, x packed as a (Cin, B*N) weight.
+// dW (Cout, Cin) = sum_b dy_b @ x_b^T as one GEMM over k = B*N tokens: x packed as a
+// (Cin, B*N) weight, dy read in place as B segments of N columns (rows of dW split across
+// threads: the same bits for any thread count).
 Tensor weight_grad(const Tensor& dy, const Tensor& x) {
   const int64_t B = x.size(0), Cin = x.size(1), N = x.size(2) * x.size(3), Cout = dy.size(1), K = B * N;
   Tensor dw = at::empty({Cout, Cin}, x.options());
   if (K == 0) return dw.zero_();
   const Tensor xv = as_bcn(x), dyv = as_bcn(dy);
   const int64_t np = (Cin + shvit_gemm::kPanel - 1) / shvit_gemm::kPanel;
-  std::vector<float> xp(static_cast<size_t>(np * K * shvit_gemm::kPanel));
-  std::vector<float> dyc(static_cast<size_t>(Cout * K));
+  const Scratch xp(kScratchA, static_cast<size_t>(np * K * shvit_gemm::kPanel));
   const float* px = xv.const_data_ptr<float>();
   const float* pdy = dyv.const_data_ptr<float>();
   const int64_t sb = xv.stride(0), sc = xv.stride(1), dsb = dyv.stride(0), dsc = dyv.stride(1);
-  parallel_rows(B, 1, [&](int64_t b) {
-    for (int64_t p = 0; p < np; ++p) {  // image b's k-range of every panel
-      float* dst = xp.data() + (p * K + b * N) * shvit_gemm::kPanel;
-      for (int64_t j = 0; j < shvit_gemm::kPanel; ++j) {
-        const int64_t c = p * shvit_gemm::kPanel + j;
-        if (c < Cin) {
-          const float* src = px + b * sb + c * sc;
-          for (int64_t n = 0; n < N; ++n) dst[n * shvit_gemm::kPanel + j] = src[n];
-        } else {
-          for (int64_t n = 0; n < N; ++n) dst[n * shvit_gemm::kPanel + j] = 0.f;
-        }
-      }
-    }
-    for (int64_t r = 0; r < Cout; ++r) {
-      std::copy(pdy + b * dsb + r * dsc, pdy + b * dsb + r * dsc + N, dyc.data() + r * K + b * N);
-    }
+  parallel_rows(B, 1, [&](int64_t b) {  // image b's k-range of every panel
+    shvit_gemm::pack_weight_cols(px + b * sb, Cin, N, sc, xp.data() + b * N * shvit_gemm::kPanel,
+                                 K * shvit_gemm::kPanel);
   });
   float* pw = dw.data_ptr<float>();
   at::parallel_for(0, Cout, 6, [&](int64_t r0, int64_t r1) {
-    shvit_gemm::gemm_packed(r1 - r0, Cin, K, dyc.data() + r0 * K, K, xp.data(), pw + r0 * Cin, Cin,
-                            shvit_gemm::Epilogue{});
+    shvit_gemm::gemm_packed_segmented(r1 - r0, Cin, B, N, pdy + r0 * dsc, dsc, dsb, xp.data(), pw + r0 * Cin, Cin,
+                                      shvit_gemm::Epilogue{});
   });
   return dw;
 }

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define SHVIT_GEMM_X86 1
@@ -32,20 +33,27 @@ bool available() {
 #endif
 }
 
-void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* out) {
+namespace {
+void pack_weight_cols_portable(const float* w, int64_t n, int64_t k, int64_t ldw, float* out, int64_t panel_stride,
+                               int64_t k0) {
   const int64_t np = (n + kPanel - 1) / kPanel;
   for (int64_t p = 0; p < np; ++p) {
-    float* dst = out + p * k * kPanel;
+    float* dst = out + p * panel_stride;
     for (int64_t j = 0; j < kPanel; ++j) {
       const int64_t row = p * kPanel + j;
       if (row < n) {
         const float* src = w + row * ldw;
-        for (int64_t kk = 0; kk < k; ++kk) dst[kk * kPanel + j] = src[kk];
+        for (int64_t kk = k0; kk < k; ++kk) dst[kk * kPanel + j] = src[kk];
       } else {
-        for (int64_t kk = 0; kk < k; ++kk) dst[kk * kPanel + j] = 0.f;
+        for (int64_t kk = k0; kk < k; ++kk) dst[kk * kPanel + j] = 0.f;
       }
     }
   }
+}
+}  // namespace
+
+void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* out) {
+  pack_weight_cols(w, n, k, ldw, out, k * kPanel);
 }
 
 #ifdef SHVIT_GEMM_X86
@@ -55,16 +63,19 @@ namespace {
 
 #define SHVIT_ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
 
-// acc (6 x 16, the tile's running sum) += A[rows, k0:k0+kc] @ panel[k0:k0+kc, 0:16], with the
-// six rows of A at a[r] (already offset to k0) and the panel's k-block at b.
-SHVIT_AVX2 inline void micro6(int64_t kc, const float* const* a, const float* b, float* acc) {
+// acc (6 x 16, the tile's running sum) += A[rows, k-block] @ panel[k-block, 0:16], with the
+// six rows of A at a[r] (already offset to the block) and the panel's k-block at b. The block
+// is nseg segments of kc columns; segment s of row r is at a[r] + s * lds.
+SHVIT_AVX2 inline void micro6(int64_t kc, int64_t nseg, int64_t lds, const float* const* a, const float* b,
+                              float* acc) {
   __m256 c00 = _mm256_load_ps(acc + 0), c01 = _mm256_load_ps(acc + 8);
   __m256 c10 = _mm256_load_ps(acc + 16), c11 = _mm256_load_ps(acc + 24);
   __m256 c20 = _mm256_load_ps(acc + 32), c21 = _mm256_load_ps(acc + 40);
   __m256 c30 = _mm256_load_ps(acc + 48), c31 = _mm256_load_ps(acc + 56);
   __m256 c40 = _mm256_load_ps(acc + 64), c41 = _mm256_load_ps(acc + 72);
   __m256 c50 = _mm256_load_ps(acc + 80), c51 = _mm256_load_ps(acc + 88);
-#define SHVIT_ROW_PTR(r) const float* a##r = a[r];
+  for (int64_t sg = 0; sg < nseg; ++sg, b += kc * kPanel) {
+#define SHVIT_ROW_PTR(r) const float* a##r = a[r] + sg * lds;
   SHVIT_ROWS6(SHVIT_ROW_PTR)
 #undef SHVIT_ROW_PTR
 #pragma GCC unroll 4
@@ -80,6 +91,7 @@ SHVIT_AVX2 inline void micro6(int64_t kc, const float* const* a, const float* b,
     SHVIT_ROWS6(SHVIT_FMA_ROW)
 #undef SHVIT_FMA_ROW
   }
+  }
 #define SHVIT_STORE_ACC(r)                          \
   _mm256_store_ps(acc + r * 2 * 8, c##r##0);        \
   _mm256_store_ps(acc + r * 2 * 8 + 8, c##r##1);
@@ -91,9 +103,9 @@ SHVIT_AVX2 inline void micro6(int64_t kc, const float* const* a, const float* b,
 // [k0, k0 + kc); a points at the tile's first row of A (row stride lda), b at the k-block of
 // its panel. The first k-block starts from bias + residual, the last applies the ReLU. Short
 // tiles repeat their last row of A (the extra results are not stored).
-SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, const float* a, int64_t lda, const float* b, float* c,
-                     int64_t ldc, bool first, bool last, const float* bias, const float* rbias, const float* res,
-                     int64_t ldr, bool relu) {
+SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t lds, const float* a, int64_t lda,
+                     const float* b, float* c, int64_t ldc, bool first, bool last, const float* bias,
+                     const float* rbias, const float* res, int64_t ldr, bool relu) {
   alignas(32) float acc[6 * kPanel];
   const float* ar[6];
   for (int64_t r = 0; r < 6; ++r) ar[r] = a + std::min(r, rows - 1) * lda;
@@ -119,7 +131,7 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, const float* a, int64
       _mm256_store_ps(acc + r * kPanel, v0);
       _mm256_store_ps(acc + r * kPanel + 8, v1);
     }
-    micro6(kc, ar, b, acc);
+    micro6(kc, nseg, lds, ar, b, acc);
     const __m256 z = _mm256_setzero_ps();
     for (int64_t r = 0; r < 6; ++r) {
       v0 = _mm256_load_ps(acc + r * kPanel);
@@ -144,7 +156,7 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, const float* a, int64
       t[j] = v;
     }
   }
-  micro6(kc, ar, b, acc);
+  micro6(kc, nseg, lds, ar, b, acc);
   for (int64_t r = 0; r < rows; ++r) {
     const float* t = acc + r * kPanel;
     float* cr = c + r * ldc;
@@ -152,32 +164,97 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, const float* a, int64
   }
 }
 
-// C rows [0, m) = epi(A @ W^T): k in balanced blocks of at most kKcMax, rows in blocks of kMc.
-SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
-                          int64_t ldc, const Epilogue& epi) {
+// C rows [0, m) = epi(A @ W^T) with k = segs * seg_k, A's segment s at a + s * lds. k-blocks of
+// at most kKcMax: whole segments when they fit (the tile's sums stay in registers across the
+// segments of a block), else balanced parts of one segment. Rows in blocks of kMc.
+SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t segs, int64_t seg_k, const float* a, int64_t lda,
+                          int64_t lds, const float* wp, float* c, int64_t ldc, const Epilogue& epi) {
   const int64_t np = (n + kPanel - 1) / kPanel;
-  const int64_t nk = (k + kKcMax - 1) / kKcMax;
-  const int64_t kcs = ((k + nk - 1) / nk + 7) / 8 * 8;
+  const int64_t k = segs * seg_k;
+  // per block: nseg segments of kc columns (nseg > 1 only with kc == seg_k)
+  int64_t kcs = seg_k, group = 1;
+  if (seg_k > kKcMax) {
+    const int64_t nk = (seg_k + kKcMax - 1) / kKcMax;
+    kcs = ((seg_k + nk - 1) / nk + 7) / 8 * 8;
+  } else {
+    group = std::max<int64_t>(1, kKcMax / seg_k);
+  }
   for (int64_t ic = 0; ic < m; ic += kMc) {
     const int64_t mc = std::min(kMc, m - ic);
-    for (int64_t k0 = 0; k0 < k; k0 += kcs) {
-      const int64_t kc = std::min(kcs, k - k0);
-      const bool first = k0 == 0, last = k0 + kc >= k;
-      for (int64_t jp = 0; jp < np; ++jp) {
-        const int64_t col = jp * kPanel;
-        const int64_t nv = std::min(kPanel, n - col);
-        const float* b = wp + (jp * k + k0) * kPanel;
-        const float* bias = epi.bias ? epi.bias + col : nullptr;
-        for (int64_t ir = 0; ir < mc; ir += 6) {
-          const int64_t row = ic + ir;
-          const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
-          const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
-          tile(std::min<int64_t>(6, mc - ir), nv, kc, a + row * lda + k0, lda, b, c + row * ldc + col, ldc, first,
-               last, bias, rbias, res, epi.ldr, epi.relu);
+    for (int64_t s = 0; s < segs; s += group) {
+      const int64_t nseg = std::min(group, segs - s);
+      for (int64_t o = 0; o < seg_k; o += kcs) {
+        const int64_t kc = std::min(kcs, seg_k - o), k0 = s * seg_k + o;
+        const bool first = k0 == 0, last = k0 + (nseg - 1) * seg_k + kc >= k;
+        const float* as = a + s * lds + o;
+        for (int64_t jp = 0; jp < np; ++jp) {
+          const int64_t col = jp * kPanel;
+          const int64_t nv = std::min(kPanel, n - col);
+          const float* b = wp + (jp * k + k0) * kPanel;
+          const float* bias = epi.bias ? epi.bias + col : nullptr;
+          for (int64_t ir = 0; ir < mc; ir += 6) {
+            const int64_t row = ic + ir;
+            const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
+            const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
+            tile(std::min<int64_t>(6, mc - ir), nv, kc, nseg, lds, as + row * lda, lda, b, c + row * ldc + col, ldc,
+                 first, last, bias, rbias, res, epi.ldr, epi.relu);
+          }
         }
       }
     }
   }
+}
+
+// 8 x 8 transpose of eight rows in registers.
+SHVIT_AVX2 inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5,
+                                  __m256& r6, __m256& r7) {
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r0 = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r1 = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r2 = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r3 = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r4 = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r5 = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r6 = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r7 = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// The full panels (n / 16 of them), 8 columns of k at a time: two 8 x 8 register transposes
+// per 16 x 8 block. Returns the first column of k left for the portable loop.
+SHVIT_AVX2 int64_t pack_weight_cols_avx2(const float* w, int64_t n, int64_t k, int64_t ldw, float* out,
+                                         int64_t panel_stride) {
+  const int64_t k8 = k / 8 * 8;
+  for (int64_t p = 0; p < n / kPanel; ++p) {
+    const float* src = w + p * kPanel * ldw;
+    float* dst = out + p * panel_stride;
+    for (int64_t kk = 0; kk < k8; kk += 8) {
+      for (int64_t h = 0; h < 2; ++h) {
+        const float* s = src + h * 8 * ldw + kk;
+        __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ldw), r2 = _mm256_loadu_ps(s + 2 * ldw),
+               r3 = _mm256_loadu_ps(s + 3 * ldw), r4 = _mm256_loadu_ps(s + 4 * ldw),
+               r5 = _mm256_loadu_ps(s + 5 * ldw), r6 = _mm256_loadu_ps(s + 6 * ldw),
+               r7 = _mm256_loadu_ps(s + 7 * ldw);
+        transpose8(r0, r1, r2, r3, r4, r5, r6, r7);
+        float* d = dst + kk * kPanel + h * 8;
+        _mm256_storeu_ps(d, r0);
+        _mm256_storeu_ps(d + kPanel, r1);
+        _mm256_storeu_ps(d + 2 * kPanel, r2);
+        _mm256_storeu_ps(d + 3 * kPanel, r3);
+        _mm256_storeu_ps(d + 4 * kPanel, r4);
+        _mm256_storeu_ps(d + 5 * kPanel, r5);
+        _mm256_storeu_ps(d + 6 * kPanel, r6);
+        _mm256_storeu_ps(d + 7 * kPanel, r7);
+      }
+    }
+  }
+  return k8;
 }
 
 }  // namespace
@@ -198,7 +275,7 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
   }
 #ifdef SHVIT_GEMM_X86
   if (available()) {
-    gemm_avx2(m, n, k, a, lda, wp, c, ldc, epi);
+    gemm_avx2(m, n, 1, k, a, lda, 0, wp, c, ldc, epi);
     return;
   }
 #endif
@@ -212,6 +289,44 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
       c[i * ldc + j] = epi.relu && s < 0.f ? 0.f : s;
     }
   }
+}
+
+void gemm_packed_segmented(int64_t m, int64_t n, int64_t segs, int64_t seg_k, const float* a, int64_t lda,
+                           int64_t lds, const float* wp, float* c, int64_t ldc, const Epilogue& epi) {
+#ifdef SHVIT_GEMM_X86
+  if (available() && m > 0 && n > 0 && segs > 0 && seg_k > 0) {
+    gemm_avx2(m, n, segs, seg_k, a, lda, lds, wp, c, ldc, epi);
+    return;
+  }
+#endif
+  // portable: one segment at a time, accumulating through the residual
+  if (segs <= 0 || seg_k <= 0) {
+    gemm_packed(m, n, 0, a, lda, wp, c, ldc, epi);
+    return;
+  }
+  const int64_t k = segs * seg_k;
+  std::vector<float> part(static_cast<size_t>(m * n));
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float* panel = wp + (j / kPanel) * k * kPanel + j % kPanel;
+      float s = (epi.bias ? epi.bias[j] : 0.f) + (epi.row_bias ? epi.row_bias[i] : 0.f) +
+                (epi.residual ? epi.residual[i * epi.ldr + j] : 0.f);
+      for (int64_t kk = 0; kk < k; ++kk) s += a[(kk / seg_k) * lds + i * lda + kk % seg_k] * panel[kk * kPanel];
+      part[i * n + j] = epi.relu && s < 0.f ? 0.f : s;
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) std::copy(part.begin() + i * n, part.begin() + (i + 1) * n, c + i * ldc);
+}
+
+void pack_weight_cols(const float* w, int64_t n, int64_t k, int64_t ldw, float* out, int64_t panel_stride) {
+  const int64_t full = n / kPanel * kPanel;
+  int64_t k0 = 0;
+#ifdef SHVIT_GEMM_X86
+  if (available() && full > 0) k0 = pack_weight_cols_avx2(w, full, k, ldw, out, panel_stride);
+#endif
+  if (full > 0 && k0 < k) pack_weight_cols_portable(w, full, k, ldw, out, panel_stride, k0);
+  if (full < n) pack_weight_cols_portable(w + full * ldw, n - full, k, ldw, out + full / kPanel * panel_stride,
+                                          panel_stride, 0);
 }
 
 void pack_weight_t(const float* v, int64_t n, int64_t k, int64_t ldv, float* out) {

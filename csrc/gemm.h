@@ -33,10 +33,21 @@ inline int64_t packed_size(int64_t n, int64_t k) { return (n + kPanel - 1) / kPa
 // out[(p * k + kk) * 16 + j] = w[(p * 16 + j) * ldw + kk], zero for p * 16 + j >= n.
 void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* out);
 
+// out + p * panel_stride + kk * 16 + j = w[(p * 16 + j) * ldw + kk] (zero for p * 16 + j >= n): the
+// columns [k0, k0 + k) of a packed (n, K) weight when out points at its column k0 and
+// panel_stride = K * 16.
+void pack_weight_cols(const float* w, int64_t n, int64_t k, int64_t ldw, float* out, int64_t panel_stride);
+
 // C (m, n; row stride ldc) = epi(A (m, k; row stride lda) @ W^T), W packed by pack_weight.
 // C may alias the residual (same pointer and stride: an in-place residual add) but not A.
 void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
                  int64_t ldc, const Epilogue& epi);
+
+// The same with k = segs * seg_k and A stored in segments: columns [s * seg_k, (s + 1) * seg_k)
+// of A's row i at a + s * lds + i * lda (for example one image of a (B, rows, N) tensor per
+// segment). The packed weight has k = segs * seg_k.
+void gemm_packed_segmented(int64_t m, int64_t n, int64_t segs, int64_t seg_k, const float* a, int64_t lda,
+                           int64_t lds, const float* wp, float* c, int64_t ldc, const Epilogue& epi);
 
 // pack_weight of the transpose: out[(p * k + kk) * 16 + j] = v[kk * ldv + p * 16 + j] (v is
 // (k, n) with row stride ldv; zero for p * 16 + j >= n).

@@ -3,10 +3,14 @@
 // (shvit_cpp::shsa_region_train, used by shvit.SHSA(fused=True) in training on the cpp backend).
 //
 // PyTorch runs the qkv Conv2d_BN of the training path as oneDNN's NCHW 1x1 convolution and
-// BatchNorm kernels, which at SHViT's sizes cost more than the attention itself. Here the
-// normalised x1 is written token-major once, the convolution is one GEMM over all B*N tokens
-// (forward, and its two gradients in the backward), BatchNorm statistics and the running-stat
-// update are one pass over that buffer, and the attention core reads q, k, v from it in place.
+// BatchNorm kernels, which at SHViT's sizes cost more than the attention itself. Here, in
+// float32 on the packed GEMM (gemm.h), channel-major: the conv is one GEMM per image whose
+// packing normalises x1 (GroupNorm's affine folded into the weight and a row bias), so the
+// GroupNorm output is never stored; BatchNorm statistics are taken over its output rows, and
+// the attention core reads q, k, v from the normalised buffer in place. The backward writes dz
+// as channel rows across the batch: the weight gradient is one GEMM over k = B*N, and dY per
+// image feeds the GroupNorm backward while it is in cache. float64 (and CPUs without AVX2)
+// run the same steps token-major on ATen's GEMMs.
 #include <torch/csrc/autograd/custom_function.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/library.h>
@@ -14,8 +18,10 @@
 #include <array>
 #include <vector>
 
+#include "attention_cm.h"
 #include "attention_core.h"
 #include "common.h"
+#include "gemm.h"
 
 namespace shvit_cpu {
 
@@ -23,7 +29,7 @@ namespace {
 
 struct RegionForward {
   Tensor out;     // (B, C, H, W): ReLU(concat(attention, x2))
-  Tensor yT;      // (B*N, P): GroupNorm output, token-major (input of the conv)
+  Tensor yT;      // (B*N, P): GroupNorm output, token-major (input of the conv); ATen path only
   Tensor zhat;    // (B, CQ, N): normalised conv output (BatchNorm before its affine)
   Tensor qkv;     // (B, CQ, N): BatchNorm output = q, k, v (unscaled)
   Tensor p;       // (B, N, N) attention probabilities when they fit one query chunk, else undefined
@@ -59,20 +65,16 @@ void gn_token_major(const Tensor& xv, int64_t P, double eps, const Tensor& gw, c
   });
 }
 
-// BatchNorm with batch statistics on the conv output zT (B*N, CQ), token-major: transposed
-// once into zhat (B, CQ, N), then per-channel mean and biased variance over contiguous rows
-// (two passes, rows in order: independent of the thread count), then zhat normalised in
-// place and the affine output qkv, both channel-major.
+// BatchNorm with batch statistics on the conv output, channel-major in zhat (B, CQ, N):
+// per-channel mean and biased variance over contiguous rows (two passes, rows in order:
+// independent of the thread count), then zhat normalised in place and the affine output qkv.
+// zhat (B, CQ, N) holds the conv output on entry.
 template <typename scalar_t>
-void bn_train_forward(const Tensor& zT, int64_t B, const Tensor& bw, const Tensor& bb, double eps, Tensor& zhat,
-                      Tensor& qkv, Tensor& mean_t, Tensor& var_t, Tensor& inv_t) {
-  const int64_t M = zT.size(0), CQ = zT.size(1), N = M / B;
-  const scalar_t* pz = zT.const_data_ptr<scalar_t>();
+void bn_train_forward(const Tensor& bw, const Tensor& bb, double eps, Tensor& zhat, Tensor& qkv, Tensor& mean_t,
+                      Tensor& var_t, Tensor& inv_t) {
+  const int64_t B = zhat.size(0), CQ = zhat.size(1), N = zhat.size(2);
   scalar_t* ph = zhat.data_ptr<scalar_t>();
   scalar_t* pq = qkv.data_ptr<scalar_t>();
-  parallel_rows(B, 1, [&](int64_t b) {
-    transpose_map(pz + b * N * CQ, CQ, ph + b * CQ * N, N, N, CQ, [](scalar_t v, int64_t, int64_t) { return v; });
-  });
   scalar_t* pmean = mean_t.data_ptr<scalar_t>();
   scalar_t* pvar = var_t.data_ptr<scalar_t>();
   scalar_t* pinv = inv_t.data_ptr<scalar_t>();
@@ -96,6 +98,112 @@ void bn_train_forward(const Tensor& zT, int64_t B, const Tensor& bw, const Tenso
           const scalar_t v = (h[n] - mu) * inv;
           h[n] = v;
           q[n] = v * w + o;
+        }
+      }
+    }
+  });
+}
+
+// The float32 path on the packed GEMM (gemm.h), channel-major throughout: no activation is
+// transposed and the GroupNorm output is never stored (the GEMMs' packing normalises x1).
+bool region_cm(const Tensor& x) { return x.scalar_type() == at::kFloat && shvit_gemm::available(); }
+
+// z_b (CQ, N) = W @ GroupNorm(x1_b) = (W diag(gamma)) @ xhat_b + W @ beta, one packed GEMM per
+// image with xhat_b = (x1_b - mu_b) * r_b written into the token panels.
+void conv_forward_cm(const Tensor& xv, int64_t P, double eps, const Tensor& gw, const Tensor& gb, const Tensor& w,
+                     Tensor& mu_t, Tensor& r_t, Tensor& z) {
+  const int64_t B = xv.size(0), N = xv.size(2), sb = xv.stride(0), sc = xv.stride(1), CQ = w.size(0);
+  const Tensor wg = (w * gw.unsqueeze(0)).contiguous();
+  const Tensor wb = at::mv(w, gb).contiguous();
+  const float* px = xv.const_data_ptr<float>();
+  const float* pa = wg.const_data_ptr<float>();
+  float* pmu = mu_t.data_ptr<float>();
+  float* pr = r_t.data_ptr<float>();
+  float* pz = z.data_ptr<float>();
+  shvit_gemm::Epilogue epi;
+  epi.row_bias = wb.const_data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    const Scratch panels(kScratchPanels, static_cast<size_t>(shvit_gemm::packed_size(N, P)));
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* xb = px + b * sb;
+      const auto mom = rows_moments<float, float>(xb, P, sc, N);
+      const float r = static_cast<float>(1.0 / std::sqrt(mom.second + eps));
+      pmu[b] = mom.first;
+      pr[b] = r;
+      pack_tokens_normalized(xb, sc, P, N, mom.first, r, panels.data());
+      shvit_gemm::gemm_packed(CQ, N, P, pa, P, panels.data(), pz + b * CQ * N, N, epi);
+    }
+  });
+}
+
+// The conv's gradients from dz (CQ, B*N) (channel rows across the batch):
+//   dW = dz @ Y^T, one GEMM over k = B*N with Y = GroupNorm(x1) packed as a (P, B*N) weight;
+//   per image, dY_b = W^T @ dz_b, then the GroupNorm backward into dx3 channels [0, P).
+void conv_gn_backward_cm(const Tensor& dz, const Tensor& xv, int64_t P, const Tensor& w, const Tensor& gw,
+                         const Tensor& gb, const Tensor& mu_t, const Tensor& r_t, Tensor& dw, Tensor& dx3,
+                         Tensor& dgw_part, Tensor& dgb_part) {
+  constexpr int64_t kP = shvit_gemm::kPanel;
+  const int64_t B = xv.size(0), N = xv.size(2), sb = xv.stride(0), sc = xv.stride(1), CQ = w.size(0);
+  const int64_t K = B * N, CO = dx3.size(1);
+  const float* px = xv.const_data_ptr<float>();
+  const float* pgw = gw.const_data_ptr<float>();
+  const float* pgb = gb.const_data_ptr<float>();
+  const float* pmu = mu_t.const_data_ptr<float>();
+  const float* pr = r_t.const_data_ptr<float>();
+  const float* pdz = dz.const_data_ptr<float>();
+  const int64_t np = (P + kP - 1) / kP;
+  const Scratch yp(kScratchA, static_cast<size_t>(np * K * kP));
+  parallel_rows(B, 1, [&](int64_t b) {  // image b's k-range of every panel of Y
+    const float mu = pmu[b], r = pr[b];
+    for (int64_t p = 0; p < np; ++p) {
+      float* dst = yp.data() + (p * K + b * N) * kP;
+      for (int64_t j = 0; j < kP; ++j) {
+        const int64_t c = p * kP + j;
+        if (c < P) {
+          const float* src = px + b * sb + c * sc;
+          const float a = r * pgw[c], o = pgb[c] - mu * a;
+          for (int64_t n = 0; n < N; ++n) dst[n * kP + j] = src[n] * a + o;
+        } else {
+          for (int64_t n = 0; n < N; ++n) dst[n * kP + j] = 0.f;
+        }
+      }
+    }
+  });
+  float* pw = dw.data_ptr<float>();
+  at::parallel_for(0, CQ, 6, [&](int64_t r0, int64_t r1) {
+    shvit_gemm::gemm_packed(r1 - r0, P, K, pdz + r0 * K, K, yp.data(), pw + r0 * P, P, shvit_gemm::Epilogue{});
+  });
+  const Tensor wt = w.t().contiguous();  // (P, CQ)
+  const float* pwt = wt.const_data_ptr<float>();
+  float* pdx = dx3.data_ptr<float>();
+  float* pdgw = dgw_part.data_ptr<float>();
+  float* pdgb = dgb_part.data_ptr<float>();
+  const double inv_cnt = 1.0 / static_cast<double>(P * N);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    const Scratch panels(kScratchPanels, static_cast<size_t>(shvit_gemm::packed_size(N, CQ)));
+    for (int64_t b = b0; b < b1; ++b) {
+      float* g = pdx + b * CO * N;  // dY_b, then the GroupNorm gradient, in place
+      pack_tokens_copy(pdz + b * N, K, CQ, N, panels.data());
+      shvit_gemm::gemm_packed(P, N, CQ, pwt, CQ, panels.data(), g, N, shvit_gemm::Epilogue{});
+      const float mu = pmu[b], r = pr[b];
+      const float* xb = px + b * sb;
+      double c1 = 0, c2 = 0;
+      for (int64_t c = 0; c < P; ++c) {
+        const auto ds = row_dot_sum<float, float>(g + c * N, xb + c * sc, N, mu);
+        const float sdyx = ds.first * r;
+        pdgw[b * P + c] = sdyx;
+        pdgb[b * P + c] = ds.second;
+        c1 += static_cast<double>(pgw[c]) * ds.second;
+        c2 += static_cast<double>(pgw[c]) * sdyx;
+      }
+      const float m1 = static_cast<float>(c1 * inv_cnt), m2 = static_cast<float>(c2 * inv_cnt);
+      for (int64_t c = 0; c < P; ++c) {
+        const float* xr = xb + c * sc;
+        float* gr = g + c * N;
+        const float wc = pgw[c];
+        for (int64_t n = 0; n < N; ++n) {
+          const float xh = (xr[n] - mu) * r;
+          gr[n] = r * (gr[n] * wc - m1 - xh * m2);
         }
       }
     }
@@ -138,19 +246,30 @@ RegionForward region_forward(const Tensor& x, const Tensor& gw, const Tensor& gb
   Tensor xv = as_bcn(x);
   Tensor gwc = gw.to(x.scalar_type()).contiguous(), gbc = gb.to(x.scalar_type()).contiguous();
   Tensor bwc = bw.to(x.scalar_type()).contiguous(), bbc = bb.to(x.scalar_type()).contiguous();
-  f.yT = at::empty({M, P}, opt);
   f.gn_mu = at::empty({B}, opt);
   f.gn_r = at::empty({B}, opt);
   f.zhat = at::empty({B, CQ, N}, opt);
   f.qkv = at::empty({B, CQ, N}, opt);
   f.bn_inv = at::empty({CQ}, opt);
   Tensor mean = at::empty({CQ}, opt), var = at::empty({CQ}, opt);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shsa_region_gn", [&] {
-    gn_token_major<scalar_t>(xv, P, gn_eps, gwc, gbc, f.yT, f.gn_mu, f.gn_r);
-  });
-  Tensor zT = at::mm(f.yT, cw.reshape({CQ, P}).to(x.scalar_type()).t());
+  if (region_cm(x)) {
+    conv_forward_cm(xv, P, gn_eps, gwc, gbc, cw.reshape({CQ, P}).to(at::kFloat).contiguous(), f.gn_mu, f.gn_r,
+                    f.zhat);
+  } else {
+    f.yT = at::empty({M, P}, opt);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shsa_region_gn", [&] {
+      gn_token_major<scalar_t>(xv, P, gn_eps, gwc, gbc, f.yT, f.gn_mu, f.gn_r);
+    });
+    Tensor zT = at::mm(f.yT, cw.reshape({CQ, P}).to(x.scalar_type()).t());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shsa_region_tr", [&] {
+      parallel_rows(B, 1, [&](int64_t b) {
+        transpose_map(zT.const_data_ptr<scalar_t>() + b * N * CQ, CQ, f.zhat.data_ptr<scalar_t>() + b * CQ * N, N,
+                      N, CQ, [](scalar_t v, int64_t, int64_t) { return v; });
+      });
+    });
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shsa_region_bn", [&] {
-    bn_train_forward<scalar_t>(zT, B, bwc, bbc, bn_eps, f.zhat, f.qkv, mean, var, f.bn_inv);
+    bn_train_forward<scalar_t>(bwc, bbc, bn_eps, f.zhat, f.qkv, mean, var, f.bn_inv);
   });
   {
     // running statistics as nn.BatchNorm2d updates them (unbiased variance)
@@ -168,11 +287,12 @@ RegionForward region_forward(const Tensor& x, const Tensor& gw, const Tensor& gb
 }
 
 // BatchNorm backward with batch statistics, channel-major: d (B, CQ, N), given as the three
-// channel groups dq, dk, dv, holds dL/d(output) on entry and dL/dz on exit; dz is also
-// written token-major (B*N, CQ) for the conv's GEMMs.
+// channel groups dq, dk, dv, holds dL/d(output). dz goes to dzT: token-major (B*N, CQ), with d
+// overwritten by dz too, for ATen's GEMMs; or, with channel_rows, as (CQ, B*N) for the packed
+// GEMMs.
 template <typename scalar_t>
 void bn_train_backward(std::array<Tensor, 3>& parts, const Tensor& zhat, const Tensor& inv_t, const Tensor& bw,
-                       Tensor& dzT, Tensor& dbw, Tensor& dbb) {
+                       Tensor& dzT, Tensor& dbw, Tensor& dbb, bool channel_rows) {
   const int64_t B = zhat.size(0), CQ = zhat.size(1), N = zhat.size(2), M = B * N;
   // row pointer of channel c of image b
   std::array<scalar_t*, 3> base;
@@ -216,11 +336,14 @@ void bn_train_backward(std::array<Tensor, 3>& parts, const Tensor& zhat, const T
     const scalar_t* hb = ph + b * CQ * N;
     for (int64_t c = 0; c < CQ; ++c) {
       scalar_t* dr = row(b, c);
+      // channel_rows: dz goes to dzT as (CQ, B*N), channel rows across the batch
+      scalar_t* dst = channel_rows ? pz + c * M + b * N : dr;
       const double ac = a[c], u = m1[c], w = m2[c];
       for (int64_t n = 0; n < N; ++n) {
-        dr[n] = static_cast<scalar_t>(ac * (static_cast<double>(dr[n]) - u - static_cast<double>(hb[c * N + n]) * w));
+        dst[n] = static_cast<scalar_t>(ac * (static_cast<double>(dr[n]) - u - static_cast<double>(hb[c * N + n]) * w));
       }
     }
+    if (channel_rows) return;
     // token-major copy, 8 channels x 8 tokens at a time
     scalar_t* zb = pz + b * N * CQ;
     for (int64_t c0 = 0; c0 < CQ; c0 += 8) {
@@ -295,7 +418,7 @@ struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
                         double scale) {
     RegionForward f =
         region_forward(x, gw, gb, cw, bw, bb, rm, rv, momentum, gn_eps, bn_eps, pdim, qk_dim, scale, true);
-    ctx->save_for_backward({x, gw, cw, bw, f.out, f.yT, f.zhat, f.qkv, f.p, f.gn_mu, f.gn_r, f.bn_inv});
+    ctx->save_for_backward({x, gw, gb, cw, bw, f.out, f.yT, f.zhat, f.qkv, f.p, f.gn_mu, f.gn_r, f.bn_inv});
     ctx->saved_data["pdim"] = pdim;
     ctx->saved_data["qk_dim"] = qk_dim;
     ctx->saved_data["scale"] = scale;
@@ -305,8 +428,8 @@ struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     NoAutocast no_autocast;
     const auto s = ctx->get_saved_variables();
-    const Tensor &x = s[0], &gw = s[1], &cw = s[2], &bw = s[3], &out = s[4], &yT = s[5], &zhat = s[6],
-                 &qkv = s[7], &p = s[8], &gn_mu = s[9], &gn_r = s[10], &bn_inv = s[11];
+    const Tensor &x = s[0], &gw = s[1], &gb = s[2], &cw = s[3], &bw = s[4], &out = s[5], &yT = s[6],
+                 &zhat = s[7], &qkv = s[8], &p = s[9], &gn_mu = s[10], &gn_r = s[11], &bn_inv = s[12];
     const int64_t P = ctx->saved_data["pdim"].toInt(), QK = ctx->saved_data["qk_dim"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
     const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W, M = B * N;
@@ -320,22 +443,30 @@ struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
     auto [dq, dk, dv] = attention_backward_core(dout, qkv, out, QK, scale, p, dx2);
     std::array<Tensor, 3> parts{dq, dk, dv};
     // BatchNorm (batch statistics), then the conv's two GEMMs token-major
-    Tensor dT = at::empty({M, CQ}, x.options());
+    const bool cm = region_cm(x);
+    Tensor dT = at::empty(cm ? at::IntArrayRef{CQ, M} : at::IntArrayRef{M, CQ}, x.options());
     Tensor dbw = at::empty({CQ}, x.options()), dbb = at::empty({CQ}, x.options());
     Tensor bwc = bw.to(dt).contiguous();
     AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_bn_bwd", [&] {
-      bn_train_backward<scalar_t>(parts, zhat, bn_inv, bwc, dT, dbw, dbb);
+      bn_train_backward<scalar_t>(parts, zhat, bn_inv, bwc, dT, dbw, dbb, cm);
     });
-    Tensor w2 = cw.reshape({CQ, P}).to(dt);
-    Tensor dcw = at::mm(dT.t(), yT).view(cw.sizes());
-    Tensor dyT = at::mm(dT, w2);  // (M, P)
+    Tensor w2 = cw.reshape({CQ, P}).to(dt).contiguous();
     // GroupNorm, written into the first P channels of dx
     Tensor dgw_part = at::empty({B, P}, x.options()), dgb_part = at::empty({B, P}, x.options());
     Tensor gwc = gw.to(dt).contiguous();
     Tensor xv = as_bcn(x);
-    AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_gn_bwd", [&] {
-      gn_backward_token_major<scalar_t>(dyT, xv, P, gwc, gn_mu, gn_r, dx3, dgw_part, dgb_part);
-    });
+    Tensor dcw;
+    if (cm) {
+      dcw = at::empty({CQ, P}, x.options());
+      conv_gn_backward_cm(dT, xv, P, w2, gwc, gb.to(dt).contiguous(), gn_mu, gn_r, dcw, dx3, dgw_part, dgb_part);
+      dcw = dcw.view(cw.sizes());
+    } else {
+      dcw = at::mm(dT.t(), yT).view(cw.sizes());
+      Tensor dyT = at::mm(dT, w2);  // (M, P)
+      AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_gn_bwd", [&] {
+        gn_backward_token_major<scalar_t>(dyT, xv, P, gwc, gn_mu, gn_r, dx3, dgw_part, dgb_part);
+      });
+    }
     return {dx,
             dgw_part.sum(0).to(gw.scalar_type()),
             dgb_part.sum(0).to(gw.scalar_type()),

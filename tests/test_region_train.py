@@ -218,3 +218,29 @@ def test_region_train_large_image_recomputes_probabilities(monkeypatch):
     out_e.backward(g)
     _check(xf.grad, x.grad, xe.grad, "input grad")
     _check(fused.qkv.c.weight.grad, ref.qkv.c.weight.grad, exact.qkv.c.weight.grad, "qkv weight grad")
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
+def test_region_train_float32_one_and_two_threads_agree(shape, monkeypatch):
+    """float32 (the packed-GEMM path): the whole SHSA training step -- output, every gradient and
+    the running statistics -- within 1e-6 with 1 and 2 threads."""
+    use_backend(monkeypatch, "cpp", "cpu")
+    B, dim, pdim, qk_dim, H, W = shape
+    base = _module(dim, pdim, qk_dim, torch.float32)
+    base.fused = True
+    x = _input(B, dim, H, W, torch.float32, "contiguous")
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            m = copy.deepcopy(base)
+            xi = x.clone().requires_grad_()
+            out = m(xi)
+            out.backward(g)
+            results.append([out.detach(), xi.grad] + [p.grad for p in m.parameters()] + list(m.buffers()))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert_rel_close(a.double(), b.double(), 1e-6, f"{shape}: 1 vs 2 threads")

@@ -2,12 +2,14 @@
 // does), forward and backward, for float32/float64 CPU tensors: shvit_cpp::bn_train, used
 // after SHSA's projection conv in training (shvit/layers.py).
 //
-// Channel by channel over B rows of N contiguous tokens (NCHW): statistics in two passes
-// (no cancellation), the normalisation in one, the backward's two sums in one pass and the
+// Over B rows of N contiguous tokens per channel (NCHW): statistics in two passes (no
+// cancellation), the normalisation in one, the backward's two sums in one pass and the
 // gradient in another. On the benchmark machine, forward + backward ran 1.2-1.35x faster
 // than PyTorch's CPU batch_norm at SHViT-S4's projection shapes (16 to 196 tokens per row).
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "common.h"
 
@@ -18,6 +20,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// Each thread takes a range of channels and walks it image by image (see
+// batch_channel_moments): B contiguous blocks of (c1 - c0) * N values per pass.
 template <typename T>
 void bn_forward(const Tensor& xv, const Tensor& w, const Tensor& b, double eps, Tensor& out, Tensor& mean,
                 Tensor& var, Tensor& invstd) {
@@ -30,18 +34,25 @@ void bn_forward(const Tensor& xv, const Tensor& w, const Tensor& b, double eps, 
   T* pv = var.data_ptr<T>();
   T* pi = invstd.data_ptr<T>();
   at::parallel_for(0, C, 4, [&](int64_t c0, int64_t c1) {
+    const int64_t nc = c1 - c0;
+    std::vector<double> vars(static_cast<size_t>(nc));
+    std::vector<T> mu(static_cast<size_t>(nc)), a(static_cast<size_t>(nc)), o(static_cast<size_t>(nc));
+    batch_channel_moments<T>(px, B, N, sb, sc, c0, c1, mu.data(), vars.data());
     for (int64_t c = c0; c < c1; ++c) {
-      const auto mom = rows_moments<T, T>(px + c * sc, B, sb, N);
-      const T mu = mom.first;
-      const T inv = static_cast<T>(1.0 / std::sqrt(mom.second + eps));
-      pm[c] = mu;
-      pv[c] = static_cast<T>(mom.second);
+      const double v = vars[c - c0];
+      const T inv = static_cast<T>(1.0 / std::sqrt(v + eps));
+      pm[c] = mu[c - c0];
+      pv[c] = static_cast<T>(v);
       pi[c] = inv;
-      const T a = inv * pw[c], o = pb[c] - mu * a;
-      for (int64_t i = 0; i < B; ++i) {
+      a[c - c0] = inv * pw[c];
+      o[c - c0] = pb[c] - mu[c - c0] * a[c - c0];
+    }
+    for (int64_t i = 0; i < B; ++i) {
+      for (int64_t c = c0; c < c1; ++c) {
         const T* xr = px + i * sb + c * sc;
         T* orow = po + (i * C + c) * N;
-        for (int64_t n = 0; n < N; ++n) orow[n] = xr[n] * a + o;
+        const T ac = a[c - c0], oc = o[c - c0];
+        for (int64_t n = 0; n < N; ++n) orow[n] = xr[n] * ac + oc;
       }
     }
   });
@@ -62,26 +73,35 @@ void bn_backward(const Tensor& dyv, const Tensor& xv, const Tensor& w, const Ten
   T* pdb = db.data_ptr<T>();
   const double inv_cnt = 1.0 / static_cast<double>(B * N);
   at::parallel_for(0, C, 4, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const T mu = pm[c], inv = pi[c];
-      // sums in double: dx below is a small difference of these terms
-      double s1 = 0, s2 = 0;
-      for (int64_t i = 0; i < B; ++i) {
-        const auto ds = row_dot_sum<T, double>(pg + i * gb + c * gc, px + i * sb + c * sc, N, static_cast<double>(mu));
-        s2 += ds.first;
-        s1 += ds.second;
+    const int64_t nc = c1 - c0;
+    // sums in double: dx below is a small difference of these terms
+    std::vector<double> s1(static_cast<size_t>(nc), 0.0), s2(static_cast<size_t>(nc), 0.0);
+    std::vector<T> a(static_cast<size_t>(nc)), m1(static_cast<size_t>(nc)), m2(static_cast<size_t>(nc));
+    for (int64_t i = 0; i < B; ++i) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const auto ds = row_dot_sum<T, double>(pg + i * gb + c * gc, px + i * sb + c * sc, N,
+                                               static_cast<double>(pm[c]));
+        s2[c - c0] += ds.first;
+        s1[c - c0] += ds.second;
       }
-      s2 *= static_cast<double>(inv);  // sum(dy * xhat)
-      pdb[c] = static_cast<T>(s1);
-      pdw[c] = static_cast<T>(s2);
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      const double inv = static_cast<double>(pi[c]);
+      const double t2 = s2[c - c0] * inv;  // sum(dy * xhat)
+      pdb[c] = static_cast<T>(s1[c - c0]);
+      pdw[c] = static_cast<T>(t2);
       // dx = w * inv * (dy - mean(dy) - xhat * mean(dy * xhat))
-      const T a = static_cast<T>(static_cast<double>(pw[c]) * static_cast<double>(inv));
-      const T m1 = static_cast<T>(s1 * inv_cnt), m2 = static_cast<T>(s2 * inv_cnt);
-      for (int64_t i = 0; i < B; ++i) {
+      a[c - c0] = static_cast<T>(static_cast<double>(pw[c]) * inv);
+      m1[c - c0] = static_cast<T>(s1[c - c0] * inv_cnt);
+      m2[c - c0] = static_cast<T>(t2 * inv_cnt);
+    }
+    for (int64_t i = 0; i < B; ++i) {
+      for (int64_t c = c0; c < c1; ++c) {
         const T* xr = px + i * sb + c * sc;
         const T* gr = pg + i * gb + c * gc;
         T* dr = pdx + (i * C + c) * N;
-        for (int64_t n = 0; n < N; ++n) dr[n] = a * (gr[n] - m1 - (xr[n] - mu) * inv * m2);
+        const T ac = a[c - c0], u1 = m1[c - c0], u2 = m2[c - c0], mu = pm[c], inv = pi[c];
+        for (int64_t n = 0; n < N; ++n) dr[n] = ac * (gr[n] - u1 - (xr[n] - mu) * inv * u2);
       }
     }
   });

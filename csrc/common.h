@@ -96,6 +96,30 @@ inline std::pair<A, double> rows_moments(const T* x, int64_t rows, int64_t strid
   return {mu, sq * inv_cnt};
 }
 
+// Per-channel mean and biased variance over a batch for channels [c0, c1) of x (channel c of
+// image i at x + i * sb + c * sc, N contiguous values): mu[c - c0], var[c - c0]. The sums of
+// rows_moments, in the same order, but walked image by image: each pass reads B contiguous
+// blocks. (Channel by channel, the B rows are an image apart -- often a multiple of 4 KiB --
+// and compete for the same cache sets.)
+template <typename T>
+inline void batch_channel_moments(const T* x, int64_t B, int64_t N, int64_t sb, int64_t sc, int64_t c0, int64_t c1,
+                                  T* mu, double* var) {
+  const int64_t nc = c1 - c0;
+  const double inv_cnt = 1.0 / static_cast<double>(B * N);
+  std::vector<double> acc(static_cast<size_t>(nc), 0.0);
+  for (int64_t i = 0; i < B; ++i) {
+    for (int64_t c = c0; c < c1; ++c) acc[c - c0] += row_sum<T, T>(x + i * sb + c * sc, N);
+  }
+  for (int64_t c = 0; c < nc; ++c) {
+    mu[c] = static_cast<T>(acc[c] * inv_cnt);
+    acc[c] = 0.0;
+  }
+  for (int64_t i = 0; i < B; ++i) {
+    for (int64_t c = c0; c < c1; ++c) acc[c - c0] += row_sq_dev<T, T>(x + i * sb + c * sc, N, mu[c - c0]);
+  }
+  for (int64_t c = 0; c < nc; ++c) var[c] = acc[c] * inv_cnt;
+}
+
 // (sum(g * (x - mu)), sum(g))
 template <typename T, typename A>
 inline std::pair<A, A> row_dot_sum(const T* g, const T* x, int64_t n, A mu) {

@@ -66,8 +66,8 @@ void gn_token_major(const Tensor& xv, int64_t P, double eps, const Tensor& gw, c
 }
 
 // BatchNorm with batch statistics on the conv output, channel-major in zhat (B, CQ, N):
-// per-channel mean and biased variance over contiguous rows (two passes, rows in order:
-// independent of the thread count), then zhat normalised in place and the affine output qkv.
+// per-channel mean and biased variance (batch_channel_moments: rows in order, independent of
+// the thread count), then zhat normalised in place and the affine output qkv.
 // zhat (B, CQ, N) holds the conv output on entry.
 template <typename scalar_t>
 void bn_train_forward(const Tensor& bw, const Tensor& bb, double eps, Tensor& zhat, Tensor& qkv, Tensor& mean_t,
@@ -81,17 +81,17 @@ void bn_train_forward(const Tensor& bw, const Tensor& bb, double eps, Tensor& zh
   const scalar_t* pbw = bw.const_data_ptr<scalar_t>();
   const scalar_t* pbb = bb.const_data_ptr<scalar_t>();
   at::parallel_for(0, CQ, 8, [&](int64_t c0, int64_t c1) {
+    std::vector<scalar_t> mus(static_cast<size_t>(c1 - c0));
+    std::vector<double> vars(static_cast<size_t>(c1 - c0));
+    batch_channel_moments<scalar_t>(ph, B, N, CQ * N, N, c0, c1, mus.data(), vars.data());
     for (int64_t c = c0; c < c1; ++c) {
-      // channel c of every image: B rows of N, CQ * N apart
-      const auto mom = rows_moments<scalar_t, scalar_t>(ph + c * N, B, CQ * N, N);
-      const scalar_t mu = mom.first;
-      const double var = mom.second;
-      const scalar_t inv = static_cast<scalar_t>(1.0 / std::sqrt(var + eps));
-      pmean[c] = mu;
-      pvar[c] = static_cast<scalar_t>(var);
-      pinv[c] = inv;
-      const scalar_t w = pbw[c], o = pbb[c];
-      for (int64_t b = 0; b < B; ++b) {
+      pmean[c] = mus[c - c0];
+      pvar[c] = static_cast<scalar_t>(vars[c - c0]);
+      pinv[c] = static_cast<scalar_t>(1.0 / std::sqrt(vars[c - c0] + eps));
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const scalar_t mu = pmean[c], inv = pinv[c], w = pbw[c], o = pbb[c];
         scalar_t* h = ph + (b * CQ + c) * N;
         scalar_t* q = pq + (b * CQ + c) * N;
         for (int64_t n = 0; n < N; ++n) {

@@ -104,6 +104,34 @@ void bn_train_forward(const Tensor& bw, const Tensor& bb, double eps, Tensor& zh
   });
 }
 
+// GroupNorm backward of one image, in place: g (P rows of N) holds dY on entry and dx on exit;
+// channel c of x at xb + c * sc (unit token stride); dgw, dgb get the image's partial weight
+// and bias gradients.
+template <typename T>
+void gn_backward_image(T* g, int64_t N, const T* xb, int64_t sc, int64_t P, const T* gw, T mu, T r, T* dgw,
+                       T* dgb) {
+  double c1 = 0, c2 = 0;
+  for (int64_t c = 0; c < P; ++c) {
+    const auto ds = row_dot_sum<T, T>(g + c * N, xb + c * sc, N, mu);
+    const T sdyx = ds.first * r;
+    dgw[c] = sdyx;
+    dgb[c] = ds.second;
+    c1 += static_cast<double>(gw[c]) * ds.second;
+    c2 += static_cast<double>(gw[c]) * sdyx;
+  }
+  const double inv_cnt = 1.0 / static_cast<double>(P * N);
+  const T m1 = static_cast<T>(c1 * inv_cnt), m2 = static_cast<T>(c2 * inv_cnt);
+  for (int64_t c = 0; c < P; ++c) {
+    const T* xr = xb + c * sc;
+    T* gr = g + c * N;
+    const T wc = gw[c];
+    for (int64_t n = 0; n < N; ++n) {
+      const T xh = (xr[n] - mu) * r;
+      gr[n] = r * (gr[n] * wc - m1 - xh * m2);
+    }
+  }
+}
+
 // The float32 path on the packed GEMM (gemm.h), channel-major throughout: no activation is
 // transposed and the GroupNorm output is never stored (the GEMMs' packing normalises x1).
 bool region_cm(const Tensor& x) { return x.scalar_type() == at::kFloat && shvit_gemm::available(); }
@@ -178,34 +206,13 @@ void conv_gn_backward_cm(const Tensor& dz, const Tensor& xv, int64_t P, const Te
   float* pdx = dx3.data_ptr<float>();
   float* pdgw = dgw_part.data_ptr<float>();
   float* pdgb = dgb_part.data_ptr<float>();
-  const double inv_cnt = 1.0 / static_cast<double>(P * N);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     const Scratch panels(kScratchPanels, static_cast<size_t>(shvit_gemm::packed_size(N, CQ)));
     for (int64_t b = b0; b < b1; ++b) {
       float* g = pdx + b * CO * N;  // dY_b, then the GroupNorm gradient, in place
       pack_tokens_copy(pdz + b * N, K, CQ, N, panels.data());
       shvit_gemm::gemm_packed(P, N, CQ, pwt, CQ, panels.data(), g, N, shvit_gemm::Epilogue{});
-      const float mu = pmu[b], r = pr[b];
-      const float* xb = px + b * sb;
-      double c1 = 0, c2 = 0;
-      for (int64_t c = 0; c < P; ++c) {
-        const auto ds = row_dot_sum<float, float>(g + c * N, xb + c * sc, N, mu);
-        const float sdyx = ds.first * r;
-        pdgw[b * P + c] = sdyx;
-        pdgb[b * P + c] = ds.second;
-        c1 += static_cast<double>(pgw[c]) * ds.second;
-        c2 += static_cast<double>(pgw[c]) * sdyx;
-      }
-      const float m1 = static_cast<float>(c1 * inv_cnt), m2 = static_cast<float>(c2 * inv_cnt);
-      for (int64_t c = 0; c < P; ++c) {
-        const float* xr = xb + c * sc;
-        float* gr = g + c * N;
-        const float wc = pgw[c];
-        for (int64_t n = 0; n < N; ++n) {
-          const float xh = (xr[n] - mu) * r;
-          gr[n] = r * (gr[n] * wc - m1 - xh * m2);
-        }
-      }
+      gn_backward_image<float>(g, N, px + b * sb, sc, P, pgw, pmu[b], pr[b], pdgw + b * P, pdgb + b * P);
     }
   });
 }
@@ -371,40 +378,11 @@ void gn_backward_token_major(const Tensor& dyT, const Tensor& xv, int64_t P, con
   scalar_t* pdx = dx3.data_ptr<scalar_t>();
   scalar_t* pdw = dgw_part.data_ptr<scalar_t>();
   scalar_t* pdb = dgb_part.data_ptr<scalar_t>();
-  const double inv_cnt = 1.0 / static_cast<double>(P * N);
   parallel_rows(B, 1, [&](int64_t b) {
-    const scalar_t mu = pmu[b], r = pr[b];
-    const scalar_t* xb = px + b * sb;
-    const scalar_t* db = pdy + b * N * P;
-    scalar_t* dxb = pdx + b * CO * N;
     // dx channel-major first holds dy (transposed), then the gradient
-    double c1 = 0, c2 = 0;
-    for (int64_t c = 0; c < P; ++c) {
-      const scalar_t* xr = xb + c * sc;
-      scalar_t* g = dxb + c * N;
-      scalar_t sdy = 0, sdyx = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const scalar_t d = db[n * P + c];
-        g[n] = d;
-        sdy += d;
-        sdyx += d * (xr[n] - mu);
-      }
-      sdyx *= r;
-      pdw[b * P + c] = sdyx;
-      pdb[b * P + c] = sdy;
-      c1 += static_cast<double>(pw[c]) * sdy;
-      c2 += static_cast<double>(pw[c]) * sdyx;
-    }
-    const scalar_t m1 = static_cast<scalar_t>(c1 * inv_cnt), m2 = static_cast<scalar_t>(c2 * inv_cnt);
-    for (int64_t c = 0; c < P; ++c) {
-      const scalar_t* xr = xb + c * sc;
-      scalar_t* g = dxb + c * N;
-      const scalar_t wc = pw[c];
-      for (int64_t n = 0; n < N; ++n) {
-        const scalar_t xh = (xr[n] - mu) * r;
-        g[n] = r * (g[n] * wc - m1 - xh * m2);
-      }
-    }
+    scalar_t* dxb = pdx + b * CO * N;
+    transpose_map(pdy + b * N * P, P, dxb, N, N, P, [](scalar_t v, int64_t, int64_t) { return v; });
+    gn_backward_image<scalar_t>(dxb, N, px + b * sb, sc, P, pw, pmu[b], pr[b], pdw + b * P, pdb + b * P);
   });
 }
 

@@ -11,8 +11,13 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 namespace shvit_cpu {
 
@@ -125,6 +130,21 @@ template <typename T, typename A>
 inline std::pair<A, A> row_dot_sum(const T* g, const T* x, int64_t n, A mu) {
   A lg[8] = {0, 0, 0, 0, 0, 0, 0, 0}, lgx[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
+#ifdef __AVX2__
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    // the same eight lanes in two registers: GCC's own vectorisation of the two interleaved
+    // lane arrays shuffled them about 3x slower (rows of 64 floats)
+    __m256 vg = _mm256_setzero_ps(), vgx = _mm256_setzero_ps();
+    const __m256 vm = _mm256_set1_ps(mu);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      vg = _mm256_add_ps(vg, gv);
+      vgx = _mm256_add_ps(vgx, _mm256_mul_ps(gv, _mm256_sub_ps(_mm256_loadu_ps(x + i), vm)));
+    }
+    _mm256_storeu_ps(lg, vg);
+    _mm256_storeu_ps(lgx, vgx);
+  } else
+#endif
   for (; i + 8 <= n; i += 8) {
     for (int j = 0; j < 8; ++j) {
       const A gv = static_cast<A>(g[i + j]);

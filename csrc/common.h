@@ -216,7 +216,7 @@ inline void add_row_bias(T* m, const T* bias, int64_t rows, int64_t cols) {
 // are kept (one per slot and thread); larger requests get a buffer of their own. The contents
 // are undefined. A slot must not be held twice at once on one thread.
 constexpr size_t kScratchCacheFloats = size_t(2) << 20;  // 8 MiB
-enum ScratchSlot : int { kScratchA = 0, kScratchB = 1, kScratchPanels = 2, kScratchSlots = 3 };
+enum ScratchSlot : int { kScratchA = 0, kScratchPanels = 1, kScratchSlots = 2 };
 
 class Scratch {
  public:

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 
+#include "common.h"
 #include "gemm.h"
 
 namespace shvit_cpu {
@@ -48,43 +49,159 @@ void pack_tokens_relu(const float* x, int64_t ldx, int64_t rows, int64_t N, floa
   pack_tokens(x, ldx, rows, N, out, rows_total, row0, [](float v) { return v < 0.f ? 0.f : v; });
 }
 
+namespace {
+// K^T (N, QK): the A operand of the score GEMM (rows = keys).
+void transpose_keys(const float* k, int64_t ld, int64_t N, int64_t QK, std::vector<float>& kT) {
+  kT.resize(static_cast<size_t>(N * QK));
+  shvit_gemm::transpose(k, ld, kT.data(), QK, QK, N);
+}
+
+// The probability panels of queries [n0, n0 + nq) into sp (one N x 16 panel per 16 queries):
+// S^T = K^T (q_scale q_panel), softmax over the keys. Query columns past N are zero in the
+// packed q, so they get uniform (finite) weights.
+void chunk_probs(const float* q, int64_t ld, int64_t N, int64_t QK, int64_t n0, int64_t nq, float q_scale,
+                 const float* kT, std::vector<float>& qp, float* sp) {
+  const int64_t panels = (nq + kPanel - 1) / kPanel;
+  qp.resize(static_cast<size_t>(panels * QK * kPanel));
+  shvit_gemm::pack_weight_t(q + n0, nq, QK, ld, qp.data());
+  if (q_scale != 1.f) {
+    for (float& e : qp) e *= q_scale;
+  }
+  const shvit_gemm::Epilogue none;
+  for (int64_t p = 0; p < panels; ++p) {
+    float* s = sp + p * N * kPanel;
+    shvit_gemm::gemm_packed(N, kPanel, QK, kT, QK, qp.data() + p * QK * kPanel, s, kPanel, none);
+    shvit_gemm::softmax_panel_columns(s, N);
+  }
+}
+
+// Packed B operand of (rows x n) @ x^T for the columns [n0, n0 + nq) of x's rows (stride ld):
+// out[(p * kp + kk) * 16 + j] = x[(16p + j) * ld + n0 + kk] with kp = nq rounded up to 16, zero
+// past nq and past the rows.
+void pack_rows_chunk(const float* x, int64_t rows, int64_t ld, int64_t n0, int64_t nq, std::vector<float>& out) {
+  const int64_t kp = (nq + kPanel - 1) / kPanel * kPanel;
+  const int64_t np = (rows + kPanel - 1) / kPanel;
+  out.resize(static_cast<size_t>(np * kp * kPanel));
+  shvit_gemm::pack_weight_cols(x + n0, rows, nq, ld, out.data(), kp * kPanel);
+  for (int64_t p = 0; p < np; ++p) {
+    std::fill(out.begin() + (p * kp + nq) * kPanel, out.begin() + (p + 1) * kp * kPanel, 0.f);
+  }
+}
+}  // namespace
+
 void attention_cm_image(const float* q, const float* k, const float* v, int64_t ld, int64_t N, int64_t QK,
                         int64_t PD, const float* v_bias, float* out, int64_t ldo, bool panel_out, int64_t ldp,
-                        CmWorkspace& ws) {
+                        CmWorkspace& ws, float q_scale, float* probs) {
   const int64_t chunk_panels = kCmChunk / kPanel;
-  ws.kT.resize(static_cast<size_t>(N * QK));
-  ws.qp.resize(static_cast<size_t>(chunk_panels * QK * kPanel));
-  ws.sp.resize(static_cast<size_t>(chunk_panels * N * kPanel));
-  // K^T (N, QK): the A operand of the score GEMM (rows = keys)
-  float* kT = ws.kT.data();
-  for (int64_t c = 0; c < QK; ++c) {
-    const float* kr = k + c * ld;
-    for (int64_t m = 0; m < N; ++m) kT[m * QK + c] = kr[m];
-  }
-  shvit_gemm::Epilogue none;
+  if (probs == nullptr) ws.sp.resize(static_cast<size_t>(chunk_panels * N * kPanel));
+  transpose_keys(k, ld, N, QK, ws.kT);
   shvit_gemm::Epilogue oe;
   oe.row_bias = v_bias;
   oe.relu = true;
   for (int64_t n0 = 0; n0 < N; n0 += kCmChunk) {
     const int64_t nq = std::min(kCmChunk, N - n0);
     const int64_t panels = (nq + kPanel - 1) / kPanel;
-    // query panels (zero past N: those columns get uniform weights and are never stored)
-    shvit_gemm::pack_weight_t(q + n0, nq, QK, ld, ws.qp.data());
-    for (int64_t p = 0; p < panels; ++p) {
-      float* s = ws.sp.data() + p * N * kPanel;
-      shvit_gemm::gemm_packed(N, kPanel, QK, kT, QK, ws.qp.data() + p * QK * kPanel, s, kPanel, none);
-      shvit_gemm::softmax_panel_columns(s, N);
-    }
+    float* sp = probs != nullptr ? probs + n0 * N : ws.sp.data();
+    chunk_probs(q, ld, N, QK, n0, nq, q_scale, ws.kT.data(), ws.qp, sp);
     if (panel_out) {
       for (int64_t p = 0; p < panels; ++p) {
-        shvit_gemm::gemm_packed(PD, kPanel, N, v, ld, ws.sp.data() + p * N * kPanel,
-                                out + (n0 / kPanel + p) * ldp, kPanel, oe);
+        shvit_gemm::gemm_packed(PD, kPanel, N, v, ld, sp + p * N * kPanel, out + (n0 / kPanel + p) * ldp, kPanel,
+                                oe);
       }
     } else {
       // the score panels of the chunk are consecutive: one packed operand of nq columns
-      shvit_gemm::gemm_packed(PD, nq, N, v, ld, ws.sp.data(), out + n0, ldo, oe);
+      shvit_gemm::gemm_packed(PD, nq, N, v, ld, sp, out + n0, ldo, oe);
     }
   }
+}
+
+// With S = s q^T k (s = q_scale), P = softmax over keys, O = V P^T and dO masked by the ReLU:
+//   delta_n = sum_c dO[c, n] O[c, n],  dP^T = V^T dO,  dS^T = P^T * (dP^T - delta),
+//   dq = s k dS^T,  dk^T = s dS^T q^T,  dv^T = P^T dO^T.
+// Queries go in chunks of kCmChunk: dS^T of a chunk is a set of N x 16 panels, the packed B
+// operand of dq's GEMM and the segmented A operand of dk^T's (as P^T is of dv^T's), which
+// accumulate over the chunks in place.
+void attention_cm_backward_image(const float* q, const float* k, const float* v, int64_t ld, int64_t N, int64_t QK,
+                                 int64_t PD, float q_scale, const float* o, int64_t ldo, const float* g, int64_t ldg,
+                                 const float* probs, float* dq, float* dk, float* dv, int64_t ldd,
+                                 CmBackwardWorkspace& ws) {
+  const int64_t chunk_panels = kCmChunk / kPanel;
+  // dO masked by the ReLU (the output is positive exactly where the ReLU passed) and delta
+  ws.dom.resize(static_cast<size_t>(PD * N));
+  ws.delta.assign(static_cast<size_t>((N + kPanel - 1) / kPanel * kPanel), 0.f);
+  float* __restrict__ dl = ws.delta.data();
+  for (int64_t c = 0; c < PD; ++c) {
+    const float* __restrict__ orow = o + c * ldo;
+    const float* __restrict__ grow = g + c * ldg;
+    float* __restrict__ drow = ws.dom.data() + c * N;
+    for (int64_t n = 0; n < N; ++n) {
+      const float ov = orow[n], gv = ov > 0.f ? grow[n] : 0.f;
+      drow[n] = gv;
+      dl[n] += gv * ov;
+    }
+  }
+  ws.vT.resize(static_cast<size_t>(N * PD));
+  shvit_gemm::transpose(v, ld, ws.vT.data(), PD, PD, N);
+  if (probs == nullptr) {
+    transpose_keys(k, ld, N, QK, ws.fwd.kT);
+    ws.fwd.sp.resize(static_cast<size_t>(chunk_panels * N * kPanel));
+  }
+  ws.ds.resize(static_cast<size_t>(chunk_panels * N * kPanel));
+  ws.dkT.resize(static_cast<size_t>(N * QK));
+  ws.dvT.resize(static_cast<size_t>(N * PD));
+  for (int64_t n0 = 0; n0 < N; n0 += kCmChunk) {
+    const int64_t nq = std::min(kCmChunk, N - n0);
+    const int64_t panels = (nq + kPanel - 1) / kPanel;
+    const float* sp = probs;
+    if (probs != nullptr) {
+      sp = probs + n0 * N;
+    } else {
+      chunk_probs(q, ld, N, QK, n0, nq, q_scale, ws.fwd.kT.data(), ws.fwd.qp, ws.fwd.sp.data());
+      sp = ws.fwd.sp.data();
+    }
+    // dP^T panels = V^T dO_panel, then dS^T = s P^T (dP^T - delta) in place (zero past N)
+    ws.gp.resize(static_cast<size_t>(panels * PD * kPanel));
+    pack_tokens_copy(ws.dom.data() + n0, N, PD, nq, ws.gp.data());
+    for (int64_t p = 0; p < panels; ++p) {
+      float* __restrict__ d = ws.ds.data() + p * N * kPanel;
+      shvit_gemm::gemm_packed(N, kPanel, PD, ws.vT.data(), PD, ws.gp.data() + p * PD * kPanel, d, kPanel,
+                              shvit_gemm::Epilogue{});
+      const float* __restrict__ pp = sp + p * N * kPanel;
+      const float* __restrict__ dlp = dl + n0 + p * kPanel;
+      float sd[kPanel], sc[kPanel];
+      for (int64_t j = 0; j < kPanel; ++j) {
+        const bool live = n0 + p * kPanel + j < N;
+        sd[j] = live ? dlp[j] : 0.f;
+        sc[j] = live ? q_scale : 0.f;
+      }
+      for (int64_t m = 0; m < N; ++m) {
+#pragma GCC unroll 16
+        for (int64_t j = 0; j < kPanel; ++j) {
+          d[m * kPanel + j] = sc[j] * pp[m * kPanel + j] * (d[m * kPanel + j] - sd[j]);
+        }
+      }
+    }
+    // dq[:, chunk] = k @ dS^T (the chunk's panels are one packed operand of nq columns)
+    shvit_gemm::gemm_packed(QK, nq, N, k, ld, ws.ds.data(), dq + n0, ldd, shvit_gemm::Epilogue{});
+    // dk^T += dS^T q_chunk^T, dv^T += P^T dO_chunk^T: A in segments of 16 queries
+    shvit_gemm::Epilogue acc;
+    pack_rows_chunk(q, QK, ld, n0, nq, ws.qc);
+    if (n0 > 0) {
+      acc.residual = ws.dkT.data();
+      acc.ldr = QK;
+    }
+    shvit_gemm::gemm_packed_segmented(N, QK, panels, kPanel, ws.ds.data(), kPanel, N * kPanel, ws.qc.data(),
+                                      ws.dkT.data(), QK, acc);
+    pack_rows_chunk(ws.dom.data(), PD, N, n0, nq, ws.gc);
+    if (n0 > 0) {
+      acc.residual = ws.dvT.data();
+      acc.ldr = PD;
+    }
+    shvit_gemm::gemm_packed_segmented(N, PD, panels, kPanel, sp, kPanel, N * kPanel, ws.gc.data(), ws.dvT.data(),
+                                      PD, acc);
+  }
+  shvit_gemm::transpose(ws.dkT.data(), QK, dk, ldd, N, QK);
+  shvit_gemm::transpose(ws.dvT.data(), PD, dv, ldd, N, PD);
 }
 
 }  // namespace shvit_cpu

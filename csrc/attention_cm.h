@@ -23,14 +23,43 @@ struct CmWorkspace {
 // Queries per chunk (a multiple of 16).
 constexpr int64_t kCmChunk = 64;
 
+// Floats of one image's probability panels: P^T as ceil(N / 16) panels of N keys x 16 queries.
+inline int64_t cm_prob_size(int64_t N) { return (N + 15) / 16 * 16 * N; }
+
 // out[c, n] = ReLU(sum_m v[c, m] softmax_m(q[:, n] . k[:, m]) + v_bias[c]) for c < PD, n < N.
 // q, k, v: channel-major rows with row stride ld (>= N); q carries the attention scale. With
 // panel_out false, row c of the result goes to out + c * ldo; with panel_out true, query
 // panel p (tokens 16p..16p+15) goes to out + p * ldp as PD rows of 16 floats (the packed
-// layout of the next GEMM), all 16 columns written. v_bias may be null.
+// layout of the next GEMM), all 16 columns written. v_bias may be null. q_scale multiplies q
+// (1 when q carries the scale already). With probs (cm_prob_size(N) floats), the probability
+// panels are kept there for the backward: panel p holds P[16p + j, m] at probs[(p * N + m) * 16 + j]
+// (queries past N hold finite filler).
 void attention_cm_image(const float* q, const float* k, const float* v, int64_t ld, int64_t N, int64_t QK,
                         int64_t PD, const float* v_bias, float* out, int64_t ldo, bool panel_out, int64_t ldp,
-                        CmWorkspace& ws);
+                        CmWorkspace& ws, float q_scale = 1.f, float* probs = nullptr);
+
+struct CmBackwardWorkspace {
+  CmWorkspace fwd;         // probabilities recomputed when the forward did not keep them
+  std::vector<float> vT;   // (N, PD)
+  std::vector<float> dom;  // (PD, N): dO masked by the ReLU
+  std::vector<float> delta;
+  std::vector<float> gp;   // dO panels of one query chunk (B operand of dP^T = V^T dO)
+  std::vector<float> ds;   // dS^T panels of one query chunk (N keys x 16 queries each)
+  std::vector<float> qc;   // q^T of the chunk, packed (B operand of dK^T = dS^T q^T)
+  std::vector<float> gc;   // dO^T of the chunk, packed (B operand of dV^T = P^T dO^T)
+  std::vector<float> dkT;  // (N, QK)
+  std::vector<float> dvT;  // (N, PD)
+};
+
+// Backward of attention_cm_image (no v_bias) for one image: o (PD rows, stride ldo) is its
+// output after the ReLU, g (PD rows, stride ldg) the gradient of that output. Writes the
+// gradients of q, k (QK rows each) and v (PD rows) to dq, dk, dv with row stride ldd. q, k, v
+// as in the forward (q unscaled, q_scale = the attention scale); probs is the forward's kept
+// panels or null (recomputed here, one chunk of queries at a time, with the forward's steps).
+void attention_cm_backward_image(const float* q, const float* k, const float* v, int64_t ld, int64_t N, int64_t QK,
+                                 int64_t PD, float q_scale, const float* o, int64_t ldo, const float* g, int64_t ldg,
+                                 const float* probs, float* dq, float* dk, float* dv, int64_t ldd,
+                                 CmBackwardWorkspace& ws);
 
 // Normalised token panels of one image: out[(p * rows + c) * 16 + j] = (x[c * ldx + 16p + j] - mu) * r
 // for c < rows, zero for tokens 16p + j >= N (the packed operand of W @ x).

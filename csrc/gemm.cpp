@@ -257,8 +257,45 @@ SHVIT_AVX2 int64_t pack_weight_cols_avx2(const float* w, int64_t n, int64_t k, i
   return k8;
 }
 
+SHVIT_AVX2 void transpose_avx2(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; i += 8) {
+    for (int64_t j = 0; j < cols; j += 8) {
+      const float* s = src + i * lds + j;
+      __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + lds), r2 = _mm256_loadu_ps(s + 2 * lds),
+             r3 = _mm256_loadu_ps(s + 3 * lds), r4 = _mm256_loadu_ps(s + 4 * lds), r5 = _mm256_loadu_ps(s + 5 * lds),
+             r6 = _mm256_loadu_ps(s + 6 * lds), r7 = _mm256_loadu_ps(s + 7 * lds);
+      transpose8(r0, r1, r2, r3, r4, r5, r6, r7);
+      float* d = dst + j * ldd + i;
+      _mm256_storeu_ps(d, r0);
+      _mm256_storeu_ps(d + ldd, r1);
+      _mm256_storeu_ps(d + 2 * ldd, r2);
+      _mm256_storeu_ps(d + 3 * ldd, r3);
+      _mm256_storeu_ps(d + 4 * ldd, r4);
+      _mm256_storeu_ps(d + 5 * ldd, r5);
+      _mm256_storeu_ps(d + 6 * ldd, r6);
+      _mm256_storeu_ps(d + 7 * ldd, r7);
+    }
+  }
+}
+
 }  // namespace
 #endif
+
+void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+  int64_t done = 0;  // the rows and columns [0, done) of the 8-aligned block are written
+#ifdef SHVIT_GEMM_X86
+  if (available() && r8 > 0 && c8 > 0) {
+    transpose_avx2(src, lds, dst, ldd, r8, c8);
+    done = 1;
+  }
+#endif
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* s = src + i * lds;
+    const int64_t j0 = (done && i < r8) ? c8 : 0;  // the rest of the row
+    for (int64_t j = j0; j < cols; ++j) dst[j * ldd + i] = s[j];
+  }
+}
 
 void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
                  int64_t ldc, const Epilogue& epi) {

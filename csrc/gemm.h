@@ -53,6 +53,9 @@ void gemm_packed_segmented(int64_t m, int64_t n, int64_t segs, int64_t seg_k, co
 // (k, n) with row stride ldv; zero for p * 16 + j >= n).
 void pack_weight_t(const float* v, int64_t n, int64_t k, int64_t ldv, float* out);
 
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (8 x 8 register transposes).
+void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
+
 // Row-wise softmax in place: rows (m, n) with row stride ld; exact-max shift, NaN propagates.
 void softmax_rows(float* s, int64_t m, int64_t n, int64_t ld);
 

@@ -7,10 +7,12 @@
 // float32 on the packed GEMM (gemm.h), channel-major: the conv is one GEMM per image whose
 // packing normalises x1 (GroupNorm's affine folded into the weight and a row bias), so the
 // GroupNorm output is never stored; BatchNorm statistics are taken over its output rows, and
-// the attention core reads q, k, v from the normalised buffer in place. The backward writes dz
-// as channel rows across the batch: the weight gradient is one GEMM over k = B*N, and dY per
-// image feeds the GroupNorm backward while it is in cache. float64 (and CPUs without AVX2)
-// run the same steps token-major on ATen's GEMMs.
+// the attention (attention_cm.h) reads q, k, v from the normalised buffer in place, one image
+// per task, keeping its probability panels for the backward. The backward's attention GEMMs
+// work on those panels the same way; it writes dz as channel rows across the batch: the
+// weight gradient is one GEMM over k = B*N, and dY per image feeds the GroupNorm backward
+// while it is in cache. float64 (and CPUs without AVX2) run the same steps token-major on
+// ATen's GEMMs.
 #include <torch/csrc/autograd/custom_function.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/library.h>
@@ -217,6 +219,70 @@ void conv_gn_backward_cm(const Tensor& dz, const Tensor& xv, int64_t P, const Te
   });
 }
 
+// Attention + concat + ReLU of the float32 path, one image at a time on the packed GEMM
+// (attention_cm_image): qkv (B, CQ, N) unscaled, out (B, C, N) contiguous, x2 = channels
+// [P, C) of xv. With p_keep, the probability panels are kept for the backward when they fit
+// the budget the ATen path keeps its probabilities within.
+void attention_forward_cm(const Tensor& qkv, const Tensor& xv, int64_t QK, int64_t P, double scale, Tensor& out,
+                          Tensor* p_keep) {
+  const int64_t B = qkv.size(0), CQ = qkv.size(1), N = qkv.size(2), C = out.size(1);
+  const int64_t sb = xv.stride(0), sc = xv.stride(1), ps = cm_prob_size(N);
+  float* pp = nullptr;
+  if (p_keep != nullptr && query_chunk(B, N, sizeof(float)) == N) {
+    *p_keep = at::empty({B, ps}, qkv.options());
+    pp = p_keep->data_ptr<float>();
+  }
+  const float* pq = qkv.const_data_ptr<float>();
+  const float* px = xv.const_data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    CmWorkspace ws;
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* fb = pq + b * CQ * N;
+      float* ob = po + b * C * N;
+      attention_cm_image(fb, fb + QK * N, fb + 2 * QK * N, N, N, QK, P, nullptr, ob, N, false, 0, ws,
+                         static_cast<float>(scale), pp != nullptr ? pp + b * ps : nullptr);
+      for (int64_t c = P; c < C; ++c) {
+        const float* xr = px + b * sb + c * sc;
+        float* orow = ob + c * N;
+        for (int64_t n = 0; n < N; ++n) orow[n] = xr[n] < 0.f ? 0.f : xr[n];  // NaN kept
+      }
+    }
+  });
+}
+
+// Its backward: d(qkv) into dqkv (B, CQ, N), the gradient of x2 into channels [P, C) of dx3.
+void attention_backward_cm(const Tensor& dout, const Tensor& qkv, const Tensor& out, int64_t QK, double scale,
+                           const Tensor& probs, Tensor& dx3, Tensor& dqkv) {
+  const int64_t B = qkv.size(0), CQ = qkv.size(1), N = qkv.size(2), P = CQ - 2 * QK, C = out.size(1);
+  const Tensor g = as_bcn(dout);
+  const int64_t sgb = g.stride(0), sgc = g.stride(1), ps = cm_prob_size(N);
+  const float* pg = g.const_data_ptr<float>();
+  const float* pq = qkv.const_data_ptr<float>();
+  const float* po = out.const_data_ptr<float>();
+  const float* pp = probs.defined() ? probs.const_data_ptr<float>() : nullptr;
+  float* pd = dqkv.data_ptr<float>();
+  float* px = dx3.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    CmBackwardWorkspace ws;
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* fb = pq + b * CQ * N;
+      const float* ob = po + b * C * N;
+      const float* gb = pg + b * sgb;
+      float* db = pd + b * CQ * N;
+      attention_cm_backward_image(fb, fb + QK * N, fb + 2 * QK * N, N, N, QK, P, static_cast<float>(scale), ob, N,
+                                  gb, sgc, pp != nullptr ? pp + b * ps : nullptr, db, db + QK * N,
+                                  db + 2 * QK * N, N, ws);
+      for (int64_t c = P; c < C; ++c) {
+        const float* orow = ob + c * N;
+        const float* grow = gb + c * sgc;
+        float* xrow = px + (b * C + c) * N;
+        for (int64_t n = 0; n < N; ++n) xrow[n] = orow[n] > 0.f ? grow[n] : 0.f;
+      }
+    }
+  });
+}
+
 void check_region_args(const Tensor& x, const Tensor& gw, const Tensor& gb, const Tensor& cw, const Tensor& bw,
                        const Tensor& bb, const Tensor& rm, const Tensor& rv, int64_t pdim, int64_t qk_dim) {
   check_input(x, "x");
@@ -284,17 +350,22 @@ RegionForward region_forward(const Tensor& x, const Tensor& gw, const Tensor& gb
     rm.mul_(1.0 - momentum).add_(mean.to(rm.scalar_type()), momentum);
     rv.mul_(1.0 - momentum).add_(var.to(rv.scalar_type()), momentum * static_cast<double>(M) / (M - 1));
   }
+  f.out = at::empty({B, C, H, W}, opt.memory_format(at::MemoryFormat::Contiguous));
+  Tensor out3 = f.out.view({B, C, N});
+  if (region_cm(x)) {
+    attention_forward_cm(f.qkv, xv, QK, P, scale, out3, keep_p ? &f.p : nullptr);
+    return f;
+  }
   Tensor qsT = f.qkv.narrow(1, 0, QK).transpose(1, 2).mul(scale);  // (B, N, QK)
   Tensor k = f.qkv.narrow(1, QK, QK);
   Tensor v = f.qkv.narrow(1, 2 * QK, P);
-  f.out = at::empty({B, C, H, W}, opt.memory_format(at::MemoryFormat::Contiguous));
-  Tensor out3 = f.out.view({B, C, N});
   attention_forward_core(qsT, k, v, xv.narrow(1, P, C - P), out3, nullptr, keep_p ? &f.p : nullptr);
   return f;
 }
 
 // BatchNorm backward with batch statistics, channel-major: d (B, CQ, N), given as the three
-// channel groups dq, dk, dv, holds dL/d(output). dz goes to dzT: token-major (B*N, CQ), with d
+// channel groups dq, dk, dv (each (B, width, N) with unit token stride and channel stride N,
+// any image stride), holds dL/d(output). dz goes to dzT: token-major (B*N, CQ), with d
 // overwritten by dz too, for ATen's GEMMs; or, with channel_rows, as (CQ, B*N) for the packed
 // GEMMs.
 template <typename scalar_t>
@@ -303,15 +374,16 @@ void bn_train_backward(std::array<Tensor, 3>& parts, const Tensor& zhat, const T
   const int64_t B = zhat.size(0), CQ = zhat.size(1), N = zhat.size(2), M = B * N;
   // row pointer of channel c of image b
   std::array<scalar_t*, 3> base;
-  std::array<int64_t, 3> width;
+  std::array<int64_t, 3> width, stride;
   for (int i = 0; i < 3; ++i) {
     base[i] = parts[i].data_ptr<scalar_t>();
     width[i] = parts[i].size(1);
+    stride[i] = parts[i].stride(0);
   }
   auto row = [&](int64_t b, int64_t c) {
     int i = 0;
     while (c >= width[i]) c -= width[i++];
-    return base[i] + (b * width[i] + c) * N;
+    return base[i] + b * stride[i] + c * N;
   };
   const scalar_t* ph = zhat.const_data_ptr<scalar_t>();
   const scalar_t* pi = inv_t.const_data_ptr<scalar_t>();
@@ -417,11 +489,18 @@ struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
     Tensor dx = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
     Tensor dx3 = dx.view({B, C, N});
     // attention + concat + ReLU: d(qkv) channel-major; the gradient of x2 straight into dx
-    Tensor dx2 = dx3.narrow(1, P, C - P);
-    auto [dq, dk, dv] = attention_backward_core(dout, qkv, out, QK, scale, p, dx2);
-    std::array<Tensor, 3> parts{dq, dk, dv};
-    // BatchNorm (batch statistics), then the conv's two GEMMs token-major
     const bool cm = region_cm(x);
+    std::array<Tensor, 3> parts;
+    if (cm) {
+      Tensor dqkv = at::empty({B, CQ, N}, x.options());
+      attention_backward_cm(dout, qkv, out, QK, scale, p, dx3, dqkv);
+      parts = {dqkv.narrow(1, 0, QK), dqkv.narrow(1, QK, QK), dqkv.narrow(1, 2 * QK, P)};
+    } else {
+      Tensor dx2 = dx3.narrow(1, P, C - P);
+      auto [dq, dk, dv] = attention_backward_core(dout, qkv, out, QK, scale, p, dx2);
+      parts = {dq, dk, dv};
+    }
+    // BatchNorm (batch statistics), then the conv's two GEMMs
     Tensor dT = at::empty(cm ? at::IntArrayRef{CQ, M} : at::IntArrayRef{M, CQ}, x.options());
     Tensor dbw = at::empty({CQ}, x.options()), dbb = at::empty({CQ}, x.options());
     Tensor bwc = bw.to(dt).contiguous();

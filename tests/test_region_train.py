@@ -200,7 +200,7 @@ def test_region_op_not_used_under_autocast_or_other_backends(monkeypatch):
 
 def test_region_train_large_image_recomputes_probabilities(monkeypatch):
     """Past the score budget the forward keeps no probabilities and the backward recomputes
-    them (float32: the channel-major forward, ATen's recomputation in the backward)."""
+    them, one chunk of queries at a time (float32: the channel-major kernels both ways)."""
     use_backend(monkeypatch, "cpp", "cpu")
     B, dim, pdim, qk_dim, H, W = 1, 24, 8, 16, 42, 50  # N = 2100: 1 x N x N floats > 16 MiB
     ref = _module(dim, pdim, qk_dim, torch.float32)

@@ -75,16 +75,21 @@ void chunk_probs(const float* q, int64_t ld, int64_t N, int64_t QK, int64_t n0, 
   }
 }
 
-// Packed B operand of (rows x n) @ x^T for the columns [n0, n0 + nq) of x's rows (stride ld):
-// out[(p * kp + kk) * 16 + j] = x[(16p + j) * ld + n0 + kk] with kp = nq rounded up to 16, zero
-// past nq and past the rows.
-void pack_rows_chunk(const float* x, int64_t rows, int64_t ld, int64_t n0, int64_t nq, std::vector<float>& out) {
-  const int64_t kp = (nq + kPanel - 1) / kPanel * kPanel;
-  const int64_t np = (rows + kPanel - 1) / kPanel;
-  out.resize(static_cast<size_t>(np * kp * kPanel));
-  shvit_gemm::pack_weight_cols(x + n0, rows, nq, ld, out.data(), kp * kPanel);
-  for (int64_t p = 0; p < np; ++p) {
-    std::fill(out.begin() + (p * kp + nq) * kPanel, out.begin() + (p + 1) * kp * kPanel, 0.f);
+// The key panels of a chunk of nq queries from its query panels: src holds ceil(nq / 16)
+// panels of N keys x 16 queries, dst gets ceil(N / 16) panels of nq queries x 16 keys,
+// dst[(kp * nq + n) * 16 + j] = src[((n / 16) * N + 16 kp + j) * 16 + n % 16], zero for keys
+// past N (the packed B operand of a GEMM over the chunk's queries with the keys as columns).
+void query_to_key_panels(const float* src, int64_t N, int64_t nq, float* dst) {
+  for (int64_t kp = 0; kp * kPanel < N; ++kp) {
+    const int64_t keys = std::min(kPanel, N - kp * kPanel);
+    for (int64_t p = 0; p * kPanel < nq; ++p) {
+      const int64_t qn = std::min(kPanel, nq - p * kPanel);
+      float* d = dst + (kp * nq + p * kPanel) * kPanel;
+      shvit_gemm::transpose(src + (p * N + kp * kPanel) * kPanel, kPanel, d, kPanel, keys, qn);
+      if (keys < kPanel) {
+        for (int64_t n = 0; n < qn; ++n) std::fill(d + n * kPanel + keys, d + (n + 1) * kPanel, 0.f);
+      }
+    }
   }
 }
 }  // namespace
@@ -117,10 +122,11 @@ void attention_cm_image(const float* q, const float* k, const float* v, int64_t 
 
 // With S = s q^T k (s = q_scale), P = softmax over keys, O = V P^T and dO masked by the ReLU:
 //   delta_n = sum_c dO[c, n] O[c, n],  dP^T = V^T dO,  dS^T = P^T * (dP^T - delta),
-//   dq = s k dS^T,  dk^T = s dS^T q^T,  dv^T = P^T dO^T.
-// Queries go in chunks of kCmChunk: dS^T of a chunk is a set of N x 16 panels, the packed B
-// operand of dq's GEMM and the segmented A operand of dk^T's (as P^T is of dv^T's), which
-// accumulate over the chunks in place.
+//   dq = s k dS^T,  dk = s q dS,  dv = dO P.
+// Queries go in chunks of kCmChunk: dS^T of a chunk is a set of N x 16 query panels, the
+// packed B operand of dq's GEMM; dS and P in key panels (query_to_key_panels) are the B
+// operands of dk's and dv's, which accumulate over the chunks in place. Every result is
+// written channel-major.
 void attention_cm_backward_image(const float* q, const float* k, const float* v, int64_t ld, int64_t N, int64_t QK,
                                  int64_t PD, float q_scale, const float* o, int64_t ldo, const float* g, int64_t ldg,
                                  const float* probs, float* dq, float* dk, float* dv, int64_t ldd,
@@ -147,8 +153,8 @@ void attention_cm_backward_image(const float* q, const float* k, const float* v,
     ws.fwd.sp.resize(static_cast<size_t>(chunk_panels * N * kPanel));
   }
   ws.ds.resize(static_cast<size_t>(chunk_panels * N * kPanel));
-  ws.dkT.resize(static_cast<size_t>(N * QK));
-  ws.dvT.resize(static_cast<size_t>(N * PD));
+  ws.dsk.resize(static_cast<size_t>((N + kPanel - 1) / kPanel * kCmChunk * kPanel));
+  ws.pk.resize(ws.dsk.size());
   for (int64_t n0 = 0; n0 < N; n0 += kCmChunk) {
     const int64_t nq = std::min(kCmChunk, N - n0);
     const int64_t panels = (nq + kPanel - 1) / kPanel;
@@ -183,25 +189,18 @@ void attention_cm_backward_image(const float* q, const float* k, const float* v,
     }
     // dq[:, chunk] = k @ dS^T (the chunk's panels are one packed operand of nq columns)
     shvit_gemm::gemm_packed(QK, nq, N, k, ld, ws.ds.data(), dq + n0, ldd, shvit_gemm::Epilogue{});
-    // dk^T += dS^T q_chunk^T, dv^T += P^T dO_chunk^T: A in segments of 16 queries
+    // dk += s q_chunk dS_chunk, dv += dO_chunk P_chunk
     shvit_gemm::Epilogue acc;
-    pack_rows_chunk(q, QK, ld, n0, nq, ws.qc);
+    query_to_key_panels(ws.ds.data(), N, nq, ws.dsk.data());
     if (n0 > 0) {
-      acc.residual = ws.dkT.data();
-      acc.ldr = QK;
+      acc.residual = dk;
+      acc.ldr = ldd;
     }
-    shvit_gemm::gemm_packed_segmented(N, QK, panels, kPanel, ws.ds.data(), kPanel, N * kPanel, ws.qc.data(),
-                                      ws.dkT.data(), QK, acc);
-    pack_rows_chunk(ws.dom.data(), PD, N, n0, nq, ws.gc);
-    if (n0 > 0) {
-      acc.residual = ws.dvT.data();
-      acc.ldr = PD;
-    }
-    shvit_gemm::gemm_packed_segmented(N, PD, panels, kPanel, sp, kPanel, N * kPanel, ws.gc.data(), ws.dvT.data(),
-                                      PD, acc);
+    shvit_gemm::gemm_packed(QK, N, nq, q + n0, ld, ws.dsk.data(), dk, ldd, acc);
+    query_to_key_panels(sp, N, nq, ws.pk.data());
+    if (n0 > 0) acc.residual = dv;
+    shvit_gemm::gemm_packed(PD, N, nq, ws.dom.data() + n0, N, ws.pk.data(), dv, ldd, acc);
   }
-  shvit_gemm::transpose(ws.dkT.data(), QK, dk, ldd, N, QK);
-  shvit_gemm::transpose(ws.dvT.data(), PD, dv, ldd, N, PD);
 }
 
 }  // namespace shvit_cpu

@@ -44,11 +44,9 @@ struct CmBackwardWorkspace {
   std::vector<float> dom;  // (PD, N): dO masked by the ReLU
   std::vector<float> delta;
   std::vector<float> gp;   // dO panels of one query chunk (B operand of dP^T = V^T dO)
-  std::vector<float> ds;   // dS^T panels of one query chunk (N keys x 16 queries each)
-  std::vector<float> qc;   // q^T of the chunk, packed (B operand of dK^T = dS^T q^T)
-  std::vector<float> gc;   // dO^T of the chunk, packed (B operand of dV^T = P^T dO^T)
-  std::vector<float> dkT;  // (N, QK)
-  std::vector<float> dvT;  // (N, PD)
+  std::vector<float> ds;   // dS^T of one query chunk in query panels (N keys x 16 queries each)
+  std::vector<float> dsk;  // dS of the chunk in key panels (B operand of dk = s q dS)
+  std::vector<float> pk;   // P of the chunk in key panels (B operand of dv = dO P)
 };
 
 // Backward of attention_cm_image (no v_bias) for one image: o (PD rows, stride ldo) is its

@@ -10,7 +10,9 @@ Cases (SHViT-S4 shapes), each fused vs eager:
   statistics, attention; other backends: fused GroupNorm, PyTorch Conv2d_BN, fused attention);
 - ``module-inference`` / ``module-train-forward+backward``: the whole residual SHSA
   block ``x + SHSA(x)`` with its projection (``fused=True`` vs the reference module).
-Reports time, speedup, achieved bandwidth of the inference op (bytes: read x once, write
+Training cases start each backward from cleared gradients (as ``optimizer.zero_grad()``
+leaves them), so no case times an accumulation into a leaf's ``.grad``. Reports time,
+speedup, achieved bandwidth of the inference op (bytes: read x once, write
 the output once) against a measured device copy, peak memory, and the max error
 against the float64 reference.
 
@@ -129,8 +131,15 @@ def bench_case(name, dim, pdim, H, W, args, run) -> list[dict]:
     def attn_fused():
         return shvit_kernels.shsa_attention(qkv, xo[:, pdim:], 16, 0.25)
 
+    def clear_grads(*tensors):
+        # as optimizer.zero_grad() (set_to_none) before each step: every backward starts from
+        # no gradient, so none of the cases times an accumulation into a leaf's .grad
+        for t in tensors:
+            t.grad = None
+
     def with_backward(fn):
         def f():
+            clear_grads(pd_w, pd_b, qkv, xo)
             fn().sum().backward()
         return f
 
@@ -170,6 +179,7 @@ def bench_case(name, dim, pdim, H, W, args, run) -> list[dict]:
 
     def fwd_bwd(region):
         def f():
+            clear_grads(xg, *m.parameters())
             out = region(m, xg)
             out.backward(g)
         return f
@@ -195,6 +205,7 @@ def bench_case(name, dim, pdim, H, W, args, run) -> list[dict]:
 
     def block_step(mod):
         def f():
+            clear_grads(xg, *mod.parameters())
             (xg + mod(xg)).backward(g)
         return f
 

@@ -46,7 +46,13 @@ def shsa_table(data: dict) -> str:
     return _table(["case", "dim/pdim", "N", "mode", "eager ms", "fused ms", "speedup"], rows)
 
 
-RENDER = {"model_cpu": model_table, "model_cuda": model_table, "shsa_cpu": shsa_table, "shsa_cuda": shsa_table}
+RENDER = {
+    "model_cpu": model_table,
+    "model_cuda": model_table,
+    "shsa_cpu": shsa_table,
+    "shsa_cpu_1024px": shsa_table,
+    "shsa_cuda": shsa_table,
+}
 
 
 def render(name: str) -> str:

@@ -226,6 +226,19 @@ SHVIT_AVX2 inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3
   r7 = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
+// Eight rows of 8 floats to d, d + ld, ..., d + 7 * ld.
+SHVIT_AVX2 inline void store_rows8(float* d, int64_t ld, __m256 r0, __m256 r1, __m256 r2, __m256 r3, __m256 r4,
+                                   __m256 r5, __m256 r6, __m256 r7) {
+  _mm256_storeu_ps(d, r0);
+  _mm256_storeu_ps(d + ld, r1);
+  _mm256_storeu_ps(d + 2 * ld, r2);
+  _mm256_storeu_ps(d + 3 * ld, r3);
+  _mm256_storeu_ps(d + 4 * ld, r4);
+  _mm256_storeu_ps(d + 5 * ld, r5);
+  _mm256_storeu_ps(d + 6 * ld, r6);
+  _mm256_storeu_ps(d + 7 * ld, r7);
+}
+
 // The full panels (n / 16 of them), 8 columns of k at a time: two 8 x 8 register transposes
 // per 16 x 8 block. Returns the first column of k left for the portable loop.
 SHVIT_AVX2 int64_t pack_weight_cols_avx2(const float* w, int64_t n, int64_t k, int64_t ldw, float* out,
@@ -242,15 +255,7 @@ SHVIT_AVX2 int64_t pack_weight_cols_avx2(const float* w, int64_t n, int64_t k, i
                r5 = _mm256_loadu_ps(s + 5 * ldw), r6 = _mm256_loadu_ps(s + 6 * ldw),
                r7 = _mm256_loadu_ps(s + 7 * ldw);
         transpose8(r0, r1, r2, r3, r4, r5, r6, r7);
-        float* d = dst + kk * kPanel + h * 8;
-        _mm256_storeu_ps(d, r0);
-        _mm256_storeu_ps(d + kPanel, r1);
-        _mm256_storeu_ps(d + 2 * kPanel, r2);
-        _mm256_storeu_ps(d + 3 * kPanel, r3);
-        _mm256_storeu_ps(d + 4 * kPanel, r4);
-        _mm256_storeu_ps(d + 5 * kPanel, r5);
-        _mm256_storeu_ps(d + 6 * kPanel, r6);
-        _mm256_storeu_ps(d + 7 * kPanel, r7);
+        store_rows8(dst + kk * kPanel + h * 8, kPanel, r0, r1, r2, r3, r4, r5, r6, r7);
       }
     }
   }
@@ -265,15 +270,7 @@ SHVIT_AVX2 void transpose_avx2(const float* src, int64_t lds, float* dst, int64_
              r3 = _mm256_loadu_ps(s + 3 * lds), r4 = _mm256_loadu_ps(s + 4 * lds), r5 = _mm256_loadu_ps(s + 5 * lds),
              r6 = _mm256_loadu_ps(s + 6 * lds), r7 = _mm256_loadu_ps(s + 7 * lds);
       transpose8(r0, r1, r2, r3, r4, r5, r6, r7);
-      float* d = dst + j * ldd + i;
-      _mm256_storeu_ps(d, r0);
-      _mm256_storeu_ps(d + ldd, r1);
-      _mm256_storeu_ps(d + 2 * ldd, r2);
-      _mm256_storeu_ps(d + 3 * ldd, r3);
-      _mm256_storeu_ps(d + 4 * ldd, r4);
-      _mm256_storeu_ps(d + 5 * ldd, r5);
-      _mm256_storeu_ps(d + 6 * ldd, r6);
-      _mm256_storeu_ps(d + 7 * ldd, r7);
+      store_rows8(dst + j * ldd + i, ldd, r0, r1, r2, r3, r4, r5, r6, r7);
     }
   }
 }

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 
+#include "attention_core.h"
 #include "common.h"
 #include "gemm.h"
 
@@ -60,7 +61,7 @@ void transpose_keys(const float* k, int64_t ld, int64_t N, int64_t QK, std::vect
 // S^T = K^T (q_scale q_panel), softmax over the keys. Query columns past N are zero in the
 // packed q, so they get uniform (finite) weights.
 void chunk_probs(const float* q, int64_t ld, int64_t N, int64_t QK, int64_t n0, int64_t nq, float q_scale,
-                 const float* kT, std::vector<float>& qp, float* sp) {
+                 const float* kT, std::vector<float>& qp, float* sp, float* lse = nullptr) {
   const int64_t panels = (nq + kPanel - 1) / kPanel;
   qp.resize(static_cast<size_t>(panels * QK * kPanel));
   shvit_gemm::pack_weight_t(q + n0, nq, QK, ld, qp.data());
@@ -71,7 +72,9 @@ void chunk_probs(const float* q, int64_t ld, int64_t N, int64_t QK, int64_t n0, 
   for (int64_t p = 0; p < panels; ++p) {
     float* s = sp + p * N * kPanel;
     shvit_gemm::gemm_packed(N, kPanel, QK, kT, QK, qp.data() + p * QK * kPanel, s, kPanel, none);
-    shvit_gemm::softmax_panel_columns(s, N);
+    float l[kPanel];
+    shvit_gemm::softmax_panel_columns(s, N, lse != nullptr ? l : nullptr);
+    if (lse != nullptr) std::copy(l, l + std::min(kPanel, nq - p * kPanel), lse + n0 + p * kPanel);
   }
 }
 
@@ -96,7 +99,7 @@ void query_to_key_panels(const float* src, int64_t N, int64_t nq, float* dst) {
 
 void attention_cm_image(const float* q, const float* k, const float* v, int64_t ld, int64_t N, int64_t QK,
                         int64_t PD, const float* v_bias, float* out, int64_t ldo, bool panel_out, int64_t ldp,
-                        CmWorkspace& ws, float q_scale, float* probs) {
+                        CmWorkspace& ws, float q_scale, float* probs, float* lse) {
   const int64_t chunk_panels = kCmChunk / kPanel;
   if (probs == nullptr) ws.sp.resize(static_cast<size_t>(chunk_panels * N * kPanel));
   transpose_keys(k, ld, N, QK, ws.kT);
@@ -107,7 +110,7 @@ void attention_cm_image(const float* q, const float* k, const float* v, int64_t 
     const int64_t nq = std::min(kCmChunk, N - n0);
     const int64_t panels = (nq + kPanel - 1) / kPanel;
     float* sp = probs != nullptr ? probs + n0 * N : ws.sp.data();
-    chunk_probs(q, ld, N, QK, n0, nq, q_scale, ws.kT.data(), ws.qp, sp);
+    chunk_probs(q, ld, N, QK, n0, nq, q_scale, ws.kT.data(), ws.qp, sp, lse);
     if (panel_out) {
       for (int64_t p = 0; p < panels; ++p) {
         shvit_gemm::gemm_packed(PD, kPanel, N, v, ld, sp + p * N * kPanel, out + (n0 / kPanel + p) * ldp, kPanel,
@@ -201,6 +204,69 @@ void attention_cm_backward_image(const float* q, const float* k, const float* v,
     if (n0 > 0) acc.residual = dv;
     shvit_gemm::gemm_packed(PD, N, nq, ws.dom.data() + n0, N, ws.pk.data(), dv, ldd, acc);
   }
+}
+
+void attention_forward_cm(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, double scale, Tensor& out,
+                          Tensor* p_keep, Tensor* lse) {
+  const int64_t B = qkv.size(0), CQ = qkv.size(1), N = qkv.size(2), C2 = x2.size(1);
+  const int64_t PD = CQ - 2 * qk_dim, CO = out.size(1), ps = cm_prob_size(N);
+  const int64_t sfb = qkv.stride(0), ld = qkv.stride(1), sxb = x2.stride(0), sxc = x2.stride(1);
+  float* pp = nullptr;
+  if (p_keep != nullptr && query_chunk(B, N, sizeof(float)) == N) {
+    *p_keep = at::empty({B, ps}, qkv.options());
+    pp = p_keep->data_ptr<float>();
+  }
+  const float* pq = qkv.const_data_ptr<float>();
+  const float* px = x2.const_data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  float* pl = lse != nullptr ? lse->data_ptr<float>() : nullptr;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    CmWorkspace ws;
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* fb = pq + b * sfb;
+      float* ob = po + b * CO * N;
+      attention_cm_image(fb, fb + qk_dim * ld, fb + 2 * qk_dim * ld, ld, N, qk_dim, PD, nullptr, ob, N, false, 0,
+                         ws, static_cast<float>(scale), pp != nullptr ? pp + b * ps : nullptr,
+                         pl != nullptr ? pl + b * N : nullptr);
+      for (int64_t c = 0; c < C2; ++c) {
+        const float* xr = px + b * sxb + c * sxc;
+        float* orow = ob + (PD + c) * N;
+        for (int64_t n = 0; n < N; ++n) orow[n] = xr[n] < 0.f ? 0.f : xr[n];  // NaN kept
+      }
+    }
+  });
+}
+
+void attention_backward_cm(const Tensor& dout, const Tensor& qkv, const Tensor& out, int64_t qk_dim, double scale,
+                           const Tensor& probs, Tensor& dx2, Tensor& dqkv) {
+  const int64_t B = qkv.size(0), CQ = qkv.size(1), N = qkv.size(2), PD = CQ - 2 * qk_dim, C2 = dx2.size(1);
+  const int64_t sfb = qkv.stride(0), ld = qkv.stride(1), ps = cm_prob_size(N);
+  const int64_t sgb = dout.stride(0), sgc = dout.stride(1), sob = out.stride(0), soc = out.stride(1);
+  const int64_t sxb = dx2.stride(0), sxc = dx2.stride(1);
+  const float* pg = dout.const_data_ptr<float>();
+  const float* pq = qkv.const_data_ptr<float>();
+  const float* po = out.const_data_ptr<float>();
+  const float* pp = probs.defined() ? probs.const_data_ptr<float>() : nullptr;
+  float* pd = dqkv.data_ptr<float>();
+  float* px = dx2.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    CmBackwardWorkspace ws;
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* fb = pq + b * sfb;
+      const float* ob = po + b * sob;
+      const float* gb = pg + b * sgb;
+      float* db = pd + b * CQ * N;
+      attention_cm_backward_image(fb, fb + qk_dim * ld, fb + 2 * qk_dim * ld, ld, N, qk_dim, PD,
+                                  static_cast<float>(scale), ob, soc, gb, sgc, pp != nullptr ? pp + b * ps : nullptr,
+                                  db, db + qk_dim * N, db + 2 * qk_dim * N, N, ws);
+      for (int64_t c = 0; c < C2; ++c) {
+        const float* orow = ob + (PD + c) * soc;
+        const float* grow = gb + (PD + c) * sgc;
+        float* xrow = px + b * sxb + c * sxc;
+        for (int64_t n = 0; n < N; ++n) xrow[n] = orow[n] > 0.f ? grow[n] : 0.f;
+      }
+    }
+  });
 }
 
 }  // namespace shvit_cpu

@@ -33,10 +33,11 @@ inline int64_t cm_prob_size(int64_t N) { return (N + 15) / 16 * 16 * N; }
 // layout of the next GEMM), all 16 columns written. v_bias may be null. q_scale multiplies q
 // (1 when q carries the scale already). With probs (cm_prob_size(N) floats), the probability
 // panels are kept there for the backward: panel p holds P[16p + j, m] at probs[(p * N + m) * 16 + j]
-// (queries past N hold finite filler).
+// (queries past N hold finite filler). With lse (N floats), the log-sum-exp of each query's
+// scores.
 void attention_cm_image(const float* q, const float* k, const float* v, int64_t ld, int64_t N, int64_t QK,
                         int64_t PD, const float* v_bias, float* out, int64_t ldo, bool panel_out, int64_t ldp,
-                        CmWorkspace& ws, float q_scale = 1.f, float* probs = nullptr);
+                        CmWorkspace& ws, float q_scale = 1.f, float* probs = nullptr, float* lse = nullptr);
 
 struct CmBackwardWorkspace {
   CmWorkspace fwd;         // probabilities recomputed when the forward did not keep them

@@ -22,4 +22,18 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_core(const Tensor& dout, c
                                                            int64_t qk_dim, double scale, const Tensor& p_saved,
                                                            Tensor& dx2);
 
+// float32 on the packed GEMM (shvit_gemm::available()), channel-major, one image per task
+// (attention_cm_image): the forward above for qkv (B, CQ, N) and x2 (B, C2, N) with unit token
+// strides (q unscaled), out (B, PD + C2, N) contiguous. With p_keep, the probability panels
+// are kept when they fit the score budget; with lse (B, N) float32, the log-sum-exp of each
+// query's scaled scores.
+void attention_forward_cm(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, double scale, Tensor& out,
+                          Tensor* p_keep, Tensor* lse);
+
+// Its backward: d(qkv) into dqkv (B, CQ, N) contiguous, the gradient of x2 into dx2 (B, C2, N,
+// unit token stride). dout, out (B, PD + C2, N) float32 with unit token strides; probs is the
+// forward's kept panels or undefined (recomputed).
+void attention_backward_cm(const Tensor& dout, const Tensor& qkv, const Tensor& out, int64_t qk_dim, double scale,
+                           const Tensor& probs, Tensor& dx2, Tensor& dqkv);
+
 }  // namespace shvit_cpu

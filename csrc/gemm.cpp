@@ -449,7 +449,7 @@ SHVIT_AVX2 void softmax_rows_avx2(float* s, int64_t m, int64_t n, int64_t ld) {
     if (n8 < n) _mm256_maskstore_ps(r + n8, tail, _mm256_mul_ps(_mm256_maskload_ps(r + n8, tail), inv));
   }
 }
-SHVIT_AVX2 void softmax_panel_columns_avx2(float* p, int64_t m) {
+SHVIT_AVX2 void softmax_panel_columns_avx2(float* p, int64_t m, float* lse) {
   __m256 mx0 = _mm256_set1_ps(-INFINITY), mx1 = mx0;
   __m256 un0 = _mm256_setzero_ps(), un1 = un0;
   for (int64_t i = 0; i < m; ++i) {
@@ -478,15 +478,23 @@ SHVIT_AVX2 void softmax_panel_columns_avx2(float* p, int64_t m) {
     _mm256_storeu_ps(p + i * kPanel, _mm256_mul_ps(_mm256_loadu_ps(p + i * kPanel), i0));
     _mm256_storeu_ps(p + i * kPanel + 8, _mm256_mul_ps(_mm256_loadu_ps(p + i * kPanel + 8), i1));
   }
+  if (lse != nullptr) {
+    alignas(32) float mx[kPanel], sm[kPanel];
+    _mm256_store_ps(mx, mx0);
+    _mm256_store_ps(mx + 8, mx1);
+    _mm256_store_ps(sm, s0);
+    _mm256_store_ps(sm + 8, s1);
+    for (int64_t j = 0; j < kPanel; ++j) lse[j] = mx[j] + std::log(sm[j]);
+  }
 }
 }  // namespace
 #endif
 
-void softmax_panel_columns(float* p, int64_t m) {
+void softmax_panel_columns(float* p, int64_t m, float* lse) {
   if (m <= 0) return;
 #ifdef SHVIT_GEMM_X86
   if (available()) {
-    softmax_panel_columns_avx2(p, m);
+    softmax_panel_columns_avx2(p, m, lse);
     return;
   }
 #endif
@@ -502,6 +510,7 @@ void softmax_panel_columns(float* p, int64_t m) {
     float sum = 0.f;
     for (int64_t i = 0; i < m; ++i) sum += (p[i * kPanel + j] = std::exp(p[i * kPanel + j] - mx));
     for (int64_t i = 0; i < m; ++i) p[i * kPanel + j] /= sum;
+    if (lse != nullptr) lse[j] = mx + std::log(sum);
   }
 }
 

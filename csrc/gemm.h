@@ -61,7 +61,8 @@ void softmax_rows(float* s, int64_t m, int64_t n, int64_t ld);
 
 // Column-wise softmax in place of a panel of kPanel columns: p (m, 16) contiguous, each of the
 // 16 columns normalised over its m entries; exact-max shift, NaN propagates per column.
-// (The score tile S^T of 16 queries, laid out as a packed weight for the next GEMM.)
-void softmax_panel_columns(float* p, int64_t m);
+// (The score tile S^T of 16 queries, laid out as a packed weight for the next GEMM.) With lse,
+// lse[j] = log(sum_i exp(p[i, j])) of the input column j (NaN for a column holding NaN).
+void softmax_panel_columns(float* p, int64_t m, float* lse = nullptr);
 
 }  // namespace shvit_gemm

@@ -1,7 +1,9 @@
 // Single-head attention + concat + ReLU of the SHSA mixer: CPU kernels of
 // shvit_cpp::shsa_attn_fwd / shsa_attn_bwd (see shvit_kernels/shsa_attention.py).
 //
-// GEMMs go through ATen's batched BLAS (bmm/baddbmm over the whole batch); softmax through
+// float32 on an AVX2 CPU runs the channel-major kernels on the packed GEMM, one image per
+// task (attention_cm.h; the backward recomputes the probabilities a chunk of queries at a
+// time). Other dtypes: GEMMs go through ATen's batched BLAS (bmm/baddbmm over the whole batch); softmax through
 // ATen's vectorised kernel; everything elementwise (masking, ReLU, concat, dS) is fused
 // into single passes here. Queries are processed in chunks so that the score buffer stays
 // under kScoreBudget bytes: memory is linear in N, never an N x N buffer per image for
@@ -10,6 +12,7 @@
 
 #include "attention_core.h"
 #include "common.h"
+#include "gemm.h"
 
 namespace shvit_cpu {
 
@@ -81,6 +84,11 @@ void attention_forward_core(const Tensor& qT, const Tensor& k, const Tensor& v, 
 }
 
 namespace {
+// float32 on an AVX2 CPU: the channel-major kernels on the packed GEMM (attention_cm.h)
+bool attention_cm(const Tensor& qkv, const Tensor& x2) {
+  return qkv.scalar_type() == at::kFloat && x2.scalar_type() == at::kFloat && shvit_gemm::available();
+}
+
 std::tuple<Tensor, Tensor> attn_fwd(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, double scale,
                                     bool want_lse) {
   check_input(qkv, "qkv");
@@ -95,9 +103,13 @@ std::tuple<Tensor, Tensor> attn_fwd(const Tensor& qkv, const Tensor& x2, int64_t
   Tensor out = at::empty({B, PD + C2, H, W}, qkv.options().dtype(out_dtype));
   Tensor lse = at::empty({B, N}, qkv.options().dtype(acc));
   if (B == 0 || N == 0) return {out, lse};
+  Tensor out3 = out.view({B, PD + C2, N});
+  if (attention_cm(qkv, x2)) {
+    attention_forward_cm(as_bcn(qkv), as_bcn(x2), qk_dim, scale, out3, nullptr, want_lse ? &lse : nullptr);
+    return {out, lse};
+  }
   Tensor f = as_bcn(qkv.scalar_type() == acc ? qkv : qkv.to(acc));
   Tensor qT = f.narrow(1, 0, qk_dim).transpose(1, 2).mul(scale);
-  Tensor out3 = out.view({B, PD + C2, N});
   attention_forward_core(qT, f.narrow(1, qk_dim, qk_dim), f.narrow(1, 2 * qk_dim, PD), as_bcn(x2), out3,
                          want_lse ? &lse : nullptr);
   return {out, lse};
@@ -230,6 +242,12 @@ std::tuple<Tensor, Tensor> shsa_attn_bwd(const Tensor& dout, const Tensor& qkv, 
   (void)lse;  // probabilities are recomputed with the forward's own softmax kernel
   Tensor dx2 = at::empty({B, C2, H, W}, out.options());
   if (B == 0 || N == 0) return {at::zeros_like(qkv, at::MemoryFormat::Contiguous), dx2};
+  if (attention_cm(qkv, out) && dout.scalar_type() == at::kFloat) {
+    Tensor dqkv = at::empty({B, CQ, H, W}, qkv.options().memory_format(at::MemoryFormat::Contiguous));
+    Tensor dqkv3 = dqkv.view({B, CQ, N}), dx2v = dx2.view({B, C2, N});
+    attention_backward_cm(as_bcn(dout), as_bcn(qkv), as_bcn(out), qk_dim, scale, Tensor(), dx2v, dqkv3);
+    return {dqkv, dx2};
+  }
   Tensor f = as_bcn(qkv.scalar_type() == acc ? qkv : qkv.to(acc));
   Tensor dx2v = dx2.view({B, C2, N});
   auto [dq, dk, dv] = attention_backward_core(dout, f, out, qk_dim, scale, Tensor(), dx2v);

@@ -219,70 +219,6 @@ void conv_gn_backward_cm(const Tensor& dz, const Tensor& xv, int64_t P, const Te
   });
 }
 
-// Attention + concat + ReLU of the float32 path, one image at a time on the packed GEMM
-// (attention_cm_image): qkv (B, CQ, N) unscaled, out (B, C, N) contiguous, x2 = channels
-// [P, C) of xv. With p_keep, the probability panels are kept for the backward when they fit
-// the budget the ATen path keeps its probabilities within.
-void attention_forward_cm(const Tensor& qkv, const Tensor& xv, int64_t QK, int64_t P, double scale, Tensor& out,
-                          Tensor* p_keep) {
-  const int64_t B = qkv.size(0), CQ = qkv.size(1), N = qkv.size(2), C = out.size(1);
-  const int64_t sb = xv.stride(0), sc = xv.stride(1), ps = cm_prob_size(N);
-  float* pp = nullptr;
-  if (p_keep != nullptr && query_chunk(B, N, sizeof(float)) == N) {
-    *p_keep = at::empty({B, ps}, qkv.options());
-    pp = p_keep->data_ptr<float>();
-  }
-  const float* pq = qkv.const_data_ptr<float>();
-  const float* px = xv.const_data_ptr<float>();
-  float* po = out.data_ptr<float>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    CmWorkspace ws;
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* fb = pq + b * CQ * N;
-      float* ob = po + b * C * N;
-      attention_cm_image(fb, fb + QK * N, fb + 2 * QK * N, N, N, QK, P, nullptr, ob, N, false, 0, ws,
-                         static_cast<float>(scale), pp != nullptr ? pp + b * ps : nullptr);
-      for (int64_t c = P; c < C; ++c) {
-        const float* xr = px + b * sb + c * sc;
-        float* orow = ob + c * N;
-        for (int64_t n = 0; n < N; ++n) orow[n] = xr[n] < 0.f ? 0.f : xr[n];  // NaN kept
-      }
-    }
-  });
-}
-
-// Its backward: d(qkv) into dqkv (B, CQ, N), the gradient of x2 into channels [P, C) of dx3.
-void attention_backward_cm(const Tensor& dout, const Tensor& qkv, const Tensor& out, int64_t QK, double scale,
-                           const Tensor& probs, Tensor& dx3, Tensor& dqkv) {
-  const int64_t B = qkv.size(0), CQ = qkv.size(1), N = qkv.size(2), P = CQ - 2 * QK, C = out.size(1);
-  const Tensor g = as_bcn(dout);
-  const int64_t sgb = g.stride(0), sgc = g.stride(1), ps = cm_prob_size(N);
-  const float* pg = g.const_data_ptr<float>();
-  const float* pq = qkv.const_data_ptr<float>();
-  const float* po = out.const_data_ptr<float>();
-  const float* pp = probs.defined() ? probs.const_data_ptr<float>() : nullptr;
-  float* pd = dqkv.data_ptr<float>();
-  float* px = dx3.data_ptr<float>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    CmBackwardWorkspace ws;
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* fb = pq + b * CQ * N;
-      const float* ob = po + b * C * N;
-      const float* gb = pg + b * sgb;
-      float* db = pd + b * CQ * N;
-      attention_cm_backward_image(fb, fb + QK * N, fb + 2 * QK * N, N, N, QK, P, static_cast<float>(scale), ob, N,
-                                  gb, sgc, pp != nullptr ? pp + b * ps : nullptr, db, db + QK * N,
-                                  db + 2 * QK * N, N, ws);
-      for (int64_t c = P; c < C; ++c) {
-        const float* orow = ob + c * N;
-        const float* grow = gb + c * sgc;
-        float* xrow = px + (b * C + c) * N;
-        for (int64_t n = 0; n < N; ++n) xrow[n] = orow[n] > 0.f ? grow[n] : 0.f;
-      }
-    }
-  });
-}
-
 void check_region_args(const Tensor& x, const Tensor& gw, const Tensor& gb, const Tensor& cw, const Tensor& bw,
                        const Tensor& bb, const Tensor& rm, const Tensor& rv, int64_t pdim, int64_t qk_dim) {
   check_input(x, "x");
@@ -353,7 +289,7 @@ RegionForward region_forward(const Tensor& x, const Tensor& gw, const Tensor& gb
   f.out = at::empty({B, C, H, W}, opt.memory_format(at::MemoryFormat::Contiguous));
   Tensor out3 = f.out.view({B, C, N});
   if (region_cm(x)) {
-    attention_forward_cm(f.qkv, xv, QK, P, scale, out3, keep_p ? &f.p : nullptr);
+    attention_forward_cm(f.qkv, xv.narrow(1, P, C - P), QK, scale, out3, keep_p ? &f.p : nullptr, nullptr);
     return f;
   }
   Tensor qsT = f.qkv.narrow(1, 0, QK).transpose(1, 2).mul(scale);  // (B, N, QK)
@@ -493,7 +429,8 @@ struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
     std::array<Tensor, 3> parts;
     if (cm) {
       Tensor dqkv = at::empty({B, CQ, N}, x.options());
-      attention_backward_cm(dout, qkv, out, QK, scale, p, dx3, dqkv);
+      Tensor dx2 = dx3.narrow(1, P, C - P);
+      attention_backward_cm(as_bcn(dout), qkv, as_bcn(out), QK, scale, p, dx2, dqkv);
       parts = {dqkv.narrow(1, 0, QK), dqkv.narrow(1, QK, QK), dqkv.narrow(1, 2 * QK, P)};
     } else {
       Tensor dx2 = dx3.narrow(1, P, C - P);

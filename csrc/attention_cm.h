@@ -6,7 +6,9 @@
 //   S^T (N keys x 16 queries) = K^T Q_panel      -- written in the packed-weight layout
 //   softmax over the keys, column-wise           -- vectorised along the 16 queries
 //   O (PD x 16) = V S^T + v_bias, ReLU            -- S^T is already the packed operand
-// so the score tile per thread is linear in N (a few panels of N x 16), never N x N.
+// so the score tile per thread is linear in N (a few panels of N x 16), never N x N. The
+// backward (attention_cm_backward_image) works on the same panels: dS^T in query panels for
+// dq, dS and P transposed to key panels for dk and dv, every gradient written channel-major.
 #pragma once
 
 #include <cstdint>

@@ -280,16 +280,16 @@ SHVIT_AVX2 void transpose_avx2(const float* src, int64_t lds, float* dst, int64_
 
 void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
   const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
-  int64_t done = 0;  // the rows and columns [0, done) of the 8-aligned block are written
+  bool block = false;  // whether the block [0, r8) x [0, c8) is written
 #ifdef SHVIT_GEMM_X86
   if (available() && r8 > 0 && c8 > 0) {
     transpose_avx2(src, lds, dst, ldd, r8, c8);
-    done = 1;
+    block = true;
   }
 #endif
   for (int64_t i = 0; i < rows; ++i) {
     const float* s = src + i * lds;
-    const int64_t j0 = (done && i < r8) ? c8 : 0;  // the rest of the row
+    const int64_t j0 = (block && i < r8) ? c8 : 0;  // the rest of the row
     for (int64_t j = j0; j < cols; ++j) dst[j * ldd + i] = s[j];
   }
 }

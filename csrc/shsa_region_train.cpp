@@ -427,13 +427,12 @@ struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
     // attention + concat + ReLU: d(qkv) channel-major; the gradient of x2 straight into dx
     const bool cm = region_cm(x);
     std::array<Tensor, 3> parts;
+    Tensor dx2 = dx3.narrow(1, P, C - P);
     if (cm) {
       Tensor dqkv = at::empty({B, CQ, N}, x.options());
-      Tensor dx2 = dx3.narrow(1, P, C - P);
       attention_backward_cm(as_bcn(dout), qkv, as_bcn(out), QK, scale, p, dx2, dqkv);
       parts = {dqkv.narrow(1, 0, QK), dqkv.narrow(1, QK, QK), dqkv.narrow(1, 2 * QK, P)};
     } else {
-      Tensor dx2 = dx3.narrow(1, P, C - P);
       auto [dq, dk, dv] = attention_backward_core(dout, qkv, out, QK, scale, p, dx2);
       parts = {dq, dk, dv};
     }

@@ -115,17 +115,15 @@ struct BnTrain : public torch::autograd::Function<BnTrain> {
     const auto opt = x.options();
     Tensor out = at::empty({B, C, H, W}, opt.memory_format(at::MemoryFormat::Contiguous));
     Tensor mean = at::empty({C}, opt), var = at::empty({C}, opt), invstd = at::empty({C}, opt);
-    const Tensor w = weight.to(x.scalar_type()).contiguous(), b = bias.to(x.scalar_type()).contiguous();
+    const Tensor w = contiguous_as(weight, x.scalar_type()), b = contiguous_as(bias, x.scalar_type());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_train_fwd", [&] {
       Tensor o3 = out.view({B, C, H * W});
       bn_forward<scalar_t>(xv, w, b, eps, o3, mean, var, invstd);
+      // as nn.BatchNorm2d: unbiased variance in the running estimate
+      update_running_stat<scalar_t>(running_mean, mean.const_data_ptr<scalar_t>(), C, momentum, 1.0);
+      update_running_stat<scalar_t>(running_var, var.const_data_ptr<scalar_t>(), C, momentum,
+                                    static_cast<double>(M) / static_cast<double>(M - 1));
     });
-    {
-      at::NoGradGuard no_grad;  // as nn.BatchNorm2d: unbiased variance in the running estimate
-      running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
-      running_var.mul_(1.0 - momentum)
-          .add_(var.to(running_var.scalar_type()), momentum * static_cast<double>(M) / static_cast<double>(M - 1));
-    }
     ctx->save_for_backward({x, weight, mean, invstd});
     return out;
   }
@@ -135,21 +133,22 @@ struct BnTrain : public torch::autograd::Function<BnTrain> {
     const auto s = ctx->get_saved_variables();
     const Tensor &x = s[0], &weight = s[1], &mean = s[2], &invstd = s[3];
     const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-    const Tensor dyv = as_bcn(grads[0].to(x.scalar_type()));
+    const Tensor dyv = as_bcn(cast_to(grads[0], x.scalar_type()));
     const Tensor xv = as_bcn(x);
-    const Tensor w = weight.to(x.scalar_type()).contiguous();
+    const Tensor w = contiguous_as(weight, x.scalar_type());
     Tensor dx = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
     Tensor dw = at::empty({C}, x.options()), db = at::empty({C}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_train_bwd", [&] {
       Tensor d3 = dx.view({B, C, H * W});
       bn_backward<scalar_t>(dyv, xv, w, mean, invstd, d3, dw, db);
     });
-    return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type()), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {dx, cast_to(dw, weight.scalar_type()), cast_to(db, weight.scalar_type()), Tensor(), Tensor(), Tensor(),
+            Tensor()};
   }
 };
 
 Tensor bn_train(const Tensor& x, const Tensor& weight, const Tensor& bias, Tensor& running_mean, Tensor& running_var,
-                double momentum, double eps) {
+                double momentum, double eps, const std::optional<Tensor>& num_batches_tracked) {
   NoAutocast no_autocast;
   check_input(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -161,6 +160,7 @@ Tensor bn_train(const Tensor& x, const Tensor& weight, const Tensor& bias, Tenso
   }
   TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1,
               "Expected more than 1 value per channel when training, got input size ", x.sizes());
+  count_batch(num_batches_tracked);
   return BnTrain::apply(x, weight, bias, running_mean, running_var, momentum, eps);
 }
 
@@ -169,7 +169,7 @@ Tensor bn_train(const Tensor& x, const Tensor& weight, const Tensor& bias, Tenso
 TORCH_LIBRARY_FRAGMENT(shvit_cpp, m) {
   m.def(
       "bn_train(Tensor x, Tensor weight, Tensor bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
-      "float momentum, float eps) -> Tensor");
+      "float momentum, float eps, Tensor(c!)? num_batches_tracked=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shvit_cpp, CompositeImplicitAutograd, m) { m.impl("bn_train", &bn_train); }

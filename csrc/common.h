@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/irange.h>
 
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -51,6 +53,51 @@ inline Tensor as_bcn(const Tensor& t) {
     u = t.contiguous();
   }
   return u.as_strided({B, C, H * W}, {u.stride(0), C > 1 ? u.stride(1) : H * W, 1});
+}
+
+// t itself when it already has dtype dt and is contiguous, else a contiguous copy in dt. The
+// check runs without the dispatcher: at SHViT's small sizes the per-call cost of a no-op
+// `.to().contiguous()` adds up across the few dozen such calls of an op.
+inline Tensor contiguous_as(const Tensor& t, at::ScalarType dt) {
+  if (t.scalar_type() == dt && t.is_contiguous()) return t;
+  return t.to(dt).contiguous();
+}
+
+// t converted to dtype dt (t itself when it has it).
+inline Tensor cast_to(const Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
+
+// running = (1 - momentum) * running + factor * momentum * value over n entries, as
+// nn.BatchNorm2d updates its running statistics; written in place (the version counter
+// bumped, as an in-place op would), through ATen when `running` is not a contiguous
+// float/double tensor.
+template <typename V>
+inline void update_running_stat(Tensor& running, const V* value, int64_t n, double momentum, double factor) {
+  if (running.is_contiguous() && (running.scalar_type() == at::kFloat || running.scalar_type() == at::kDouble)) {
+    AT_DISPATCH_FLOATING_TYPES(running.scalar_type(), "update_running_stat", [&] {
+      scalar_t* r = running.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < n; ++i) {
+        r[i] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(r[i]) +
+                                     momentum * factor * static_cast<double>(value[i]));
+      }
+    });
+    if (!running.is_inference()) running.unsafeGetTensorImpl()->bump_version();
+    return;
+  }
+  at::NoGradGuard no_grad;
+  Tensor v = at::from_blob(const_cast<V*>(value), {n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<V>::value));
+  running.mul_(1.0 - momentum).add_(v.to(running.scalar_type()).view(running.sizes()), momentum * factor);
+}
+
+// nn.BatchNorm2d's `num_batches_tracked += 1`, in place, when the counter is given (one C++
+// increment instead of an ATen call from Python per BatchNorm).
+inline void count_batch(const std::optional<Tensor>& counter) {
+  if (!counter.has_value() || !counter->defined()) return;
+  const Tensor& n = *counter;
+  TORCH_CHECK(n.device().is_cpu() && n.scalar_type() == at::kLong && n.numel() == 1,
+              "num_batches_tracked must be a one-element int64 CPU tensor, got ", n.scalar_type(), " ", n.sizes(),
+              " on ", n.device());
+  *n.data_ptr<int64_t>() += 1;
+  if (!n.is_inference()) n.unsafeGetTensorImpl()->bump_version();
 }
 
 // Row reductions with eight independent accumulators: without -ffast-math the compiler keeps

@@ -84,7 +84,7 @@ using torch::autograd::variable_list;
 
 struct Conv1x1Train : public torch::autograd::Function<Conv1x1Train> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight) {
-    const Tensor w = weight.reshape({weight.size(0), weight.size(1)}).contiguous();
+    const Tensor w = weight.is_contiguous() ? weight : weight.contiguous();  // rows of Cin
     ctx->save_for_backward({x, weight});
     return conv_cm(x, w, w.size(0));
   }
@@ -93,11 +93,13 @@ struct Conv1x1Train : public torch::autograd::Function<Conv1x1Train> {
     NoAutocast no_autocast;
     const auto s = ctx->get_saved_variables();
     const Tensor &x = s[0], &weight = s[1];
-    const Tensor dy = grads[0].to(at::kFloat);
+    const Tensor dy = cast_to(grads[0], at::kFloat);
     const int64_t cout = weight.size(0), cin = weight.size(1);
     Tensor dx, dw;
     if (ctx->needs_input_grad(0)) {
-      const Tensor wt = weight.reshape({cout, cin}).t().contiguous();  // (Cin, Cout)
+      const Tensor w = weight.is_contiguous() ? weight : weight.contiguous();
+      Tensor wt = at::empty({cin, cout}, w.options());  // W^T (Cin, Cout)
+      shvit_gemm::transpose(w.const_data_ptr<float>(), cin, wt.data_ptr<float>(), cout, cout, cin);
       dx = conv_cm(dy, wt, cin);
     }
     if (ctx->needs_input_grad(1)) dw = weight_grad(dy, x).view(weight.sizes());

@@ -34,22 +34,30 @@ struct RegionForward {
   Tensor yT;      // (B*N, P): GroupNorm output, token-major (input of the conv); ATen path only
   Tensor zhat;    // (B, CQ, N): normalised conv output (BatchNorm before its affine)
   Tensor qkv;     // (B, CQ, N): BatchNorm output = q, k, v (unscaled)
-  Tensor p;       // (B, N, N) attention probabilities when they fit one query chunk, else undefined
-  Tensor gn_mu;   // (B)
-  Tensor gn_r;    // (B)
-  Tensor bn_inv;  // (CQ)
+  Tensor p;       // the attention probabilities when they fit the budget, else undefined
+  Tensor stats;   // (2B + 3CQ): GroupNorm mean and 1/std per image, then BatchNorm's 1/std,
+                  // batch mean and biased variance per channel (the Stats offsets)
+};
+
+// Offsets into RegionForward::stats: one small tensor instead of five.
+struct Stats {
+  int64_t B, CQ;
+  int64_t gn_mu() const { return 0; }
+  int64_t gn_r() const { return B; }
+  int64_t bn_inv() const { return 2 * B; }
+  int64_t mean() const { return 2 * B + CQ; }
+  int64_t var() const { return 2 * B + 2 * CQ; }
+  int64_t size() const { return 2 * B + 3 * CQ; }
 };
 
 template <typename scalar_t>
 void gn_token_major(const Tensor& xv, int64_t P, double eps, const Tensor& gw, const Tensor& gb, Tensor& yT,
-                    Tensor& mu_t, Tensor& r_t) {
+                    scalar_t* pmu, scalar_t* pr) {
   const int64_t B = xv.size(0), N = xv.size(2), sb = xv.stride(0), sc = xv.stride(1);
   const scalar_t* px = xv.const_data_ptr<scalar_t>();
   const scalar_t* pw = gw.const_data_ptr<scalar_t>();
   const scalar_t* pb = gb.const_data_ptr<scalar_t>();
   scalar_t* py = yT.data_ptr<scalar_t>();
-  scalar_t* pmu = mu_t.data_ptr<scalar_t>();
-  scalar_t* pr = r_t.data_ptr<scalar_t>();
   parallel_rows(B, 1, [&](int64_t b) {
     const scalar_t* xb = px + b * sb;
     const auto mom = rows_moments<scalar_t, scalar_t>(xb, P, sc, N);
@@ -72,14 +80,11 @@ void gn_token_major(const Tensor& xv, int64_t P, double eps, const Tensor& gw, c
 // the thread count), then zhat normalised in place and the affine output qkv.
 // zhat (B, CQ, N) holds the conv output on entry.
 template <typename scalar_t>
-void bn_train_forward(const Tensor& bw, const Tensor& bb, double eps, Tensor& zhat, Tensor& qkv, Tensor& mean_t,
-                      Tensor& var_t, Tensor& inv_t) {
+void bn_train_forward(const Tensor& bw, const Tensor& bb, double eps, Tensor& zhat, Tensor& qkv, scalar_t* pmean,
+                      scalar_t* pvar, scalar_t* pinv) {
   const int64_t B = zhat.size(0), CQ = zhat.size(1), N = zhat.size(2);
   scalar_t* ph = zhat.data_ptr<scalar_t>();
   scalar_t* pq = qkv.data_ptr<scalar_t>();
-  scalar_t* pmean = mean_t.data_ptr<scalar_t>();
-  scalar_t* pvar = var_t.data_ptr<scalar_t>();
-  scalar_t* pinv = inv_t.data_ptr<scalar_t>();
   const scalar_t* pbw = bw.const_data_ptr<scalar_t>();
   const scalar_t* pbb = bb.const_data_ptr<scalar_t>();
   at::parallel_for(0, CQ, 8, [&](int64_t c0, int64_t c1) {
@@ -140,18 +145,24 @@ bool region_cm(const Tensor& x) { return x.scalar_type() == at::kFloat && shvit_
 
 // z_b (CQ, N) = W @ GroupNorm(x1_b) = (W diag(gamma)) @ xhat_b + W @ beta, one packed GEMM per
 // image with xhat_b = (x1_b - mu_b) * r_b written into the token panels.
-void conv_forward_cm(const Tensor& xv, int64_t P, double eps, const Tensor& gw, const Tensor& gb, const Tensor& w,
-                     Tensor& mu_t, Tensor& r_t, Tensor& z) {
-  const int64_t B = xv.size(0), N = xv.size(2), sb = xv.stride(0), sc = xv.stride(1), CQ = w.size(0);
-  const Tensor wg = (w * gw.unsqueeze(0)).contiguous();
-  const Tensor wb = at::mv(w, gb).contiguous();
+void conv_forward_cm(const Tensor& xv, int64_t P, double eps, const float* gw, const float* gb, const float* w,
+                     float* pmu, float* pr, Tensor& z) {
+  const int64_t B = xv.size(0), N = xv.size(2), sb = xv.stride(0), sc = xv.stride(1), CQ = z.size(1);
+  // W diag(gamma) (CQ, P) and the row bias W beta (CQ)
+  std::vector<float> wg(static_cast<size_t>(CQ * P)), wb(static_cast<size_t>(CQ));
+  for (int64_t o = 0; o < CQ; ++o) {
+    double acc = 0;
+    for (int64_t c = 0; c < P; ++c) {
+      wg[o * P + c] = w[o * P + c] * gw[c];
+      acc += static_cast<double>(w[o * P + c]) * gb[c];
+    }
+    wb[o] = static_cast<float>(acc);
+  }
   const float* px = xv.const_data_ptr<float>();
-  const float* pa = wg.const_data_ptr<float>();
-  float* pmu = mu_t.data_ptr<float>();
-  float* pr = r_t.data_ptr<float>();
+  const float* pa = wg.data();
   float* pz = z.data_ptr<float>();
   shvit_gemm::Epilogue epi;
-  epi.row_bias = wb.const_data_ptr<float>();
+  epi.row_bias = wb.data();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     const Scratch panels(kScratchPanels, static_cast<size_t>(shvit_gemm::packed_size(N, P)));
     for (int64_t b = b0; b < b1; ++b) {
@@ -169,17 +180,13 @@ void conv_forward_cm(const Tensor& xv, int64_t P, double eps, const Tensor& gw, 
 // The conv's gradients from dz (CQ, B*N) (channel rows across the batch):
 //   dW = dz @ Y^T, one GEMM over k = B*N with Y = GroupNorm(x1) packed as a (P, B*N) weight;
 //   per image, dY_b = W^T @ dz_b, then the GroupNorm backward into dx3 channels [0, P).
-void conv_gn_backward_cm(const Tensor& dz, const Tensor& xv, int64_t P, const Tensor& w, const Tensor& gw,
-                         const Tensor& gb, const Tensor& mu_t, const Tensor& r_t, Tensor& dw, Tensor& dx3,
-                         Tensor& dgw_part, Tensor& dgb_part) {
+void conv_gn_backward_cm(const Tensor& dz, const Tensor& xv, int64_t P, const float* w, const float* pgw,
+                         const float* pgb, const float* pmu, const float* pr, Tensor& dw, Tensor& dx3, float* pdgw,
+                         float* pdgb) {
   constexpr int64_t kP = shvit_gemm::kPanel;
-  const int64_t B = xv.size(0), N = xv.size(2), sb = xv.stride(0), sc = xv.stride(1), CQ = w.size(0);
+  const int64_t B = xv.size(0), N = xv.size(2), sb = xv.stride(0), sc = xv.stride(1), CQ = dz.size(0);
   const int64_t K = B * N, CO = dx3.size(1);
   const float* px = xv.const_data_ptr<float>();
-  const float* pgw = gw.const_data_ptr<float>();
-  const float* pgb = gb.const_data_ptr<float>();
-  const float* pmu = mu_t.const_data_ptr<float>();
-  const float* pr = r_t.const_data_ptr<float>();
   const float* pdz = dz.const_data_ptr<float>();
   const int64_t np = (P + kP - 1) / kP;
   const Scratch yp(kScratchA, static_cast<size_t>(np * K * kP));
@@ -203,11 +210,10 @@ void conv_gn_backward_cm(const Tensor& dz, const Tensor& xv, int64_t P, const Te
   at::parallel_for(0, CQ, 6, [&](int64_t r0, int64_t r1) {
     shvit_gemm::gemm_packed(r1 - r0, P, K, pdz + r0 * K, K, yp.data(), pw + r0 * P, P, shvit_gemm::Epilogue{});
   });
-  const Tensor wt = w.t().contiguous();  // (P, CQ)
-  const float* pwt = wt.const_data_ptr<float>();
+  std::vector<float> wt(static_cast<size_t>(P * CQ));  // W^T (P, CQ)
+  shvit_gemm::transpose(w, P, wt.data(), CQ, CQ, P);
+  const float* pwt = wt.data();
   float* pdx = dx3.data_ptr<float>();
-  float* pdgw = dgw_part.data_ptr<float>();
-  float* pdgb = dgb_part.data_ptr<float>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     const Scratch panels(kScratchPanels, static_cast<size_t>(shvit_gemm::packed_size(N, CQ)));
     for (int64_t b = b0; b < b1; ++b) {
@@ -251,25 +257,27 @@ RegionForward region_forward(const Tensor& x, const Tensor& gw, const Tensor& gb
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W, M = B * N;
   const int64_t P = pdim, QK = qk_dim, CQ = 2 * QK + P;
   const auto opt = x.options();
+  const auto dt = x.scalar_type();
+  const Stats st{B, CQ};
   RegionForward f;
   Tensor xv = as_bcn(x);
-  Tensor gwc = gw.to(x.scalar_type()).contiguous(), gbc = gb.to(x.scalar_type()).contiguous();
-  Tensor bwc = bw.to(x.scalar_type()).contiguous(), bbc = bb.to(x.scalar_type()).contiguous();
-  f.gn_mu = at::empty({B}, opt);
-  f.gn_r = at::empty({B}, opt);
+  Tensor gwc = contiguous_as(gw, dt), gbc = contiguous_as(gb, dt);
+  Tensor bwc = contiguous_as(bw, dt), bbc = contiguous_as(bb, dt);
+  Tensor cwc = contiguous_as(cw, dt);  // (CQ, P, 1, 1): rows of P
+  f.stats = at::empty({st.size()}, opt);
   f.zhat = at::empty({B, CQ, N}, opt);
   f.qkv = at::empty({B, CQ, N}, opt);
-  f.bn_inv = at::empty({CQ}, opt);
-  Tensor mean = at::empty({CQ}, opt), var = at::empty({CQ}, opt);
   if (region_cm(x)) {
-    conv_forward_cm(xv, P, gn_eps, gwc, gbc, cw.reshape({CQ, P}).to(at::kFloat).contiguous(), f.gn_mu, f.gn_r,
-                    f.zhat);
+    float* ps = f.stats.data_ptr<float>();
+    conv_forward_cm(xv, P, gn_eps, gwc.const_data_ptr<float>(), gbc.const_data_ptr<float>(),
+                    cwc.const_data_ptr<float>(), ps + st.gn_mu(), ps + st.gn_r(), f.zhat);
   } else {
     f.yT = at::empty({M, P}, opt);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shsa_region_gn", [&] {
-      gn_token_major<scalar_t>(xv, P, gn_eps, gwc, gbc, f.yT, f.gn_mu, f.gn_r);
+    AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_gn", [&] {
+      scalar_t* ps = f.stats.data_ptr<scalar_t>();
+      gn_token_major<scalar_t>(xv, P, gn_eps, gwc, gbc, f.yT, ps + st.gn_mu(), ps + st.gn_r());
     });
-    Tensor zT = at::mm(f.yT, cw.reshape({CQ, P}).to(x.scalar_type()).t());
+    Tensor zT = at::mm(f.yT, cwc.view({CQ, P}).t());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shsa_region_tr", [&] {
       parallel_rows(B, 1, [&](int64_t b) {
         transpose_map(zT.const_data_ptr<scalar_t>() + b * N * CQ, CQ, f.zhat.data_ptr<scalar_t>() + b * CQ * N, N,
@@ -277,15 +285,13 @@ RegionForward region_forward(const Tensor& x, const Tensor& gw, const Tensor& gb
       });
     });
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shsa_region_bn", [&] {
-    bn_train_forward<scalar_t>(bwc, bbc, bn_eps, f.zhat, f.qkv, mean, var, f.bn_inv);
-  });
-  {
+  AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_bn", [&] {
+    scalar_t* ps = f.stats.data_ptr<scalar_t>();
+    bn_train_forward<scalar_t>(bwc, bbc, bn_eps, f.zhat, f.qkv, ps + st.mean(), ps + st.var(), ps + st.bn_inv());
     // running statistics as nn.BatchNorm2d updates them (unbiased variance)
-    at::NoGradGuard no_grad;
-    rm.mul_(1.0 - momentum).add_(mean.to(rm.scalar_type()), momentum);
-    rv.mul_(1.0 - momentum).add_(var.to(rv.scalar_type()), momentum * static_cast<double>(M) / (M - 1));
-  }
+    update_running_stat<scalar_t>(rm, ps + st.mean(), CQ, momentum, 1.0);
+    update_running_stat<scalar_t>(rv, ps + st.var(), CQ, momentum, static_cast<double>(M) / (M - 1));
+  });
   f.out = at::empty({B, C, H, W}, opt.memory_format(at::MemoryFormat::Contiguous));
   Tensor out3 = f.out.view({B, C, N});
   if (region_cm(x)) {
@@ -305,7 +311,7 @@ RegionForward region_forward(const Tensor& x, const Tensor& gw, const Tensor& gb
 // overwritten by dz too, for ATen's GEMMs; or, with channel_rows, as (CQ, B*N) for the packed
 // GEMMs.
 template <typename scalar_t>
-void bn_train_backward(std::array<Tensor, 3>& parts, const Tensor& zhat, const Tensor& inv_t, const Tensor& bw,
+void bn_train_backward(std::array<Tensor, 3>& parts, const Tensor& zhat, const scalar_t* pi, const Tensor& bw,
                        Tensor& dzT, Tensor& dbw, Tensor& dbb, bool channel_rows) {
   const int64_t B = zhat.size(0), CQ = zhat.size(1), N = zhat.size(2), M = B * N;
   // row pointer of channel c of image b
@@ -322,7 +328,6 @@ void bn_train_backward(std::array<Tensor, 3>& parts, const Tensor& zhat, const T
     return base[i] + b * stride[i] + c * N;
   };
   const scalar_t* ph = zhat.const_data_ptr<scalar_t>();
-  const scalar_t* pi = inv_t.const_data_ptr<scalar_t>();
   const scalar_t* pw = bw.const_data_ptr<scalar_t>();
   std::vector<double> s1(CQ, 0.0), s2(CQ, 0.0);
   for (int64_t b = 0; b < B; ++b) {  // in order: independent of the thread count
@@ -374,18 +379,14 @@ void bn_train_backward(std::array<Tensor, 3>& parts, const Tensor& zhat, const T
 }
 
 template <typename scalar_t>
-void gn_backward_token_major(const Tensor& dyT, const Tensor& xv, int64_t P, const Tensor& gw, const Tensor& mu_t,
-                             const Tensor& r_t, Tensor& dx3, Tensor& dgw_part, Tensor& dgb_part) {
+void gn_backward_token_major(const Tensor& dyT, const Tensor& xv, int64_t P, const Tensor& gw, const scalar_t* pmu,
+                             const scalar_t* pr, Tensor& dx3, scalar_t* pdw, scalar_t* pdb) {
   // dyT (B*N, P) token-major; xv (B, C, N) with unit token stride; dx3 (B, C, N) channels [0, P)
   const int64_t B = xv.size(0), N = xv.size(2), sb = xv.stride(0), sc = xv.stride(1), CO = dx3.size(1);
   const scalar_t* pdy = dyT.const_data_ptr<scalar_t>();
   const scalar_t* px = xv.const_data_ptr<scalar_t>();
   const scalar_t* pw = gw.const_data_ptr<scalar_t>();
-  const scalar_t* pmu = mu_t.const_data_ptr<scalar_t>();
-  const scalar_t* pr = r_t.const_data_ptr<scalar_t>();
   scalar_t* pdx = dx3.data_ptr<scalar_t>();
-  scalar_t* pdw = dgw_part.data_ptr<scalar_t>();
-  scalar_t* pdb = dgb_part.data_ptr<scalar_t>();
   parallel_rows(B, 1, [&](int64_t b) {
     // dx channel-major first holds dy (transposed), then the gradient
     scalar_t* dxb = pdx + b * CO * N;
@@ -404,7 +405,7 @@ struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
                         double scale) {
     RegionForward f =
         region_forward(x, gw, gb, cw, bw, bb, rm, rv, momentum, gn_eps, bn_eps, pdim, qk_dim, scale, true);
-    ctx->save_for_backward({x, gw, gb, cw, bw, f.out, f.yT, f.zhat, f.qkv, f.p, f.gn_mu, f.gn_r, f.bn_inv});
+    ctx->save_for_backward({x, gw, gb, cw, bw, f.out, f.yT, f.zhat, f.qkv, f.p, f.stats});
     ctx->saved_data["pdim"] = pdim;
     ctx->saved_data["qk_dim"] = qk_dim;
     ctx->saved_data["scale"] = scale;
@@ -415,13 +416,14 @@ struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
     NoAutocast no_autocast;
     const auto s = ctx->get_saved_variables();
     const Tensor &x = s[0], &gw = s[1], &gb = s[2], &cw = s[3], &bw = s[4], &out = s[5], &yT = s[6],
-                 &zhat = s[7], &qkv = s[8], &p = s[9], &gn_mu = s[10], &gn_r = s[11], &bn_inv = s[12];
+                 &zhat = s[7], &qkv = s[8], &p = s[9], &stats = s[10];
     const int64_t P = ctx->saved_data["pdim"].toInt(), QK = ctx->saved_data["qk_dim"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
     const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W, M = B * N;
     const int64_t CQ = 2 * QK + P;
+    const Stats st{B, CQ};
     const auto dt = x.scalar_type();
-    Tensor dout = grads[0].to(dt);
+    Tensor dout = cast_to(grads[0], dt);
     Tensor dx = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
     Tensor dx3 = dx.view({B, C, N});
     // attention + concat + ReLU: d(qkv) channel-major; the gradient of x2 straight into dx
@@ -439,33 +441,54 @@ struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
     // BatchNorm (batch statistics), then the conv's two GEMMs
     Tensor dT = at::empty(cm ? at::IntArrayRef{CQ, M} : at::IntArrayRef{M, CQ}, x.options());
     Tensor dbw = at::empty({CQ}, x.options()), dbb = at::empty({CQ}, x.options());
-    Tensor bwc = bw.to(dt).contiguous();
+    Tensor bwc = contiguous_as(bw, dt);
     AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_bn_bwd", [&] {
-      bn_train_backward<scalar_t>(parts, zhat, bn_inv, bwc, dT, dbw, dbb, cm);
+      bn_train_backward<scalar_t>(parts, zhat, stats.const_data_ptr<scalar_t>() + st.bn_inv(), bwc, dT, dbw, dbb,
+                                  cm);
     });
-    Tensor w2 = cw.reshape({CQ, P}).to(dt).contiguous();
-    // GroupNorm, written into the first P channels of dx
-    Tensor dgw_part = at::empty({B, P}, x.options()), dgb_part = at::empty({B, P}, x.options());
-    Tensor gwc = gw.to(dt).contiguous();
+    Tensor cwc = contiguous_as(cw, dt);  // (CQ, P, 1, 1)
+    // GroupNorm, written into the first P channels of dx; its parameter gradients per image first
+    std::vector<char> part_mem(static_cast<size_t>(2 * B * P) * x.element_size());
+    Tensor gwc = contiguous_as(gw, dt);
     Tensor xv = as_bcn(x);
-    Tensor dcw;
+    Tensor dcw = at::empty(cw.sizes(), x.options());
     if (cm) {
-      dcw = at::empty({CQ, P}, x.options());
-      conv_gn_backward_cm(dT, xv, P, w2, gwc, gb.to(dt).contiguous(), gn_mu, gn_r, dcw, dx3, dgw_part, dgb_part);
-      dcw = dcw.view(cw.sizes());
+      float* part = reinterpret_cast<float*>(part_mem.data());
+      const float* ps = stats.const_data_ptr<float>();
+      conv_gn_backward_cm(dT, xv, P, cwc.const_data_ptr<float>(), gwc.const_data_ptr<float>(),
+                          contiguous_as(gb, dt).const_data_ptr<float>(), ps + st.gn_mu(), ps + st.gn_r(), dcw, dx3,
+                          part, part + B * P);
     } else {
-      dcw = at::mm(dT.t(), yT).view(cw.sizes());
-      Tensor dyT = at::mm(dT, w2);  // (M, P)
+      Tensor dcw2 = dcw.view({CQ, P});
+      at::mm_out(dcw2, dT.t(), yT);
+      Tensor dyT = at::mm(dT, cwc.view({CQ, P}));  // (M, P)
       AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_gn_bwd", [&] {
-        gn_backward_token_major<scalar_t>(dyT, xv, P, gwc, gn_mu, gn_r, dx3, dgw_part, dgb_part);
+        scalar_t* part = reinterpret_cast<scalar_t*>(part_mem.data());
+        const scalar_t* ps = stats.const_data_ptr<scalar_t>();
+        gn_backward_token_major<scalar_t>(dyT, xv, P, gwc, ps + st.gn_mu(), ps + st.gn_r(), dx3, part, part + B * P);
       });
     }
+    Tensor dgw = at::empty({P}, x.options()), dgb = at::empty({P}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_gn_params", [&] {
+      const scalar_t* part = reinterpret_cast<const scalar_t*>(part_mem.data());
+      scalar_t* pw = dgw.data_ptr<scalar_t>();
+      scalar_t* pb = dgb.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < P; ++c) {  // over the images in order: independent of the thread count
+        double sw = 0, sb = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          sw += part[b * P + c];
+          sb += part[(B + b) * P + c];
+        }
+        pw[c] = static_cast<scalar_t>(sw);
+        pb[c] = static_cast<scalar_t>(sb);
+      }
+    });
     return {dx,
-            dgw_part.sum(0).to(gw.scalar_type()),
-            dgb_part.sum(0).to(gw.scalar_type()),
-            dcw.to(cw.scalar_type()),
-            dbw.to(bw.scalar_type()),
-            dbb.to(bw.scalar_type()),
+            cast_to(dgw, gw.scalar_type()),
+            cast_to(dgb, gw.scalar_type()),
+            cast_to(dcw, cw.scalar_type()),
+            cast_to(dbw, bw.scalar_type()),
+            cast_to(dbb, bw.scalar_type()),
             Tensor(),
             Tensor(),
             Tensor(),
@@ -479,9 +502,11 @@ struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
 
 Tensor shsa_region_train(const Tensor& x, const Tensor& gn_weight, const Tensor& gn_bias, const Tensor& conv_weight,
                          const Tensor& bn_weight, const Tensor& bn_bias, Tensor& running_mean, Tensor& running_var,
-                         double momentum, double gn_eps, double bn_eps, int64_t pdim, int64_t qk_dim, double scale) {
+                         double momentum, double gn_eps, double bn_eps, int64_t pdim, int64_t qk_dim, double scale,
+                         const std::optional<Tensor>& num_batches_tracked) {
   NoAutocast no_autocast;
   check_region_args(x, gn_weight, gn_bias, conv_weight, bn_weight, bn_bias, running_mean, running_var, pdim, qk_dim);
+  count_batch(num_batches_tracked);
   bool grad = false;
   if (at::GradMode::is_enabled()) {
     for (const auto* t : {&x, &gn_weight, &gn_bias, &conv_weight, &bn_weight, &bn_bias}) grad |= t->requires_grad();
@@ -501,7 +526,7 @@ TORCH_LIBRARY_FRAGMENT(shvit_cpp, m) {
   m.def(
       "shsa_region_train(Tensor x, Tensor gn_weight, Tensor gn_bias, Tensor conv_weight, Tensor bn_weight, "
       "Tensor bn_bias, Tensor(a!) running_mean, Tensor(b!) running_var, float momentum, float gn_eps, "
-      "float bn_eps, int pdim, int qk_dim, float scale) -> Tensor");
+      "float bn_eps, int pdim, int qk_dim, float scale, Tensor(c!)? num_batches_tracked=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shvit_cpp, CompositeImplicitAutograd, m) {

@@ -18,7 +18,10 @@ ENV = "SHVIT_KERNELS_BACKEND"
 
 
 def requested() -> str:
-    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    choice = os.environ.get(ENV)
+    if choice is None or choice in CHOICES:  # the common cases, without normalising
+        return choice or "auto"
+    choice = choice.strip().lower() or "auto"
     if choice not in CHOICES:
         raise ValueError(f"{ENV}={choice!r} is not one of {', '.join(CHOICES)}")
     return choice
@@ -44,10 +47,17 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_cpp_ok = False
+
+
 def cpp_available() -> bool:
+    global _cpp_ok
+    if _cpp_ok:
+        return True
     from . import _cpp
 
-    return _cpp.available()
+    _cpp_ok = _cpp.available()
+    return _cpp_ok
 
 
 _warned: set[str] = set()

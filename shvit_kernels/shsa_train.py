@@ -49,18 +49,26 @@ def bn_train_applies(x: Tensor, bn: nn.Module) -> bool:
     )
 
 
-def _momentum(bn: nn.BatchNorm2d) -> float:
-    """Counts the batch and returns the running-average factor, as ``nn.BatchNorm2d`` does."""
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    return float(bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked))
+def _momentum(bn: nn.BatchNorm2d) -> tuple[float, Tensor | None]:
+    """The running-average factor as ``nn.BatchNorm2d`` computes it, and the batch counter
+    for the op to increment (``None`` when it was counted here: a cumulative average, whose
+    factor depends on the new count, or no counter)."""
+    counter = bn.num_batches_tracked
+    if bn.momentum is not None:
+        return float(bn.momentum), counter
+    if counter is None:
+        return 1.0, None
+    counter.add_(1)
+    return 1.0 / float(counter), None
 
 
 def bn_train(x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
     """``bn(x)`` in training mode (batch statistics; running statistics and
     ``num_batches_tracked`` updated as ``nn.BatchNorm2d`` does), in C++ with autograd. NCHW out."""
-    momentum = _momentum(bn)
-    return torch.ops.shvit_cpp.bn_train(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, float(bn.eps))
+    momentum, counter = _momentum(bn)
+    return torch.ops.shvit_cpp.bn_train(
+        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, float(bn.eps), counter
+    )
 
 
 def shsa_region_train(
@@ -77,10 +85,10 @@ def shsa_region_train(
     """ReLU(concat(attention(BN(conv(GroupNorm(x[:, :pdim])))), x[:, pdim:])) with ``bn`` in
     training mode: batch statistics, and ``running_mean`` / ``running_var`` /
     ``num_batches_tracked`` updated exactly as ``nn.BatchNorm2d`` does."""
-    momentum = _momentum(bn)
+    momentum, counter = _momentum(bn)
     return torch.ops.shvit_cpp.shsa_region_train(
         x, gn_weight, gn_bias, conv_weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-        float(momentum), float(gn_eps), float(bn.eps), pdim, qk_dim, float(scale),
+        momentum, float(gn_eps), float(bn.eps), pdim, qk_dim, float(scale), counter,
     )
 
 

@@ -194,3 +194,17 @@ def test_bn_train_rejects_bad_arguments(x, c, match):
     w, b, rm, rv = torch.ones(c), torch.zeros(c), torch.zeros(c), torch.ones(c)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.shvit_cpp.bn_train(x, w, b, rm, rv, 0.1, 1e-5)
+
+
+def test_bn_train_counts_the_batch_when_given_its_counter():
+    x = torch.randn(2, 4, 3, 3)
+    w, b, rm, rv = torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4)
+    n = torch.tensor(5, dtype=torch.long)
+    version = n._version
+    torch.ops.shvit_cpp.bn_train(x, w, b, rm, rv, 0.1, 1e-5, n)
+    assert int(n) == 6 and n._version > version
+    torch.ops.shvit_cpp.bn_train(x, w, b, rm, rv, 0.1, 1e-5)  # no counter: nothing counted
+    assert int(n) == 6
+    with pytest.raises(RuntimeError, match="num_batches_tracked"):
+        torch.ops.shvit_cpp.bn_train(x, w, b, rm, rv, 0.1, 1e-5, torch.zeros(1))
+    assert int(n) == 6

@@ -244,3 +244,19 @@ def test_region_train_float32_one_and_two_threads_agree(shape, monkeypatch):
         torch.set_num_threads(before)
     for a, b in zip(*results):
         assert_rel_close(a.double(), b.double(), 1e-6, f"{shape}: 1 vs 2 threads")
+
+
+def test_region_train_op_counts_the_batch_when_given_its_counter():
+    dt = torch.float32
+    args = (
+        torch.randn(2, 9, 3, 4, dtype=dt), torch.ones(5, dtype=dt), torch.zeros(5, dtype=dt),
+        torch.randn(13, 5, 1, 1, dtype=dt), torch.ones(13, dtype=dt), torch.zeros(13, dtype=dt),
+        torch.zeros(13, dtype=dt), torch.ones(13, dtype=dt), 0.1, 1e-5, 1e-5, 5, 4, 0.5,
+    )
+    n = torch.tensor(0, dtype=torch.long)
+    torch.ops.shvit_cpp.shsa_region_train(*args, n)
+    torch.ops.shvit_cpp.shsa_region_train(*args, n)
+    assert int(n) == 2
+    with pytest.raises(RuntimeError, match="num_batches_tracked"):
+        torch.ops.shvit_cpp.shsa_region_train(*args, torch.zeros(1, dtype=torch.int32))
+    assert int(n) == 2

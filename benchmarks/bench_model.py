@@ -34,7 +34,15 @@ import torch.nn.functional as F
 
 import shvit
 import shvit_kernels
-from benchmarks.common import Progress, format_table, machine_info, machine_line, time_cpu_interleaved, write_results
+from benchmarks.common import (
+    Progress,
+    configure_allocator,
+    format_table,
+    machine_info,
+    machine_line,
+    time_cpu_interleaved,
+    write_results,
+)
 
 RESOLUTION = {"shvit_s1": 224, "shvit_s2": 224, "shvit_s3": 224, "shvit_s4": 256}
 
@@ -83,6 +91,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--extra-settings", nargs="*", default=None, metavar="BxT",
                    help="more CPU inference settings, batch x threads (default: 1x1 16x2; none: skip)")
     p.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per measurement")
+    p.add_argument("--allocator", default="steady", choices=["steady", "default"],
+                   help="C heap for the timing: steady (freed memory kept mapped; default) or glibc's "
+                        "default (see benchmarks/common.py: configure_allocator)")
     p.add_argument("--out", default=None,
                    help="result name under benchmarks/results/, or a path without suffix (default model_<device>)")
     args = p.parse_args(argv)
@@ -96,7 +107,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.no_compile and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         # a fresh inductor cache: the compile time reported is a cold compile
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="shvit-bench-inductor-")
+    allocator = configure_allocator(args.allocator)
     info = machine_info()
+    info["allocator"] = allocator
     info["backend"] = shvit_kernels.backend.select(torch.empty(0, device=dev))
     info["protocol"] = f"batch {batch}, " + ("float16 autocast" if dev == "cuda" else f"{args.threads} thread(s), float32")
     print(machine_line(info), f"| fused backend: {info['backend']} | {info['protocol']}", flush=True)

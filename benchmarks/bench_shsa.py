@@ -30,7 +30,15 @@ import torch
 
 import shvit
 import shvit_kernels
-from benchmarks.common import Progress, format_table, machine_info, machine_line, time_cpu_interleaved, write_results
+from benchmarks.common import (
+    Progress,
+    configure_allocator,
+    format_table,
+    machine_info,
+    machine_line,
+    time_cpu_interleaved,
+    write_results,
+)
 from shvit_kernels.shsa_attention import shsa_attention_torch
 
 # (name, dim, pdim, H, W): S4 stage 2 and 3 at 256 px, stage 2 at 1024 and 2048 px
@@ -224,13 +232,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cases", nargs="+", default=None, help="subset of case names")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement (CPU)")
+    p.add_argument("--allocator", default="steady", choices=["steady", "default"],
+                   help="C heap for the timing: steady (freed memory kept mapped; default) or glibc's "
+                        "default (see benchmarks/common.py: configure_allocator)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/shsa_<device>.json)")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
     args.batch = args.batch or (256 if args.device == "cuda" else 16)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    allocator = configure_allocator(args.allocator)
     info = machine_info()
+    info["allocator"] = allocator
     info["backend"] = shvit_kernels.backend.select(torch.empty(0, device=args.device))
     print(machine_line(info), f"backend {info['backend']}", flush=True)
     run = timer(args.device, args.min_time)

@@ -84,7 +84,7 @@ using torch::autograd::variable_list;
 
 struct Conv1x1Train : public torch::autograd::Function<Conv1x1Train> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight) {
-    const Tensor w = weight.is_contiguous() ? weight : weight.contiguous();  // rows of Cin
+    const Tensor w = contiguous_as(weight, at::kFloat);  // rows of Cin
     ctx->save_for_backward({x, weight});
     return conv_cm(x, w, w.size(0));
   }
@@ -97,7 +97,7 @@ struct Conv1x1Train : public torch::autograd::Function<Conv1x1Train> {
     const int64_t cout = weight.size(0), cin = weight.size(1);
     Tensor dx, dw;
     if (ctx->needs_input_grad(0)) {
-      const Tensor w = weight.is_contiguous() ? weight : weight.contiguous();
+      const Tensor w = contiguous_as(weight, at::kFloat);
       Tensor wt = at::empty({cin, cout}, w.options());  // W^T (Cin, Cout)
       shvit_gemm::transpose(w.const_data_ptr<float>(), cin, wt.data_ptr<float>(), cout, cout, cin);
       dx = conv_cm(dy, wt, cin);

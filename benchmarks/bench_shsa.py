@@ -53,7 +53,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def timer(device: str, min_time: float):
-    """``run(eager_fn, fused_fn) -> (eager_s, fused_s)``, medians; interleaved rounds on CPU."""
+    """``run(eager_fn, fused_fn) -> (eager_s, fused_s)``, medians; on CPU the two alternate call by call."""
     if device == "cuda":
         import triton.testing
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--large-batch", type=int, default=16, help="batch for the 2048 px case on CUDA")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cases", nargs="+", default=None, help="subset of case names")
-    p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement (CPU)")
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per provider and measurement (CPU)")
     p.add_argument("--allocator", default="steady", choices=["steady", "default"],
                    help="C heap for the timing: steady (freed memory kept mapped; default) or glibc's "
                         "default (see benchmarks/common.py: configure_allocator)")

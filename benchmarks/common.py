@@ -106,26 +106,38 @@ def time_cpu(fn: Callable[[], object], min_reps: int = 5, min_time: float = 2.0,
     return dict(median_s=statistics.median(times), min_s=times[0], reps=len(times))
 
 
-def time_cpu_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5, min_time: float = 2.0,
+def time_cpu_interleaved(fns: dict[str, Callable[[], object]], min_time: float = 2.0, min_reps: int = 5,
                          warmup: int = 2) -> dict[str, dict]:
-    """Median wall time of each callable, measured in ``rounds`` interleaved rounds so that
-    slow drifts of a shared machine hit every provider alike (``min_time`` per provider)."""
+    """Median wall time of each callable, the providers alternating call by call (the order
+    rotating each round) for at least ``min_time`` seconds and ``min_reps`` calls each.
+
+    A shared VM changes speed within a second (the same eager call took 10 ms and 18 ms in
+    neighbouring tenths of a second on the benchmark machine); alternating single calls puts
+    every provider into the same slow and fast phases, which rounds of many calls per provider
+    did not (a ratio moved from 1.4 to 1.1 between two runs). ``paired_ratio`` in each entry:
+    the median over rounds of this provider's time divided by the first provider's time in
+    the same round."""
+    names = list(fns)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    per_round = min_time / rounds
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            while True:
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - t0)
-                if time.perf_counter() - start >= per_round:
-                    break
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    spent = dict.fromkeys(names, 0.0)
+    rnd = 0
+    while min(spent.values()) < min_time or min(len(t) for t in samples.values()) < min_reps:
+        for i in range(len(names)):
+            name = names[(rnd + i) % len(names)]
+            t0 = time.perf_counter()
+            fns[name]()
+            dt = time.perf_counter() - t0
+            samples[name].append(dt)
+            spent[name] += dt
+        rnd += 1
+    first = samples[names[0]]
     return {
-        name: dict(median_s=statistics.median(ts), min_s=min(ts), reps=len(ts)) for name, ts in samples.items()
+        name: dict(median_s=statistics.median(ts), min_s=min(ts), reps=len(ts),
+                   paired_ratio=statistics.median(t / f for t, f in zip(ts, first)))
+        for name, ts in samples.items()
     }
 
 

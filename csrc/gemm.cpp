@@ -5,7 +5,8 @@
 // of kMc (a row block of A, <= 216 KiB, stays in L2 while it meets every panel). The first
 // k-block starts from bias + residual, the last one applies the ReLU, so C may alias the
 // residual. The micro-kernel keeps a 6 x 16 tile of C in twelve AVX registers and does
-// twelve FMAs per k step.
+// twelve FMAs per k step; a panel with at most 8 valid columns (the last one of a width that
+// is not a multiple of 16, such as 196 or 49 tokens) runs a 6 x 8 kernel, half the FMAs.
 #include "gemm.h"
 
 #include <algorithm>
@@ -99,6 +100,29 @@ SHVIT_AVX2 inline void micro6(int64_t kc, int64_t nseg, int64_t lds, const float
 #undef SHVIT_STORE_ACC
 }
 
+// The same for the first 8 columns of the panel only (a tile of at most 8 valid columns: the
+// last panel of an operand whose width is not a multiple of 16): half the FMAs of micro6.
+SHVIT_AVX2 inline void micro6_8(int64_t kc, int64_t nseg, int64_t lds, const float* const* a, const float* b,
+                                float* acc) {
+  __m256 c00 = _mm256_load_ps(acc + 0), c10 = _mm256_load_ps(acc + 16), c20 = _mm256_load_ps(acc + 32);
+  __m256 c30 = _mm256_load_ps(acc + 48), c40 = _mm256_load_ps(acc + 64), c50 = _mm256_load_ps(acc + 80);
+  for (int64_t sg = 0; sg < nseg; ++sg, b += kc * kPanel) {
+#define SHVIT_ROW_PTR(r) const float* a##r = a[r] + sg * lds;
+  SHVIT_ROWS6(SHVIT_ROW_PTR)
+#undef SHVIT_ROW_PTR
+#pragma GCC unroll 4
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    const __m256 b0 = _mm256_loadu_ps(b + kk * kPanel);
+#define SHVIT_FMA_ROW(r) c##r##0 = _mm256_fmadd_ps(_mm256_broadcast_ss(a##r + kk), b0, c##r##0);
+    SHVIT_ROWS6(SHVIT_FMA_ROW)
+#undef SHVIT_FMA_ROW
+  }
+  }
+#define SHVIT_STORE_ACC(r) _mm256_store_ps(acc + r * 2 * 8, c##r##0);
+  SHVIT_ROWS6(SHVIT_STORE_ACC)
+#undef SHVIT_STORE_ACC
+}
+
 // A tile of C: rows (<= 6) x nv (<= 16) entries of C at c (row stride ldc) over the k-block
 // [k0, k0 + kc); a points at the tile's first row of A (row stride lda), b at the k-block of
 // its panel. The first k-block starts from bias + residual, the last applies the ReLU. Short
@@ -156,7 +180,11 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t
       t[j] = v;
     }
   }
-  micro6(kc, nseg, lds, ar, b, acc);
+  if (nv <= 8) {
+    micro6_8(kc, nseg, lds, ar, b, acc);
+  } else {
+    micro6(kc, nseg, lds, ar, b, acc);
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const float* t = acc + r * kPanel;
     float* cr = c + r * ldc;

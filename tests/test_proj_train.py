@@ -24,9 +24,11 @@ needs_gemm = pytest.mark.skipif(
 # (B, C_in, C_out, H, W): channels off the 16-column panels and 6-row tiles, C_in past one
 # k-block (384), B*N past one k-block of the weight gradient, a single token, one image
 # N = 420 splits each image's k-range of the weight gradient; 30 images of N = 16 make two k-blocks of
-# whole images; odd channel counts leave partial weight panels
+# whole images; odd channel counts leave partial weight panels; 49 tokens (S1-S3's stage 2) and
+# 24 input channels end in panels of 1 and 8 valid columns (the 8-column kernel), 25 tokens
+# and 25 channels in panels of 9
 SHAPES = [(2, 37, 19, 5, 7), (3, 400, 45, 20, 21), (1, 16, 16, 1, 1), (16, 336, 336, 4, 4), (2, 5, 3, 6, 1),
-          (30, 20, 24, 4, 4)]
+          (30, 20, 24, 4, 4), (2, 24, 30, 7, 7), (3, 25, 14, 5, 5)]
 
 
 def _run(x, w, g):

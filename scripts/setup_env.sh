@@ -19,5 +19,19 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   "$VPY" -m pip install -q torch==2.13.0
 fi
 "$VPY" -m pip install -q -r requirements.txt
-"$VPY" -m pip install -q --no-build-isolation -e .
+# The editable install compiles the C++ kernels (minutes on 2 cores); it is skipped when the
+# last one here used the same build settings and no build input changed since
+# (SHVIT_KERNELS_REBUILD=1 forces it).
+stamp=.venv/.shvit-build
+want="no_cpp=${SHVIT_KERNELS_NO_CPP:-0} portable=${SHVIT_KERNELS_PORTABLE:-0}"
+if [ "${SHVIT_KERNELS_REBUILD:-0}" != 1 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+    && [ -z "$(find csrc setup.py pyproject.toml requirements.txt -newer "$stamp" 2>/dev/null)" ] \
+    && "$VPY" -c "import sys, shvit; from shvit_kernels import _cpp
+sys.exit(0 if '${SHVIT_KERNELS_NO_CPP:-0}' == '1' or _cpp.available() else 1)" >/dev/null 2>&1; then
+  echo "setup: package installed, C++ build up to date ($want)"
+else
+  rm -f "$stamp"
+  "$VPY" -m pip install -q --no-build-isolation -e .
+  echo "$want" > "$stamp"
+fi
 "$VPY" -c "import torch, shvit; print(f'setup: torch {torch.__version__}, shvit from {shvit.__file__}')"

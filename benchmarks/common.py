@@ -108,8 +108,9 @@ def time_cpu(fn: Callable[[], object], min_reps: int = 5, min_time: float = 2.0,
 
 def time_cpu_interleaved(fns: dict[str, Callable[[], object]], min_time: float = 2.0, min_reps: int = 5,
                          warmup: int = 2) -> dict[str, dict]:
-    """Median wall time of each callable, the providers alternating call by call (the order
-    rotating each round) for at least ``min_time`` seconds and ``min_reps`` calls each.
+    """Median (and min, total) wall time of each callable, the providers alternating call by
+    call (the order rotating each round, every provider called once per round) until the
+    slowest has run for ``min_time`` seconds and each at least ``min_reps`` times.
 
     A shared VM changes speed within a second (the same eager call took 10 ms and 18 ms in
     neighbouring tenths of a second on the benchmark machine); alternating single calls puts
@@ -124,7 +125,7 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], min_time: float =
     samples: dict[str, list[float]] = {name: [] for name in names}
     spent = dict.fromkeys(names, 0.0)
     rnd = 0
-    while min(spent.values()) < min_time or min(len(t) for t in samples.values()) < min_reps:
+    while max(spent.values()) < min_time or rnd < min_reps:
         for i in range(len(names)):
             name = names[(rnd + i) % len(names)]
             t0 = time.perf_counter()
@@ -135,7 +136,7 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], min_time: float =
         rnd += 1
     first = samples[names[0]]
     return {
-        name: dict(median_s=statistics.median(ts), min_s=min(ts), reps=len(ts),
+        name: dict(median_s=statistics.median(ts), min_s=min(ts), reps=len(ts), total_s=sum(ts),
                    paired_ratio=statistics.median(t / f for t, f in zip(ts, first)))
         for name, ts in samples.items()
     }

@@ -1,0 +1,80 @@
+"""The benchmark harness itself: the CPU timer, the heap setting and both benchmark scripts on
+tiny settings (so that the README's main job cannot break unnoticed)."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+
+import pytest
+import torch
+
+from benchmarks import bench_model, bench_shsa
+from benchmarks.common import configure_allocator, time_cpu_interleaved
+
+
+def test_interleaved_timer_alternates_calls_and_pairs_them():
+    calls = []
+    fns = {
+        "fast": lambda: calls.append("fast"),
+        "slow": lambda: (calls.append("slow"), time.sleep(0.002)),
+        "other": lambda: calls.append("other"),
+    }
+    t = time_cpu_interleaved(fns, min_time=0.0, min_reps=4, warmup=0)
+    assert [t[n]["reps"] for n in fns] == [4, 4, 4]
+    # one call of each provider per round, the order rotating from round to round
+    rounds = [calls[i:i + 3] for i in range(0, 12, 3)]
+    assert all(sorted(r) == ["fast", "other", "slow"] for r in rounds)
+    assert [r[0] for r in rounds] == ["fast", "slow", "other", "fast"]
+    assert t["fast"]["paired_ratio"] == 1.0
+    assert t["slow"]["median_s"] >= 0.002 and t["slow"]["paired_ratio"] > 1.0
+    assert t["slow"]["min_s"] <= t["slow"]["median_s"]
+
+
+def test_interleaved_timer_runs_each_provider_for_min_time():
+    t = time_cpu_interleaved({"a": lambda: time.sleep(0.001), "b": lambda: None}, min_time=0.02, min_reps=1,
+                             warmup=0)
+    assert t["a"]["total_s"] >= 0.02  # until the slowest provider has run for min_time
+    assert t["a"]["reps"] == t["b"]["reps"]  # one call each per round
+
+
+def test_configure_allocator_modes():
+    with pytest.raises(ValueError, match="steady"):
+        configure_allocator("fast")
+    assert "default" in configure_allocator("default")
+    steady = configure_allocator("steady")
+    if platform.libc_ver()[0] == "glibc":
+        assert steady.startswith("glibc steady heap")
+    else:
+        assert "default" in steady
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU protocol")
+def test_bench_shsa_writes_results(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        rows = bench_shsa.main(["--device", "cpu", "--cases", "s4-stage3-256px", "--batch", "2", "--min-time", "0",
+                                "--out", str(tmp_path / "shsa")])
+    finally:
+        torch.set_num_threads(before)
+    data = json.loads((tmp_path / "shsa.json").read_text())
+    assert data["machine"]["allocator"] and data["machine"]["backend"]
+    modes = {r["mode"] for r in rows}
+    assert {"inference", "train-forward+backward", "module-inference", "module-train-forward+backward"} <= modes
+    assert all(r["eager_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
+    assert (tmp_path / "shsa.csv").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU protocol")
+def test_bench_model_writes_results(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        rows = bench_model.main(["--variants", "shvit_s1", "--train-variants", "shvit_s1", "--batch", "1",
+                                 "--train-batch", "2", "--no-compile", "--extra-settings", "--min-time", "0",
+                                 "--out", str(tmp_path / "model")])
+    finally:
+        torch.set_num_threads(before)
+    data = json.loads((tmp_path / "model.json").read_text())
+    assert data["machine"]["allocator"]
+    providers = {(r.get("kind", "inference"), r["provider"]) for r in rows}
+    assert {("inference", "eager"), ("inference", "fused+fuse"), ("train-step", "fused")} <= providers

@@ -54,7 +54,7 @@ Tensor pack_weight(const Tensor& w) {
   TORCH_CHECK(w.device().is_cpu() && at::isFloatingType(w.scalar_type()), "w must be a floating-point CPU tensor");
   TORCH_CHECK(w.dim() == 2 || (w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1),
               "w must be (out, in) or a 1x1 conv weight (out, in, 1, 1), got ", w.sizes());
-  const Tensor w2 = w.reshape({w.size(0), w.size(1)}).to(at::kFloat).contiguous();
+  const Tensor w2 = contiguous_as(w.reshape({w.size(0), w.size(1)}), at::kFloat);
   const int64_t n = w2.size(0), k = w2.size(1);
   Tensor out = at::empty({(n + shvit_gemm::kPanel - 1) / shvit_gemm::kPanel, k, shvit_gemm::kPanel},
                          w2.options());

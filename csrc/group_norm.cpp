@@ -94,7 +94,7 @@ std::tuple<Tensor, Tensor, Tensor> gn_partial_fwd(const Tensor& x1, const Tensor
               weight.numel(), " and ", bias.numel());
   const auto acc = acc_type(x1.scalar_type());
   Tensor x = as_bcn(x1);
-  Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
+  Tensor w = contiguous_as(weight, acc), b = contiguous_as(bias, acc);
   Tensor y = at::empty(x1.sizes(), x1.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor mean = at::empty({B}, x1.options().dtype(acc));
   Tensor rstd = at::empty({B}, x1.options().dtype(acc));
@@ -115,9 +115,9 @@ std::tuple<Tensor, Tensor, Tensor> gn_partial_bwd(const Tensor& dy, const Tensor
   const int64_t B = x1.size(0), C = x1.size(1);
   const auto acc = acc_type(x1.scalar_type());
   Tensor x = as_bcn(x1);
-  Tensor g = as_bcn(dy.to(x1.scalar_type()));
-  Tensor w = weight.to(acc).contiguous();
-  Tensor m = mean.to(acc).contiguous(), r = rstd.to(acc).contiguous();
+  Tensor g = as_bcn(cast_to(dy, x1.scalar_type()));
+  Tensor w = contiguous_as(weight, acc);
+  Tensor m = contiguous_as(mean, acc), r = contiguous_as(rstd, acc);
   Tensor dx = at::empty(x1.sizes(), x1.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor dw_part = at::empty({B, C}, x1.options().dtype(acc));
   Tensor db_part = at::empty({B, C}, x1.options().dtype(acc));
@@ -130,8 +130,21 @@ std::tuple<Tensor, Tensor, Tensor> gn_partial_bwd(const Tensor& dy, const Tensor
       gn_bwd_impl<scalar_t, acc_t>(g, x, w, m, r, dx, dw_part, db_part);
     });
   }
-  // per-image partials summed in a fixed order: deterministic for any thread count
-  return {dx, dw_part.sum(0).to(weight.scalar_type()), db_part.sum(0).to(weight.scalar_type())};
+  // per-image partials summed over the images in order: deterministic for any thread count
+  Tensor dw = at::zeros({C}, dw_part.options()), db = at::zeros({C}, db_part.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "gn_partial_bwd_sum", [&] {
+    const scalar_t* pw = dw_part.const_data_ptr<scalar_t>();
+    const scalar_t* pb = db_part.const_data_ptr<scalar_t>();
+    scalar_t* ow = dw.data_ptr<scalar_t>();
+    scalar_t* ob = db.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < B; ++i) {
+      for (int64_t c = 0; c < C; ++c) {
+        ow[c] += pw[i * C + c];
+        ob[c] += pb[i * C + c];
+      }
+    }
+  });
+  return {dx, cast_to(dw, weight.scalar_type()), cast_to(db, weight.scalar_type())};
 }
 
 TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) {

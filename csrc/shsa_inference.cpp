@@ -159,18 +159,18 @@ Tensor qkv_gemm(const Tensor& xhT, const Tensor& weight, const Tensor& bias, int
   if (!wp.has_value() && acc == at::kFloat && shvit_gemm::available()) {
     // pack here (cq x pdim floats: far less than the GEMM reads)
     wp = at::empty({(cq + shvit_gemm::kPanel - 1) / shvit_gemm::kPanel, pdim, shvit_gemm::kPanel}, xhT.options());
-    const Tensor w32 = weight.to(at::kFloat).contiguous();
+    const Tensor w32 = contiguous_as(weight, at::kFloat);
     shvit_gemm::pack_weight(w32.const_data_ptr<float>(), cq, pdim, pdim, wp->data_ptr<float>());
   }
   if (packed_usable(wp, xhT, cq, pdim)) {
     Tensor qkvT = at::empty({B * N, cq}, xhT.options());
-    const Tensor b = bias.to(at::kFloat).contiguous();
+    const Tensor b = contiguous_as(bias, at::kFloat);
     packed_gemm_rows(xhT.const_data_ptr<float>(), B * N, pdim, *wp, b.const_data_ptr<float>(), nullptr,
                      qkvT.data_ptr<float>(), cq);
     return qkvT.view({B, N, cq});
   }
   Tensor qkvT = at::mm(xhT, weight.to(acc).t());
-  Tensor b = bias.to(acc).contiguous();
+  Tensor b = contiguous_as(bias, acc);
   AT_DISPATCH_FLOATING_TYPES(acc, "shsa_infer_bias", [&] {
     add_row_bias(qkvT.data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), qkvT.size(0), qkvT.size(1));
   });
@@ -213,7 +213,7 @@ Tensor shsa_infer(const Tensor& x, const Tensor& weight, const Tensor& bias, int
   if (x.scalar_type() == at::kFloat && shvit_gemm::available()) {
     // channel-major, image by image: no transposes, the output written in place
     check_qkv_weights(weight, bias, C, pdim, qk_dim);
-    const Tensor w = weight.to(at::kFloat).contiguous(), bq = bias.to(at::kFloat).contiguous();
+    const Tensor w = contiguous_as(weight, at::kFloat), bq = contiguous_as(bias, at::kFloat);
     for_each_image_cm(x, out, [&](const float* xb, int64_t sc, float* ob, CmImage& ws) {
       cm_project_attend(xb, sc, N, pdim, qk_dim, eps, w.const_data_ptr<float>(), bq.const_data_ptr<float>(), ob, N,
                         false, 0, ws);
@@ -292,8 +292,8 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
     // ReLU'd output and the ReLU of x2 into token panels (the packed operand of the
     // projection), W_proj @ panels + bias is one packed GEMM, then the residual is added.
     check_qkv_weights(w_qkv, b_qkv, C, pdim, qk_dim);
-    const Tensor wq = w_qkv.to(at::kFloat).contiguous(), bq = b_qkv.to(at::kFloat).contiguous();
-    const Tensor wp = w_proj.to(at::kFloat).contiguous(), bp = b_proj.to(at::kFloat).contiguous();
+    const Tensor wq = contiguous_as(w_qkv, at::kFloat), bq = contiguous_as(b_qkv, at::kFloat);
+    const Tensor wp = contiguous_as(w_proj, at::kFloat), bp = contiguous_as(b_proj, at::kFloat);
     for_each_image_cm(x, out, [&](const float* xb, int64_t sc, float* ob, CmImage& ws) {
       ws.zp.resize(static_cast<size_t>(shvit_gemm::packed_size(N, C)));
       cm_project_attend(xb, sc, N, pdim, qk_dim, eps, wq.const_data_ptr<float>(), bq.const_data_ptr<float>(),
@@ -370,7 +370,7 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
       }
     });
   });
-  Tensor bp = b_proj.to(acc).contiguous();
+  Tensor bp = contiguous_as(b_proj, acc);
   if (token_major && x.scalar_type() == at::kFloat && packed_usable(w_proj_packed, zT, C, C)) {
     // projection, bias and residual add in one packed GEMM, written straight into out
     packed_gemm_rows(zT.const_data_ptr<float>(), B * N, C, *w_proj_packed, bp.const_data_ptr<float>(),

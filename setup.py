@@ -4,8 +4,12 @@ Compiles the CPU kernels in csrc/ into shvit_kernels._C with torch's cpp_extensi
 Set SHVIT_KERNELS_NO_CPP=1 to skip the build; the package then runs without them (the
 `cpp` backend falls back to the eager composition with a warning).
 
-The extension is compiled for the building machine's CPU (-march=native: AVX2/FMA/AVX-512
-where present), as a from-source install runs where it was built. Set
+The extension is compiled for the building machine's instruction set (-march=native:
+AVX2/FMA/AVX-512 where present), as a from-source install runs where it was built, with
+generic tuning (-mtune=generic): GCC 12.2's tuning for Intel cores from Skylake on
+(-mtune=skylake ... sapphirerapids, which -march=native implies on those CPUs) miscompiled a
+dtype select in csrc/shsa_attention.cpp (an `add` placed between a `cmp` and the `cmovne`
+reading its flags, so float64 inputs were computed in float32). Set
 SHVIT_KERNELS_PORTABLE=1 to build for the baseline x86-64/aarch64 instruction set instead
 (a build that is copied to other machines).
 """
@@ -28,11 +32,11 @@ def _arch_flags() -> list[str]:
         open(src, "w").write("int main() { return 0; }\n")
         cxx = os.environ.get("CXX", "c++")
         try:
-            ok = subprocess.run([cxx, "-march=native", src, "-o", os.path.join(d, "t")],
+            ok = subprocess.run([cxx, "-march=native", "-mtune=generic", src, "-o", os.path.join(d, "t")],
                                 capture_output=True).returncode == 0
         except OSError:
             ok = False
-    return ["-march=native"] if ok else []
+    return ["-march=native", "-mtune=generic"] if ok else []
 
 
 ext_modules, cmdclass = [], {}

@@ -78,6 +78,13 @@ def machine_info() -> dict:
         python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
+    try:  # the vector width ATen's own CPU kernels dispatch to (eager's side of the tables)
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        pass
+    import shvit_kernels.pointwise
+
+    info["gemm_isa"] = shvit_kernels.pointwise.gemm_isa()  # the C++ ops' packed GEMM kernels
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -89,6 +96,11 @@ def machine_line(info: dict) -> str:
         f"{dev}CPU {info['cpu']} ({info['cores']} cores), {info['threads']} thread(s), "
         f"torch {info['torch']}, triton {info['triton'] or 'not installed'}, {info['date']}"
         + (f", allocator: {info['allocator']}" if info.get("allocator") else "")
+        + (
+            f", CPU kernels: ATen {info['torch_cpu_capability']}, packed GEMM {info['gemm_isa']}"
+            if info.get("torch_cpu_capability") and info.get("gemm_isa")
+            else ""
+        )
     )
 
 

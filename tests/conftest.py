@@ -136,3 +136,39 @@ def nan_outputs(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def gemm_isas() -> list[str]:
+    """The packed GEMM's kernel families this CPU runs: "avx2", and "avx512" where the CPU has
+    AVX-512F (empty without the C++ extension or without AVX2+FMA)."""
+    from shvit_kernels import _cpp
+
+    if not _cpp.available() or not torch.ops.shvit_cpp.gemm_available():
+        return []
+    ops = torch.ops.shvit_cpp
+    before = ops.gemm_isa("")
+    isas = ["avx2"]
+    try:
+        ops.gemm_isa("avx512")
+        isas.append("avx512")
+    except RuntimeError:  # "this CPU does not run the avx512 kernels"
+        pass
+    finally:
+        ops.gemm_isa(before)
+    return isas
+
+
+@pytest.fixture(params=gemm_isas() or ["no-gemm"])
+def each_gemm_isa(request):
+    """Runs a test once per kernel family of the packed GEMM this CPU has (once, unchanged,
+    where the GEMM does not run), restoring the family in use afterwards."""
+    if request.param == "no-gemm":
+        yield None
+        return
+    ops = torch.ops.shvit_cpp
+    before = ops.gemm_isa("")
+    ops.gemm_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        ops.gemm_isa(before)

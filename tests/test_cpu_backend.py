@@ -11,6 +11,9 @@ import shvit_kernels
 from conftest import assert_rel_close, load_golden, use_backend
 from shvit_kernels import backend
 
+# every test once per packed-GEMM kernel family this CPU runs (conftest.each_gemm_isa)
+pytestmark = pytest.mark.usefixtures("each_gemm_isa")
+
 
 def _gn(x, w, b):
     return shvit_kernels.group_norm_partial(x[:, :5], w, b)

@@ -11,11 +11,15 @@ import torch.nn.functional as F
 
 import shvit
 import shvit_kernels
-from conftest import assert_rel_close, load_golden, randomize_bn, use_backend
+from conftest import assert_rel_close, gemm_isas, load_golden, randomize_bn, use_backend
 from shvit.layers import ConvAct, FFNInference, PatchMergingInference
 from shvit_kernels import backend, pointwise
 
-pytestmark = pytest.mark.skipif(not backend.cpp_available(), reason="needs the C++ extension (its absence is tested in test_cpu_backend.py)")
+# every test once per packed-GEMM kernel family this CPU runs (conftest.each_gemm_isa)
+pytestmark = [
+    pytest.mark.skipif(not backend.cpp_available(), reason="needs the C++ extension (its absence is tested in test_cpu_backend.py)"),
+    pytest.mark.usefixtures("each_gemm_isa"),
+]
 
 needs_gemm = pytest.mark.skipif(
     not (backend.cpp_available() and torch.ops.shvit_cpp.gemm_available()),
@@ -160,6 +164,58 @@ def test_stem_conv3x3_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="stride"):
         ops.stem_conv3x3(torch.randn(1, 3, 5, 5), w, b, 3, False)
     assert ops.stem_conv3x3(torch.randn(0, 3, 5, 5), w, b, 2, True).shape == (0, 8, 3, 3)
+
+
+# n (output channels) around the AVX-512 kernel's 32-column panel pairs and the lone last
+# panel; k (input channels) below, between and past the k-blocks of both kernel families
+# (192 and 384); m (tokens) off the 6-row tiles
+GEMM_N = [1, 8, 9, 16, 17, 31, 32, 33, 48, 50]
+GEMM_K = [1, 5, 72, 200, 400]
+
+
+@needs_gemm
+@pytest.mark.parametrize("cout", GEMM_N)
+@pytest.mark.parametrize("cin", GEMM_K)
+def test_gemm_kernel_families_agree(cout, cin):
+    """Every kernel family this CPU runs against float64, and the families with each other:
+    all accumulate each output in the same k order, so their results are identical."""
+    ops = torch.ops.shvit_cpp
+    g = torch.Generator().manual_seed(cout * 1000 + cin)
+    x = _cl(torch.randn(2, cin, 1, 13, generator=g))
+    w, b = torch.randn(cout, cin, 1, 1, generator=g), torch.randn(cout, generator=g)
+    r = _cl(torch.randn(2, cout, 1, 13, generator=g))
+    ref = _conv_ref(x, w, b, True, r)
+    before = ops.gemm_isa("")
+    outs = {}
+    try:
+        for isa in gemm_isas():
+            ops.gemm_isa(isa)
+            outs[isa] = ops.pw_conv(x, ops.pack_weight(w), b, True, r)
+            assert_rel_close(outs[isa], ref, TOL, f"pw_conv {isa} n={cout} k={cin}")
+    finally:
+        ops.gemm_isa(before)
+    first = outs.pop("avx2")
+    for isa, out in outs.items():
+        assert torch.equal(out, first), f"{isa} differs from avx2: {(out - first).abs().max().item():.3e}"
+
+
+@needs_gemm
+def test_gemm_isa_switch():
+    ops = torch.ops.shvit_cpp
+    before = ops.gemm_isa("")
+    assert before in gemm_isas()
+    try:
+        assert ops.gemm_isa("avx2") == "avx2"
+        assert ops.gemm_isa("") == "avx2"
+        assert ops.gemm_isa("auto") == gemm_isas()[-1]  # the widest
+        with pytest.raises(RuntimeError, match="expected"):
+            ops.gemm_isa("sse")
+        if "avx512" not in gemm_isas():
+            with pytest.raises(RuntimeError, match="does not run"):
+                ops.gemm_isa("avx512")
+    finally:
+        ops.gemm_isa(before)
+    assert pointwise.gemm_isa() == before
 
 
 @needs_gemm

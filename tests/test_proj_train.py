@@ -14,7 +14,11 @@ from conftest import assert_rel_close
 from shvit_kernels import backend
 from shvit_kernels.shsa_train import bn_train
 
-pytestmark = pytest.mark.skipif(not backend.cpp_available(), reason="needs the C++ extension")
+# every test once per packed-GEMM kernel family this CPU runs (conftest.each_gemm_isa)
+pytestmark = [
+    pytest.mark.skipif(not backend.cpp_available(), reason="needs the C++ extension"),
+    pytest.mark.usefixtures("each_gemm_isa"),
+]
 needs_gemm = pytest.mark.skipif(
     not (backend.cpp_available() and torch.ops.shvit_cpp.gemm_available()),
     reason="the packed GEMM needs an x86-64 CPU with AVX2+FMA (elsewhere SHSA's projection runs "

@@ -12,6 +12,10 @@ import shvit
 import shvit.layers
 from conftest import assert_rel_close, use_backend
 
+# every test once per packed-GEMM kernel family this CPU runs (conftest.each_gemm_isa)
+pytestmark = pytest.mark.usefixtures("each_gemm_isa")
+
+
 def _module(dim, pdim, qk_dim, dtype, seed=0):
     torch.manual_seed(seed)
     m = shvit.SHSA(dim, qk_dim, pdim)

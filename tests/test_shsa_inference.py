@@ -10,6 +10,9 @@ import shvit
 import shvit_kernels
 from conftest import BACKEND_DEVICES, DTYPE_IDS, KERNEL_TOL, assert_rel_close, randomize_bn, use_backend
 
+# every test once per packed-GEMM kernel family this CPU runs (conftest.each_gemm_isa)
+pytestmark = pytest.mark.usefixtures("each_gemm_isa")
+
 # (B, dim, pdim, qk_dim, H, W); N <= 64 runs the one-pass kernel, larger N the tiled path
 CASES = [
     (2, 20, 9, 16, 5, 7),

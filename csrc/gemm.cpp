@@ -703,6 +703,52 @@ SHVIT_AVX2 void softmax_panel_columns_avx2(float* p, int64_t m, float* lse) {
     for (int64_t j = 0; j < kPanel; ++j) lse[j] = mx[j] + std::log(sm[j]);
   }
 }
+
+// exp_ps in zmm registers (the same Cephes expf steps, so the same results lane for lane).
+SHVIT_AVX512 inline __m512 exp_ps512(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.3762626647949f), lo = _mm512_set1_ps(-87.3365478515625f);
+  x = _mm512_min_ps(hi, _mm512_max_ps(lo, x));  // operand order keeps NaN
+  __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+// softmax_panel_columns_avx2 with one zmm register per panel row.
+SHVIT_AVX512 void softmax_panel_columns_avx512(float* p, int64_t m, float* lse) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  __mmask16 unord = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const __m512 a = _mm512_loadu_ps(p + i * kPanel);
+    mx = _mm512_max_ps(mx, a);
+    unord |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+  }
+  // a column holding NaN gets a NaN shift: its output is NaN, as in torch.softmax
+  mx = _mm512_mask_mov_ps(mx, unord, _mm512_set1_ps(NAN));
+  __m512 sm = _mm512_setzero_ps();
+  for (int64_t i = 0; i < m; ++i) {
+    const __m512 a = exp_ps512(_mm512_sub_ps(_mm512_loadu_ps(p + i * kPanel), mx));
+    _mm512_storeu_ps(p + i * kPanel, a);
+    sm = _mm512_add_ps(sm, a);
+  }
+  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), sm);
+  for (int64_t i = 0; i < m; ++i) _mm512_storeu_ps(p + i * kPanel, _mm512_mul_ps(_mm512_loadu_ps(p + i * kPanel), inv));
+  if (lse != nullptr) {
+    alignas(64) float mxs[kPanel], sms[kPanel];
+    _mm512_store_ps(mxs, mx);
+    _mm512_store_ps(sms, sm);
+    for (int64_t j = 0; j < kPanel; ++j) lse[j] = mxs[j] + std::log(sms[j]);
+  }
+}
 }  // namespace
 #endif
 
@@ -710,7 +756,11 @@ void softmax_panel_columns(float* p, int64_t m, float* lse) {
   if (m <= 0) return;
 #ifdef SHVIT_GEMM_X86
   if (available()) {
-    softmax_panel_columns_avx2(p, m, lse);
+    if (current_isa() == Isa::kAvx512) {
+      softmax_panel_columns_avx512(p, m, lse);
+    } else {
+      softmax_panel_columns_avx2(p, m, lse);
+    }
     return;
   }
 #endif

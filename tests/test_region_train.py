@@ -10,7 +10,7 @@ import torch
 
 import shvit
 import shvit.layers
-from conftest import assert_rel_close, use_backend
+from conftest import assert_rel_close, gemm_isas, use_backend
 
 # every test once per packed-GEMM kernel family this CPU runs (conftest.each_gemm_isa)
 pytestmark = pytest.mark.usefixtures("each_gemm_isa")
@@ -264,3 +264,39 @@ def test_region_train_op_counts_the_batch_when_given_its_counter():
     with pytest.raises(RuntimeError, match="num_batches_tracked"):
         torch.ops.shvit_cpp.shsa_region_train(*args, torch.zeros(1, dtype=torch.int32))
     assert int(n) == 2
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
+def test_float32_kernel_families_give_identical_results(shape, monkeypatch):
+    """The packed GEMM's kernel families (AVX2, and AVX-512 where the CPU has it) accumulate in
+    the same order: the SHSA training step (output, every gradient, the running statistics)
+    and the inference ops are bit-identical under each."""
+    if len(gemm_isas()) < 2:
+        pytest.skip("this CPU runs one kernel family of the packed GEMM")
+    use_backend(monkeypatch, "cpp", "cpu")
+    B, dim, pdim, qk_dim, H, W = shape
+    base = _module(dim, pdim, qk_dim, torch.float32)
+    base.fused = True
+    x = _input(B, dim, H, W, torch.float32, "contiguous")
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    ops = torch.ops.shvit_cpp
+    before = ops.gemm_isa("")
+    results = {}
+    try:
+        for isa in gemm_isas():
+            ops.gemm_isa(isa)
+            m = copy.deepcopy(base)
+            xi = x.clone().requires_grad_()
+            out = m(xi)
+            out.backward(g)
+            step = [out.detach(), xi.grad] + [p.grad for p in m.parameters()] + list(m.buffers())
+            folded = copy.deepcopy(base).eval().fuse(residual=True)
+            with torch.no_grad():
+                infer = [folded(x), folded(x.contiguous(memory_format=torch.channels_last))]
+            results[isa] = step + infer
+    finally:
+        ops.gemm_isa(before)
+    first = results.pop("avx2")
+    for isa, res in results.items():
+        for i, (a, b) in enumerate(zip(res, first)):
+            assert torch.equal(a, b), f"{shape}: result {i} differs between {isa} and avx2"

@@ -8,7 +8,7 @@
 // twelve FMAs per k step; a panel with at most 8 valid columns (the last one of a width that
 // is not a multiple of 16, such as 196 or 49 tokens) runs a 6 x 8 kernel, half the FMAs.
 // On CPUs with AVX-512F the same loops run 6 x 32 tiles (two panels, twelve zmm registers;
-// gemm_avx512 below), about 1.5x the AVX2 kernel's rate; SHVIT_KERNELS_GEMM_ISA=avx2 or
+// a lone last panel 12 x 16; gemm_avx512 below), about 1.5x the AVX2 kernel's rate; SHVIT_KERNELS_GEMM_ISA=avx2 or
 // gemm_isa("avx2") keeps AVX2. Both accumulate every output in the same k order, so their
 // results are identical.
 #include "gemm.h"
@@ -291,60 +291,60 @@ SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t segs, int64_t seg_k, con
 
 constexpr int64_t kKcMax512 = 192;
 
-// acc (6 rows x P panels of 16, the tile's running sum) += A[rows, k-block] @ panels[k-block],
-// the second panel at b + bps; segments as in micro6.
-template <int P>
-SHVIT_AVX512 inline void micro6_z(int64_t kc, int64_t nseg, int64_t lds, const float* const* a, const float* b,
-                                  int64_t bps, float* acc) {
-  __m512 c0[6], c1[6];
-#pragma GCC unroll 6
-  for (int r = 0; r < 6; ++r) {
+// acc (R rows x P panels of 16, the tile's running sum) += A[rows, k-block] @ panels[k-block],
+// the second panel at b + bps; segments as in micro6. R * P accumulators in zmm registers.
+template <int R, int P>
+SHVIT_AVX512 inline void micro_z(int64_t kc, int64_t nseg, int64_t lds, const float* const* a, const float* b,
+                                 int64_t bps, float* acc) {
+  __m512 c0[R], c1[R];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
     c0[r] = _mm512_load_ps(acc + (r * P) * kPanel);
     c1[r] = P == 2 ? _mm512_load_ps(acc + (r * P + 1) * kPanel) : _mm512_setzero_ps();
   }
   for (int64_t sg = 0; sg < nseg; ++sg, b += kc * kPanel) {
-    const float* ar[6];
-#pragma GCC unroll 6
-    for (int r = 0; r < 6; ++r) ar[r] = a[r] + sg * lds;
+    const float* ar[R];
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) ar[r] = a[r] + sg * lds;
     const float* b1p = b + bps;
 #pragma GCC unroll 4
     for (int64_t kk = 0; kk < kc; ++kk) {
       const __m512 b0 = _mm512_loadu_ps(b + kk * kPanel);
       if (P == 2) {
         const __m512 b1 = _mm512_loadu_ps(b1p + kk * kPanel);
-#pragma GCC unroll 6
-        for (int r = 0; r < 6; ++r) {
+#pragma GCC unroll 12
+        for (int r = 0; r < R; ++r) {
           const __m512 av = _mm512_set1_ps(ar[r][kk]);
           c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
           c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
         }
       } else {
-#pragma GCC unroll 6
-        for (int r = 0; r < 6; ++r) c0[r] = _mm512_fmadd_ps(_mm512_set1_ps(ar[r][kk]), b0, c0[r]);
+#pragma GCC unroll 12
+        for (int r = 0; r < R; ++r) c0[r] = _mm512_fmadd_ps(_mm512_set1_ps(ar[r][kk]), b0, c0[r]);
       }
     }
   }
-#pragma GCC unroll 6
-  for (int r = 0; r < 6; ++r) {
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
     _mm512_store_ps(acc + (r * P) * kPanel, c0[r]);
     if (P == 2) _mm512_store_ps(acc + (r * P + 1) * kPanel, c1[r]);
   }
 }
 
-// A tile of C: rows (<= 6) x nv (<= 16 P) entries at c over one k-block, as tile() does.
-template <int P>
+// A tile of C: rows (<= R) x nv (<= 16 P) entries at c over one k-block, as tile() does.
+template <int R, int P>
 SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t lds, const float* a,
                          int64_t lda, const float* b, int64_t bps, float* c, int64_t ldc, bool first, bool last,
                          const float* bias, const float* rbias, const float* res, int64_t ldr, bool relu) {
-  alignas(64) float acc[6 * P * kPanel];
-  const float* ar[6];
-  for (int64_t r = 0; r < 6; ++r) ar[r] = a + std::min(r, rows - 1) * lda;
+  alignas(64) float acc[R * P * kPanel];
+  const float* ar[R];
+  for (int64_t r = 0; r < R; ++r) ar[r] = a + std::min<int64_t>(r, rows - 1) * lda;
   __mmask16 mk[P];
   for (int p = 0; p < P; ++p) {
     const int64_t v = std::min<int64_t>(kPanel, nv - p * kPanel);
     mk[p] = v <= 0 ? 0 : static_cast<__mmask16>((1u << v) - 1u);
   }
-  for (int64_t r = 0; r < 6; ++r) {
+  for (int64_t r = 0; r < R; ++r) {
     for (int p = 0; p < P; ++p) {
       __m512 v = _mm512_setzero_ps();
       if (r < rows) {
@@ -359,7 +359,7 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
       _mm512_store_ps(acc + (r * P + p) * kPanel, v);
     }
   }
-  micro6_z<P>(kc, nseg, lds, ar, b, bps, acc);
+  micro_z<R, P>(kc, nseg, lds, ar, b, bps, acc);
   const __m512 z = _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
     for (int p = 0; p < P; ++p) {
@@ -395,17 +395,25 @@ SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t segs, int64_t seg_k,
           const int64_t nv = std::min(2 * kPanel, n - col);
           const float* b = wp + (jp * k + k0) * kPanel;
           const float* bias = epi.bias ? epi.bias + col : nullptr;
-          for (int64_t ir = 0; ir < mc; ir += 6) {
-            const int64_t row = ic + ir, rows = std::min<int64_t>(6, mc - ir);
+          // panel pairs: 6 x 32 tiles; a lone last panel: 12 x 16 tiles (twelve accumulators
+          // either way), 6 x 16 for its last rows when at most six are left
+          const bool pair = jp + 1 < np;
+          for (int64_t ir = 0; ir < mc;) {
+            const int64_t row = ic + ir, left = mc - ir;
+            const int64_t step = pair || left <= 6 ? 6 : 12, rows = std::min(step, left);
             const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
             const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
-            if (jp + 1 < np) {
-              tile_z<2>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, k * kPanel, c + row * ldc + col, ldc, first,
-                        last, bias, rbias, res, epi.ldr, epi.relu);
+            if (pair) {
+              tile_z<6, 2>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, k * kPanel, c + row * ldc + col, ldc,
+                           first, last, bias, rbias, res, epi.ldr, epi.relu);
+            } else if (step == 12) {
+              tile_z<12, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, c + row * ldc + col, ldc, first, last,
+                            bias, rbias, res, epi.ldr, epi.relu);
             } else {
-              tile_z<1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, c + row * ldc + col, ldc, first, last,
-                        bias, rbias, res, epi.ldr, epi.relu);
+              tile_z<6, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, c + row * ldc + col, ldc, first, last,
+                           bias, rbias, res, epi.ldr, epi.relu);
             }
+            ir += step;
           }
         }
       }

@@ -176,14 +176,16 @@ GEMM_K = [1, 5, 72, 200, 400]
 @needs_gemm
 @pytest.mark.parametrize("cout", GEMM_N)
 @pytest.mark.parametrize("cin", GEMM_K)
-def test_gemm_kernel_families_agree(cout, cin):
+@pytest.mark.parametrize("tokens", [(2, 13), (1, 19)], ids=["m26", "m19"])  # rows: 12 + 12 + 2, 12 + 7
+def test_gemm_kernel_families_agree(cout, cin, tokens):
     """Every kernel family this CPU runs against float64, and the families with each other:
     all accumulate each output in the same k order, so their results are identical."""
     ops = torch.ops.shvit_cpp
     g = torch.Generator().manual_seed(cout * 1000 + cin)
-    x = _cl(torch.randn(2, cin, 1, 13, generator=g))
+    B, W = tokens
+    x = _cl(torch.randn(B, cin, 1, W, generator=g))
     w, b = torch.randn(cout, cin, 1, 1, generator=g), torch.randn(cout, generator=g)
-    r = _cl(torch.randn(2, cout, 1, 13, generator=g))
+    r = _cl(torch.randn(B, cout, 1, W, generator=g))
     ref = _conv_ref(x, w, b, True, r)
     before = ops.gemm_isa("")
     outs = {}

@@ -7,10 +7,10 @@
 // residual. The micro-kernel keeps a 6 x 16 tile of C in twelve AVX registers and does
 // twelve FMAs per k step; a panel with at most 8 valid columns (the last one of a width that
 // is not a multiple of 16, such as 196 or 49 tokens) runs a 6 x 8 kernel, half the FMAs.
-// On CPUs with AVX-512F the same loops run 6 x 32 tiles (two panels, twelve zmm registers;
-// a lone last panel 12 x 16; gemm_avx512 below), about 1.5x the AVX2 kernel's rate; SHVIT_KERNELS_GEMM_ISA=avx2 or
-// gemm_isa("avx2") keeps AVX2. Both accumulate every output in the same k order, so their
-// results are identical.
+// On CPUs with AVX-512F the same loops run 6 x 64 tiles (four panels, 24 zmm accumulators;
+// 6 x 32 and 12 x 16 for the last panels; gemm_avx512 below), about 1.5x the AVX2 kernel's rate;
+// SHVIT_KERNELS_GEMM_ISA=avx2 or gemm_isa("avx2") keeps AVX2. Both accumulate every output in
+// the same k order, so their results are identical.
 #include "gemm.h"
 
 #include <algorithm>
@@ -284,51 +284,41 @@ SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t segs, int64_t seg_k, con
 }
 
 // AVX-512 variant (x86-64 CPUs with AVX-512F): a zmm register holds a whole 16-column panel row,
-// so the micro-kernel covers 6 rows x 2 panels (32 columns) with twelve accumulators (the
-// lone last panel of an odd count: 6 x 16). Edges use masked loads and stores. The k-block is
-// at most kKcMax512 so that the two panels' block (<= 24 KiB) stays in L1.
+// so the micro-kernel covers 6 rows x 4 panels (64 columns, 24 accumulators) while four panels
+// are left, then 6 rows x 2 panels (12 accumulators), and a lone last panel 12 rows x 16 (12
+// accumulators; 6 x 16 for its last rows). Edges use masked loads and stores. The k-block is at
+// most kKcMax512 so that four panels' block (<= 32 KiB) stays in L1.
 #define SHVIT_AVX512 __attribute__((target("avx512f,avx2,fma")))
 
-constexpr int64_t kKcMax512 = 192;
+constexpr int64_t kKcMax512 = 128;
 
 // acc (R rows x P panels of 16, the tile's running sum) += A[rows, k-block] @ panels[k-block],
-// the second panel at b + bps; segments as in micro6. R * P accumulators in zmm registers.
+// panel p at b + p * bps; segments as in micro6. R * P accumulators in zmm registers.
 template <int R, int P>
 SHVIT_AVX512 inline void micro_z(int64_t kc, int64_t nseg, int64_t lds, const float* const* a, const float* b,
                                  int64_t bps, float* acc) {
-  __m512 c0[R], c1[R];
-#pragma GCC unroll 12
-  for (int r = 0; r < R; ++r) {
-    c0[r] = _mm512_load_ps(acc + (r * P) * kPanel);
-    c1[r] = P == 2 ? _mm512_load_ps(acc + (r * P + 1) * kPanel) : _mm512_setzero_ps();
-  }
+  __m512 c[R * P];
+#pragma GCC unroll 24
+  for (int i = 0; i < R * P; ++i) c[i] = _mm512_load_ps(acc + i * kPanel);
   for (int64_t sg = 0; sg < nseg; ++sg, b += kc * kPanel) {
     const float* ar[R];
 #pragma GCC unroll 12
     for (int r = 0; r < R; ++r) ar[r] = a[r] + sg * lds;
-    const float* b1p = b + bps;
-#pragma GCC unroll 4
+#pragma GCC unroll 2
     for (int64_t kk = 0; kk < kc; ++kk) {
-      const __m512 b0 = _mm512_loadu_ps(b + kk * kPanel);
-      if (P == 2) {
-        const __m512 b1 = _mm512_loadu_ps(b1p + kk * kPanel);
+      __m512 bv[P];
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p) bv[p] = _mm512_loadu_ps(b + p * bps + kk * kPanel);
 #pragma GCC unroll 12
-        for (int r = 0; r < R; ++r) {
-          const __m512 av = _mm512_set1_ps(ar[r][kk]);
-          c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
-          c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
-        }
-      } else {
-#pragma GCC unroll 12
-        for (int r = 0; r < R; ++r) c0[r] = _mm512_fmadd_ps(_mm512_set1_ps(ar[r][kk]), b0, c0[r]);
+      for (int r = 0; r < R; ++r) {
+        const __m512 av = _mm512_set1_ps(ar[r][kk]);
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) c[r * P + p] = _mm512_fmadd_ps(av, bv[p], c[r * P + p]);
       }
     }
   }
-#pragma GCC unroll 12
-  for (int r = 0; r < R; ++r) {
-    _mm512_store_ps(acc + (r * P) * kPanel, c0[r]);
-    if (P == 2) _mm512_store_ps(acc + (r * P + 1) * kPanel, c1[r]);
-  }
+#pragma GCC unroll 24
+  for (int i = 0; i < R * P; ++i) _mm512_store_ps(acc + i * kPanel, c[i]);
 }
 
 // A tile of C: rows (<= R) x nv (<= 16 P) entries at c over one k-block, as tile() does.
@@ -370,7 +360,7 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
   }
 }
 
-// gemm_avx2's loops with the AVX-512 tiles: panels in pairs.
+// gemm_avx2's loops with the AVX-512 tiles: panels in fours, then pairs.
 SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t segs, int64_t seg_k, const float* a, int64_t lda,
                               int64_t lds, const float* wp, float* c, int64_t ldc, const Epilogue& epi) {
   const int64_t np = (n + kPanel - 1) / kPanel;
@@ -390,20 +380,24 @@ SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t segs, int64_t seg_k,
         const int64_t kc = std::min(kcs, seg_k - o), k0 = s * seg_k + o;
         const bool first = k0 == 0, last = k0 + (nseg - 1) * seg_k + kc >= k;
         const float* as = a + s * lds + o;
-        for (int64_t jp = 0; jp < np; jp += 2) {
+        for (int64_t jp = 0; jp < np; jp += (jp + 3 < np ? 4 : 2)) {
           const int64_t col = jp * kPanel;
           const int64_t nv = std::min(2 * kPanel, n - col);
           const float* b = wp + (jp * k + k0) * kPanel;
           const float* bias = epi.bias ? epi.bias + col : nullptr;
-          // panel pairs: 6 x 32 tiles; a lone last panel: 12 x 16 tiles (twelve accumulators
-          // either way), 6 x 16 for its last rows when at most six are left
-          const bool pair = jp + 1 < np;
+          // four panels: 6 x 64 tiles; a pair: 6 x 32; a lone last panel: 12 x 16 tiles (6 x 16
+          // for its last rows when at most six are left)
+          const bool pair = jp + 1 < np, quad = jp + 3 < np;
+          const int64_t nvq = std::min(4 * kPanel, n - col);
           for (int64_t ir = 0; ir < mc;) {
             const int64_t row = ic + ir, left = mc - ir;
             const int64_t step = pair || left <= 6 ? 6 : 12, rows = std::min(step, left);
             const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
             const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
-            if (pair) {
+            if (quad) {
+              tile_z<6, 4>(rows, nvq, kc, nseg, lds, as + row * lda, lda, b, k * kPanel, c + row * ldc + col, ldc,
+                           first, last, bias, rbias, res, epi.ldr, epi.relu);
+            } else if (pair) {
               tile_z<6, 2>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, k * kPanel, c + row * ldc + col, ldc,
                            first, last, bias, rbias, res, epi.ldr, epi.relu);
             } else if (step == 12) {

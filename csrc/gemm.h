@@ -6,7 +6,7 @@
 // W (N, K) -- a 1x1 conv weight -- is packed once into panels of 16 output channels,
 // K x 16 contiguous floats each (zero past N), so the inner kernel streams one panel from L1
 // while six rows of A are broadcast. Single-threaded; callers split the rows across threads.
-// Runs on x86-64 CPUs with AVX2 and FMA (checked at run time), with 6 x 32 AVX-512 tiles where
+// Runs on x86-64 CPUs with AVX2 and FMA (checked at run time), with 6 x 64 AVX-512 tiles where
 // the CPU has AVX-512F (see isa()); elsewhere available() is false and the callers use ATen's
 // GEMMs.
 #pragma once
@@ -28,7 +28,7 @@ struct Epilogue {
 // Whether this CPU runs the kernel (AVX2 + FMA).
 bool available();
 
-// The micro-kernel family: AVX2 (6 x 16 tiles in ymm registers) or AVX-512 (6 x 32 tiles in
+// The micro-kernel family: AVX2 (6 x 16 tiles in ymm registers) or AVX-512 (6 x 64 tiles in
 // zmm registers), chosen at the first GEMM: the widest this CPU runs, unless the environment
 // variable SHVIT_KERNELS_GEMM_ISA=avx2 asks for AVX2. kNone where available() is false.
 enum class Isa : int { kNone = 0, kAvx2 = 1, kAvx512 = 2 };

@@ -42,7 +42,7 @@ def gemm_available() -> bool:
 
 
 def gemm_isa(request: str | None = None) -> str:
-    """The packed GEMM's kernel family: "avx512" (6 x 32 tiles in zmm registers) on CPUs with
+    """The packed GEMM's kernel family: "avx512" (6 x 64 tiles in zmm registers) on CPUs with
     AVX-512F, else "avx2" (6 x 16 tiles in ymm registers); "none" where the GEMM does not run
     (or the extension is not built). ``request`` ("avx2", "avx512" or "auto": the widest this
     CPU runs) switches the family for later calls (not while ops run on other threads); the

@@ -166,10 +166,10 @@ def test_stem_conv3x3_rejects_bad_arguments():
     assert ops.stem_conv3x3(torch.randn(0, 3, 5, 5), w, b, 2, True).shape == (0, 8, 3, 3)
 
 
-# n (output channels) around the AVX-512 kernel's 32-column panel pairs and the lone last
-# panel; k (input channels) below, between and past the k-blocks of both kernel families
-# (192 and 384); m (tokens) off the 6-row tiles
-GEMM_N = [1, 8, 9, 16, 17, 31, 32, 33, 48, 50]
+# n (output channels) around the AVX-512 kernel's 64-column panel quads, 32-column pairs and
+# the lone last panel; k (input channels) below, between and past the k-blocks of both kernel
+# families (128 and 384); m (tokens) off the 6- and 12-row tiles
+GEMM_N = [1, 8, 9, 16, 17, 31, 32, 33, 48, 50, 64, 65, 97, 113]
 GEMM_K = [1, 5, 72, 200, 400]
 
 

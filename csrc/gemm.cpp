@@ -242,20 +242,21 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t
   }
 }
 
-// C rows [0, m) = epi(A @ W^T) with k = segs * seg_k, A's segment s at a + s * lds. k-blocks of
-// at most kKcMax: whole segments when they fit (the tile's sums stay in registers across the
-// segments of a block), else balanced parts of one segment. Rows in blocks of kMc.
-SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t segs, int64_t seg_k, const float* a, int64_t lda,
-                          int64_t lds, const float* wp, float* c, int64_t ldc, const Epilogue& epi) {
-  const int64_t np = (n + kPanel - 1) / kPanel;
+// The blocks of a GEMM with k = segs * seg_k: f(ic, mc, nseg, kc, k0, first, last, as) for row
+// block [ic, ic + mc) (kMc rows) and the k-block of nseg segments of kc columns starting at
+// column k0 of A's row block (as: its first column), first / last whether it starts / ends
+// the sum. k-blocks of at most kc_max: whole segments when they fit (the tile's sums stay in
+// registers across the segments of a block), else balanced parts of one segment.
+template <typename F>
+inline void for_each_block(int64_t m, int64_t segs, int64_t seg_k, int64_t kc_max, const float* a, int64_t lds,
+                           const F& f) {
   const int64_t k = segs * seg_k;
-  // per block: nseg segments of kc columns (nseg > 1 only with kc == seg_k)
-  int64_t kcs = seg_k, group = 1;
-  if (seg_k > kKcMax) {
-    const int64_t nk = (seg_k + kKcMax - 1) / kKcMax;
+  int64_t kcs = seg_k, group = 1;  // per block: group segments of kcs columns (group > 1 only with kcs == seg_k)
+  if (seg_k > kc_max) {
+    const int64_t nk = (seg_k + kc_max - 1) / kc_max;
     kcs = ((seg_k + nk - 1) / nk + 7) / 8 * 8;
   } else {
-    group = std::max<int64_t>(1, kKcMax / seg_k);
+    group = std::max<int64_t>(1, kc_max / seg_k);
   }
   for (int64_t ic = 0; ic < m; ic += kMc) {
     const int64_t mc = std::min(kMc, m - ic);
@@ -263,24 +264,35 @@ SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t segs, int64_t seg_k, con
       const int64_t nseg = std::min(group, segs - s);
       for (int64_t o = 0; o < seg_k; o += kcs) {
         const int64_t kc = std::min(kcs, seg_k - o), k0 = s * seg_k + o;
-        const bool first = k0 == 0, last = k0 + (nseg - 1) * seg_k + kc >= k;
-        const float* as = a + s * lds + o;
-        for (int64_t jp = 0; jp < np; ++jp) {
-          const int64_t col = jp * kPanel;
-          const int64_t nv = std::min(kPanel, n - col);
-          const float* b = wp + (jp * k + k0) * kPanel;
-          const float* bias = epi.bias ? epi.bias + col : nullptr;
-          for (int64_t ir = 0; ir < mc; ir += 6) {
-            const int64_t row = ic + ir;
-            const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
-            const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
-            tile(std::min<int64_t>(6, mc - ir), nv, kc, nseg, lds, as + row * lda, lda, b, c + row * ldc + col, ldc,
-                 first, last, bias, rbias, res, epi.ldr, epi.relu);
-          }
-        }
+        f(ic, mc, nseg, kc, k0, k0 == 0, k0 + (nseg - 1) * seg_k + kc >= k, a + s * lds + o);
       }
     }
   }
+}
+
+// C rows [0, m) = epi(A @ W^T) with k = segs * seg_k, A's segment s at a + s * lds, in the
+// blocks of for_each_block (k-blocks of at most kKcMax).
+SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t segs, int64_t seg_k, const float* a, int64_t lda,
+                          int64_t lds, const float* wp, float* c, int64_t ldc, const Epilogue& epi) {
+  const int64_t np = (n + kPanel - 1) / kPanel;
+  const int64_t k = segs * seg_k;
+  const auto block = [&](int64_t ic, int64_t mc, int64_t nseg, int64_t kc, int64_t k0, bool first, bool last,
+                         const float* as) {
+    for (int64_t jp = 0; jp < np; ++jp) {
+      const int64_t col = jp * kPanel;
+      const int64_t nv = std::min(kPanel, n - col);
+      const float* b = wp + (jp * k + k0) * kPanel;
+      const float* bias = epi.bias ? epi.bias + col : nullptr;
+      for (int64_t ir = 0; ir < mc; ir += 6) {
+        const int64_t row = ic + ir;
+        const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
+        const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
+        tile(std::min<int64_t>(6, mc - ir), nv, kc, nseg, lds, as + row * lda, lda, b, c + row * ldc + col, ldc,
+             first, last, bias, rbias, res, epi.ldr, epi.relu);
+      }
+    }
+  };
+  for_each_block(m, segs, seg_k, kKcMax, a, lds, block);
 }
 
 // AVX-512 variant (x86-64 CPUs with AVX-512F): a zmm register holds a whole 16-column panel row,
@@ -365,54 +377,40 @@ SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t segs, int64_t seg_k,
                               int64_t lds, const float* wp, float* c, int64_t ldc, const Epilogue& epi) {
   const int64_t np = (n + kPanel - 1) / kPanel;
   const int64_t k = segs * seg_k;
-  int64_t kcs = seg_k, group = 1;
-  if (seg_k > kKcMax512) {
-    const int64_t nk = (seg_k + kKcMax512 - 1) / kKcMax512;
-    kcs = ((seg_k + nk - 1) / nk + 7) / 8 * 8;
-  } else {
-    group = std::max<int64_t>(1, kKcMax512 / seg_k);
-  }
-  for (int64_t ic = 0; ic < m; ic += kMc) {
-    const int64_t mc = std::min(kMc, m - ic);
-    for (int64_t s = 0; s < segs; s += group) {
-      const int64_t nseg = std::min(group, segs - s);
-      for (int64_t o = 0; o < seg_k; o += kcs) {
-        const int64_t kc = std::min(kcs, seg_k - o), k0 = s * seg_k + o;
-        const bool first = k0 == 0, last = k0 + (nseg - 1) * seg_k + kc >= k;
-        const float* as = a + s * lds + o;
-        for (int64_t jp = 0; jp < np; jp += (jp + 3 < np ? 4 : 2)) {
-          const int64_t col = jp * kPanel;
-          const int64_t nv = std::min(2 * kPanel, n - col);
-          const float* b = wp + (jp * k + k0) * kPanel;
-          const float* bias = epi.bias ? epi.bias + col : nullptr;
-          // four panels: 6 x 64 tiles; a pair: 6 x 32; a lone last panel: 12 x 16 tiles (6 x 16
-          // for its last rows when at most six are left)
-          const bool pair = jp + 1 < np, quad = jp + 3 < np;
-          const int64_t nvq = std::min(4 * kPanel, n - col);
-          for (int64_t ir = 0; ir < mc;) {
-            const int64_t row = ic + ir, left = mc - ir;
-            const int64_t step = pair || left <= 6 ? 6 : 12, rows = std::min(step, left);
-            const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
-            const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
-            if (quad) {
-              tile_z<6, 4>(rows, nvq, kc, nseg, lds, as + row * lda, lda, b, k * kPanel, c + row * ldc + col, ldc,
-                           first, last, bias, rbias, res, epi.ldr, epi.relu);
-            } else if (pair) {
-              tile_z<6, 2>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, k * kPanel, c + row * ldc + col, ldc,
-                           first, last, bias, rbias, res, epi.ldr, epi.relu);
-            } else if (step == 12) {
-              tile_z<12, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, c + row * ldc + col, ldc, first, last,
-                            bias, rbias, res, epi.ldr, epi.relu);
-            } else {
-              tile_z<6, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, c + row * ldc + col, ldc, first, last,
-                           bias, rbias, res, epi.ldr, epi.relu);
-            }
-            ir += step;
-          }
+  const auto block = [&](int64_t ic, int64_t mc, int64_t nseg, int64_t kc, int64_t k0, bool first, bool last,
+                         const float* as) {
+    for (int64_t jp = 0; jp < np; jp += (jp + 3 < np ? 4 : 2)) {
+      const int64_t col = jp * kPanel;
+      const int64_t nv = std::min(2 * kPanel, n - col);
+      const float* b = wp + (jp * k + k0) * kPanel;
+      const float* bias = epi.bias ? epi.bias + col : nullptr;
+      // four panels: 6 x 64 tiles; a pair: 6 x 32; a lone last panel: 12 x 16 tiles (6 x 16
+      // for its last rows when at most six are left)
+      const bool pair = jp + 1 < np, quad = jp + 3 < np;
+      const int64_t nvq = std::min(4 * kPanel, n - col);
+      for (int64_t ir = 0; ir < mc;) {
+        const int64_t row = ic + ir, left = mc - ir;
+        const int64_t step = pair || left <= 6 ? 6 : 12, rows = std::min(step, left);
+        const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
+        const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
+        if (quad) {
+          tile_z<6, 4>(rows, nvq, kc, nseg, lds, as + row * lda, lda, b, k * kPanel, c + row * ldc + col, ldc,
+                       first, last, bias, rbias, res, epi.ldr, epi.relu);
+        } else if (pair) {
+          tile_z<6, 2>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, k * kPanel, c + row * ldc + col, ldc,
+                       first, last, bias, rbias, res, epi.ldr, epi.relu);
+        } else if (step == 12) {
+          tile_z<12, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, c + row * ldc + col, ldc, first, last,
+                        bias, rbias, res, epi.ldr, epi.relu);
+        } else {
+          tile_z<6, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, c + row * ldc + col, ldc, first, last,
+                       bias, rbias, res, epi.ldr, epi.relu);
         }
+        ir += step;
       }
     }
-  }
+  };
+  for_each_block(m, segs, seg_k, kKcMax512, a, lds, block);
 }
 
 // 8 x 8 transpose of eight rows in registers.

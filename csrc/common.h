@@ -100,17 +100,48 @@ inline void count_batch(const std::optional<Tensor>& counter) {
   if (!n.is_inference()) n.unsafeGetTensorImpl()->bump_version();
 }
 
-// Row reductions with eight independent accumulators: without -ffast-math the compiler keeps
-// a single float sum in order (one add per 4 cycles); eight lanes vectorise and pipeline.
+// Row reductions with independent accumulators: without -ffast-math the compiler keeps a
+// single float sum in order (one add per 4 cycles). Rows of at least 128 values: 32 lanes
+// (four vector registers of eight, or two of sixteen, so the adds pipeline); then 8 lanes for
+// the rest (all of a shorter row, where merging 32 lanes costs more than it saves), then one
+// by one.
 template <typename T, typename A>
-inline A row_sum(const T* x, int64_t n) {
+inline A row_sum8(const T* x, int64_t n, int64_t i, A s) {
   A lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     for (int j = 0; j < 8; ++j) lane[j] += static_cast<A>(x[i + j]);
   }
-  A s = 0;
   for (; i < n; ++i) s += static_cast<A>(x[i]);
+  for (int j = 0; j < 8; ++j) s += lane[j];
+  return s;
+}
+
+template <typename T, typename A>
+inline A row_sum(const T* x, int64_t n) {
+  if (n < 128) return row_sum8<T, A>(x, n, 0, A(0));
+  A wide[32] = {};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    for (int j = 0; j < 32; ++j) wide[j] += static_cast<A>(x[i + j]);
+  }
+  A s = 0;
+  for (int j = 0; j < 32; ++j) s += wide[j];
+  return row_sum8<T, A>(x, n, i, s);
+}
+
+template <typename T, typename A>
+inline A row_sq_dev8(const T* x, int64_t n, A mu, int64_t i, A s) {
+  A lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const A d = static_cast<A>(x[i + j]) - mu;
+      lane[j] += d * d;
+    }
+  }
+  for (; i < n; ++i) {
+    const A d = static_cast<A>(x[i]) - mu;
+    s += d * d;
+  }
   for (int j = 0; j < 8; ++j) s += lane[j];
   return s;
 }
@@ -118,21 +149,18 @@ inline A row_sum(const T* x, int64_t n) {
 // sum((x - mu)^2)
 template <typename T, typename A>
 inline A row_sq_dev(const T* x, int64_t n, A mu) {
-  A lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  if (n < 128) return row_sq_dev8<T, A>(x, n, mu, 0, A(0));
+  A wide[32] = {};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) {
+  for (; i + 32 <= n; i += 32) {
+    for (int j = 0; j < 32; ++j) {
       const A d = static_cast<A>(x[i + j]) - mu;
-      lane[j] += d * d;
+      wide[j] += d * d;
     }
   }
   A s = 0;
-  for (; i < n; ++i) {
-    const A d = static_cast<A>(x[i]) - mu;
-    s += d * d;
-  }
-  for (int j = 0; j < 8; ++j) s += lane[j];
-  return s;
+  for (int j = 0; j < 32; ++j) s += wide[j];
+  return row_sq_dev8<T, A>(x, n, mu, i, s);
 }
 
 // Mean and biased variance of `rows` rows of `len` elements (row i at x + i * stride): two

@@ -112,6 +112,8 @@ struct CmImage {
   std::vector<float> xp;   // normalised x1 token panels
   std::vector<float> qkv;  // (CQ, N): q (scaled), k, v of the image
   std::vector<float> zp;   // the block op's projection input, token panels
+  std::vector<float> zt;   // the same token-major, and the projection's token-major output
+  std::vector<float> yt;   // (images of at most one panel of tokens)
 };
 
 // f(xb, sc, ob, ws) for every image of x (float32, any strides; xb its rows with stride sc and
@@ -294,11 +296,33 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
     check_qkv_weights(w_qkv, b_qkv, C, pdim, qk_dim);
     const Tensor wq = contiguous_as(w_qkv, at::kFloat), bq = contiguous_as(b_qkv, at::kFloat);
     const Tensor wp = contiguous_as(w_proj, at::kFloat), bp = contiguous_as(b_proj, at::kFloat);
+    // at most one panel of tokens (4x4 grids and smaller): with the packed weight, the
+    // projection runs token-major (rows = tokens, columns = all C output channels: the GEMM's
+    // wide tiles) instead of as C rows against a single 16-column token panel
+    const bool token_proj = N <= shvit_gemm::kPanel && packed_usable(w_proj_packed, x, C, C);
     for_each_image_cm(x, out, [&](const float* xb, int64_t sc, float* ob, CmImage& ws) {
       ws.zp.resize(static_cast<size_t>(shvit_gemm::packed_size(N, C)));
       cm_project_attend(xb, sc, N, pdim, qk_dim, eps, wq.const_data_ptr<float>(), bq.const_data_ptr<float>(),
                         ws.zp.data(), 0, true, C * shvit_gemm::kPanel, ws);
       pack_tokens_relu(xb + pdim * sc, sc, C - pdim, N, ws.zp.data(), C, pdim);
+      if (token_proj) {
+        // z^T (N, C) from the single panel (C rows of 16), y^T = z^T W^T + bias, then
+        // out[c, n] = x[c, n] + y^T[n, c]
+        ws.zt.resize(static_cast<size_t>(N * C));
+        ws.yt.resize(static_cast<size_t>(N * C));
+        shvit_gemm::transpose(ws.zp.data(), shvit_gemm::kPanel, ws.zt.data(), C, C, N);
+        shvit_gemm::Epilogue e;
+        e.bias = bp.const_data_ptr<float>();
+        shvit_gemm::gemm_packed(N, C, C, ws.zt.data(), C, w_proj_packed->const_data_ptr<float>(), ws.yt.data(), C,
+                                e);
+        const float* yt = ws.yt.data();
+        for (int64_t c = 0; c < C; ++c) {
+          const float* xr = xb + c * sc;
+          float* orow = ob + c * N;
+          for (int64_t n = 0; n < N; ++n) orow[n] = xr[n] + yt[n * C + c];
+        }
+        return;
+      }
       shvit_gemm::Epilogue e;
       e.row_bias = bp.const_data_ptr<float>();
       shvit_gemm::gemm_packed(C, N, C, wp.const_data_ptr<float>(), C, ws.zp.data(), ob, N, e);

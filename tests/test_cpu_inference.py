@@ -483,6 +483,7 @@ CM_SHAPES = [
     (3, 50, 24, 24, 20, 21),
     (2, 336, 72, 16, 8, 8),
     (2, 448, 96, 16, 4, 4),
+    (3, 36, 10, 8, 3, 3),  # at most one token panel: the block's projection runs token-major
 ]
 
 

@@ -224,26 +224,36 @@ def test_region_train_large_image_recomputes_probabilities(monkeypatch):
     _check(fused.qkv.c.weight.grad, ref.qkv.c.weight.grad, exact.qkv.c.weight.grad, "qkv weight grad")
 
 
+def _fused_float32_case(shape):
+    """(fused SHSA module in training, contiguous float32 input, output gradient) for shape."""
+    B, dim, pdim, qk_dim, H, W = shape
+    base = _module(dim, pdim, qk_dim, torch.float32)
+    base.fused = True
+    x = _input(B, dim, H, W, torch.float32, "contiguous")
+    return base, x, torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+
+
+def _training_step(base, x, g):
+    """Output, input gradient, parameter gradients and buffers of one step of a copy of base."""
+    m = copy.deepcopy(base)
+    xi = x.clone().requires_grad_()
+    out = m(xi)
+    out.backward(g)
+    return [out.detach(), xi.grad] + [p.grad for p in m.parameters()] + list(m.buffers())
+
+
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
 def test_region_train_float32_one_and_two_threads_agree(shape, monkeypatch):
     """float32 (the packed-GEMM path): the whole SHSA training step -- output, every gradient and
     the running statistics -- within 1e-6 with 1 and 2 threads."""
     use_backend(monkeypatch, "cpp", "cpu")
-    B, dim, pdim, qk_dim, H, W = shape
-    base = _module(dim, pdim, qk_dim, torch.float32)
-    base.fused = True
-    x = _input(B, dim, H, W, torch.float32, "contiguous")
-    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    base, x, g = _fused_float32_case(shape)
     before = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            m = copy.deepcopy(base)
-            xi = x.clone().requires_grad_()
-            out = m(xi)
-            out.backward(g)
-            results.append([out.detach(), xi.grad] + [p.grad for p in m.parameters()] + list(m.buffers()))
+            results.append(_training_step(base, x, g))
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*results):
@@ -274,22 +284,14 @@ def test_float32_kernel_families_give_identical_results(shape, monkeypatch):
     if len(gemm_isas()) < 2:
         pytest.skip("this CPU runs one kernel family of the packed GEMM")
     use_backend(monkeypatch, "cpp", "cpu")
-    B, dim, pdim, qk_dim, H, W = shape
-    base = _module(dim, pdim, qk_dim, torch.float32)
-    base.fused = True
-    x = _input(B, dim, H, W, torch.float32, "contiguous")
-    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    base, x, g = _fused_float32_case(shape)
     ops = torch.ops.shvit_cpp
     before = ops.gemm_isa("")
     results = {}
     try:
         for isa in gemm_isas():
             ops.gemm_isa(isa)
-            m = copy.deepcopy(base)
-            xi = x.clone().requires_grad_()
-            out = m(xi)
-            out.backward(g)
-            step = [out.detach(), xi.grad] + [p.grad for p in m.parameters()] + list(m.buffers())
+            step = _training_step(base, x, g)
             folded = copy.deepcopy(base).eval().fuse(residual=True)
             with torch.no_grad():
                 infer = [folded(x), folded(x.contiguous(memory_format=torch.channels_last))]

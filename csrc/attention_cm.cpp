@@ -238,7 +238,7 @@ void attention_forward_cm(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, d
 }
 
 void attention_backward_cm(const Tensor& dout, const Tensor& qkv, const Tensor& out, int64_t qk_dim, double scale,
-                           const Tensor& probs, Tensor& dx2, Tensor& dqkv) {
+                           const Tensor& probs, Tensor& dx2, Tensor& dqkv, const Tensor& dx2_add) {
   const int64_t B = qkv.size(0), CQ = qkv.size(1), N = qkv.size(2), PD = CQ - 2 * qk_dim, C2 = dx2.size(1);
   const int64_t sfb = qkv.stride(0), ld = qkv.stride(1), ps = cm_prob_size(N);
   const int64_t sgb = dout.stride(0), sgc = dout.stride(1), sob = out.stride(0), soc = out.stride(1);
@@ -249,6 +249,8 @@ void attention_backward_cm(const Tensor& dout, const Tensor& qkv, const Tensor& 
   const float* pp = probs.defined() ? probs.const_data_ptr<float>() : nullptr;
   float* pd = dqkv.data_ptr<float>();
   float* px = dx2.data_ptr<float>();
+  const float* pa = dx2_add.defined() ? dx2_add.const_data_ptr<float>() : nullptr;
+  const int64_t sab = pa ? dx2_add.stride(0) : 0, sac = pa ? dx2_add.stride(1) : 0;
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     CmBackwardWorkspace ws;
     for (int64_t b = b0; b < b1; ++b) {
@@ -263,7 +265,12 @@ void attention_backward_cm(const Tensor& dout, const Tensor& qkv, const Tensor& 
         const float* orow = ob + (PD + c) * soc;
         const float* grow = gb + (PD + c) * sgc;
         float* xrow = px + b * sxb + c * sxc;
-        for (int64_t n = 0; n < N; ++n) xrow[n] = orow[n] > 0.f ? grow[n] : 0.f;
+        if (pa != nullptr) {
+          const float* arow = pa + b * sab + c * sac;
+          for (int64_t n = 0; n < N; ++n) xrow[n] = (orow[n] > 0.f ? grow[n] : 0.f) + arow[n];
+        } else {
+          for (int64_t n = 0; n < N; ++n) xrow[n] = orow[n] > 0.f ? grow[n] : 0.f;
+        }
       }
     }
   });

@@ -32,8 +32,10 @@ void attention_forward_cm(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, d
 
 // Its backward: d(qkv) into dqkv (B, CQ, N) contiguous, the gradient of x2 into dx2 (B, C2, N,
 // unit token stride). dout, out (B, PD + C2, N) float32 with unit token strides; probs is the
-// forward's kept panels or undefined (recomputed).
+// forward's kept panels or undefined (recomputed). With dx2_add (B, C2, N, unit token stride)
+// defined, dx2 receives that tensor plus the gradient (a residual branch's gradient, summed
+// in the same pass).
 void attention_backward_cm(const Tensor& dout, const Tensor& qkv, const Tensor& out, int64_t qk_dim, double scale,
-                           const Tensor& probs, Tensor& dx2, Tensor& dqkv);
+                           const Tensor& probs, Tensor& dx2, Tensor& dqkv, const Tensor& dx2_add = Tensor());
 
 }  // namespace shvit_cpu

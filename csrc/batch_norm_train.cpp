@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common.h"
+#include "proj_train.h"
 
 namespace shvit_cpu {
 
@@ -24,7 +25,7 @@ using torch::autograd::variable_list;
 // batch_channel_moments): B contiguous blocks of (c1 - c0) * N values per pass.
 template <typename T>
 void bn_forward(const Tensor& xv, const Tensor& w, const Tensor& b, double eps, Tensor& out, Tensor& mean,
-                Tensor& var, Tensor& invstd) {
+                Tensor& var, Tensor& invstd, const Tensor& res) {
   const int64_t B = xv.size(0), C = xv.size(1), N = xv.size(2), sb = xv.stride(0), sc = xv.stride(1);
   const T* px = xv.const_data_ptr<T>();
   const T* pw = w.const_data_ptr<T>();
@@ -33,6 +34,8 @@ void bn_forward(const Tensor& xv, const Tensor& w, const Tensor& b, double eps, 
   T* pm = mean.data_ptr<T>();
   T* pv = var.data_ptr<T>();
   T* pi = invstd.data_ptr<T>();
+  const T* pr = res.defined() ? res.const_data_ptr<T>() : nullptr;
+  const int64_t rb = pr ? res.stride(0) : 0, rc = pr ? res.stride(1) : 0;
   at::parallel_for(0, C, 4, [&](int64_t c0, int64_t c1) {
     const int64_t nc = c1 - c0;
     std::vector<double> vars(static_cast<size_t>(nc));
@@ -52,6 +55,14 @@ void bn_forward(const Tensor& xv, const Tensor& w, const Tensor& b, double eps, 
         const T* xr = px + i * sb + c * sc;
         T* orow = po + (i * C + c) * N;
         const T ac = a[c - c0], oc = o[c - c0];
+        if (pr != nullptr) {  // the residual, added after the affine (as x + bn(y) rounds)
+          const T* rr = pr + i * rb + c * rc;
+          for (int64_t n = 0; n < N; ++n) {
+            const T v = xr[n] * ac + oc;
+            orow[n] = rr[n] + v;
+          }
+          continue;
+        }
         for (int64_t n = 0; n < N; ++n) orow[n] = xr[n] * ac + oc;
       }
     }
@@ -107,6 +118,24 @@ void bn_backward(const Tensor& dyv, const Tensor& xv, const Tensor& w, const Ten
   });
 }
 
+}  // namespace
+
+void bn_batch_forward(const Tensor& xv, const Tensor& w, const Tensor& b, double eps, Tensor& out3, Tensor& mean,
+                      Tensor& var, Tensor& invstd, const Tensor& residual) {
+  AT_DISPATCH_FLOATING_TYPES(xv.scalar_type(), "bn_batch_forward", [&] {
+    bn_forward<scalar_t>(xv, w, b, eps, out3, mean, var, invstd, residual);
+  });
+}
+
+void bn_batch_backward(const Tensor& dyv, const Tensor& xv, const Tensor& w, const Tensor& mean,
+                       const Tensor& invstd, Tensor& dx3, Tensor& dw, Tensor& db) {
+  AT_DISPATCH_FLOATING_TYPES(xv.scalar_type(), "bn_batch_backward", [&] {
+    bn_backward<scalar_t>(dyv, xv, w, mean, invstd, dx3, dw, db);
+  });
+}
+
+namespace {
+
 struct BnTrain : public torch::autograd::Function<BnTrain> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
                         Tensor running_mean, Tensor running_var, double momentum, double eps) {
@@ -118,7 +147,7 @@ struct BnTrain : public torch::autograd::Function<BnTrain> {
     const Tensor w = contiguous_as(weight, x.scalar_type()), b = contiguous_as(bias, x.scalar_type());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_train_fwd", [&] {
       Tensor o3 = out.view({B, C, H * W});
-      bn_forward<scalar_t>(xv, w, b, eps, o3, mean, var, invstd);
+      bn_forward<scalar_t>(xv, w, b, eps, o3, mean, var, invstd, Tensor());
       // as nn.BatchNorm2d: unbiased variance in the running estimate
       update_running_stat<scalar_t>(running_mean, mean.const_data_ptr<scalar_t>(), C, momentum, 1.0);
       update_running_stat<scalar_t>(running_var, var.const_data_ptr<scalar_t>(), C, momentum,

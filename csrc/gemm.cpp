@@ -115,24 +115,26 @@ namespace {
 #define SHVIT_ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
 
 // acc (6 x 16, the tile's running sum) += A[rows, k-block] @ panel[k-block, 0:16], with the
-// six rows of A at a[r] (already offset to the block) and the panel's k-block at b. The block
-// is nseg segments of kc columns; segment s of row r is at a[r] + s * lds.
+// six rows of A at a[r] (already offset to the block) and the panel's k-block at b, its row kk
+// (16 floats) at b + kk * ldb (ldb = 16 in a packed weight; the row stride of a row-major B
+// read in place, see gemm_rows). The block is nseg segments of kc columns; segment s of row r
+// is at a[r] + s * lds.
 SHVIT_AVX2 inline void micro6(int64_t kc, int64_t nseg, int64_t lds, const float* const* a, const float* b,
-                              float* acc) {
+                              int64_t ldb, float* acc) {
   __m256 c00 = _mm256_load_ps(acc + 0), c01 = _mm256_load_ps(acc + 8);
   __m256 c10 = _mm256_load_ps(acc + 16), c11 = _mm256_load_ps(acc + 24);
   __m256 c20 = _mm256_load_ps(acc + 32), c21 = _mm256_load_ps(acc + 40);
   __m256 c30 = _mm256_load_ps(acc + 48), c31 = _mm256_load_ps(acc + 56);
   __m256 c40 = _mm256_load_ps(acc + 64), c41 = _mm256_load_ps(acc + 72);
   __m256 c50 = _mm256_load_ps(acc + 80), c51 = _mm256_load_ps(acc + 88);
-  for (int64_t sg = 0; sg < nseg; ++sg, b += kc * kPanel) {
+  for (int64_t sg = 0; sg < nseg; ++sg, b += kc * ldb) {
 #define SHVIT_ROW_PTR(r) const float* a##r = a[r] + sg * lds;
   SHVIT_ROWS6(SHVIT_ROW_PTR)
 #undef SHVIT_ROW_PTR
 #pragma GCC unroll 4
   for (int64_t kk = 0; kk < kc; ++kk) {
-    const __m256 b0 = _mm256_loadu_ps(b + kk * kPanel);
-    const __m256 b1 = _mm256_loadu_ps(b + kk * kPanel + 8);
+    const __m256 b0 = _mm256_loadu_ps(b + kk * ldb);
+    const __m256 b1 = _mm256_loadu_ps(b + kk * ldb + 8);
 #define SHVIT_FMA_ROW(r)                              \
   {                                                   \
     const __m256 av = _mm256_broadcast_ss(a##r + kk); \
@@ -153,16 +155,16 @@ SHVIT_AVX2 inline void micro6(int64_t kc, int64_t nseg, int64_t lds, const float
 // The same for the first 8 columns of the panel only (a tile of at most 8 valid columns: the
 // last panel of an operand whose width is not a multiple of 16): half the FMAs of micro6.
 SHVIT_AVX2 inline void micro6_8(int64_t kc, int64_t nseg, int64_t lds, const float* const* a, const float* b,
-                                float* acc) {
+                                int64_t ldb, float* acc) {
   __m256 c00 = _mm256_load_ps(acc + 0), c10 = _mm256_load_ps(acc + 16), c20 = _mm256_load_ps(acc + 32);
   __m256 c30 = _mm256_load_ps(acc + 48), c40 = _mm256_load_ps(acc + 64), c50 = _mm256_load_ps(acc + 80);
-  for (int64_t sg = 0; sg < nseg; ++sg, b += kc * kPanel) {
+  for (int64_t sg = 0; sg < nseg; ++sg, b += kc * ldb) {
 #define SHVIT_ROW_PTR(r) const float* a##r = a[r] + sg * lds;
   SHVIT_ROWS6(SHVIT_ROW_PTR)
 #undef SHVIT_ROW_PTR
 #pragma GCC unroll 4
   for (int64_t kk = 0; kk < kc; ++kk) {
-    const __m256 b0 = _mm256_loadu_ps(b + kk * kPanel);
+    const __m256 b0 = _mm256_loadu_ps(b + kk * ldb);
 #define SHVIT_FMA_ROW(r) c##r##0 = _mm256_fmadd_ps(_mm256_broadcast_ss(a##r + kk), b0, c##r##0);
     SHVIT_ROWS6(SHVIT_FMA_ROW)
 #undef SHVIT_FMA_ROW
@@ -178,7 +180,7 @@ SHVIT_AVX2 inline void micro6_8(int64_t kc, int64_t nseg, int64_t lds, const flo
 // its panel. The first k-block starts from bias + residual, the last applies the ReLU. Short
 // tiles repeat their last row of A (the extra results are not stored).
 SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t lds, const float* a, int64_t lda,
-                     const float* b, float* c, int64_t ldc, bool first, bool last, const float* bias,
+                     const float* b, int64_t ldb, float* c, int64_t ldc, bool first, bool last, const float* bias,
                      const float* rbias, const float* res, int64_t ldr, bool relu) {
   alignas(32) float acc[6 * kPanel];
   const float* ar[6];
@@ -205,7 +207,7 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t
       _mm256_store_ps(acc + r * kPanel, v0);
       _mm256_store_ps(acc + r * kPanel + 8, v1);
     }
-    micro6(kc, nseg, lds, ar, b, acc);
+    micro6(kc, nseg, lds, ar, b, ldb, acc);
     const __m256 z = _mm256_setzero_ps();
     for (int64_t r = 0; r < 6; ++r) {
       v0 = _mm256_load_ps(acc + r * kPanel);
@@ -231,9 +233,9 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t
     }
   }
   if (nv <= 8) {
-    micro6_8(kc, nseg, lds, ar, b, acc);
+    micro6_8(kc, nseg, lds, ar, b, ldb, acc);
   } else {
-    micro6(kc, nseg, lds, ar, b, acc);
+    micro6(kc, nseg, lds, ar, b, ldb, acc);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float* t = acc + r * kPanel;
@@ -273,22 +275,22 @@ inline void for_each_block(int64_t m, int64_t segs, int64_t seg_k, int64_t kc_ma
 // C rows [0, m) = epi(A @ W^T) with k = segs * seg_k, A's segment s at a + s * lds, in the
 // blocks of for_each_block (k-blocks of at most kKcMax).
 SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t segs, int64_t seg_k, const float* a, int64_t lda,
-                          int64_t lds, const float* wp, float* c, int64_t ldc, const Epilogue& epi) {
+                          int64_t lds, const float* wp, int64_t ldb, int64_t bps, float* c, int64_t ldc,
+                          const Epilogue& epi) {
   const int64_t np = (n + kPanel - 1) / kPanel;
-  const int64_t k = segs * seg_k;
   const auto block = [&](int64_t ic, int64_t mc, int64_t nseg, int64_t kc, int64_t k0, bool first, bool last,
                          const float* as) {
     for (int64_t jp = 0; jp < np; ++jp) {
       const int64_t col = jp * kPanel;
       const int64_t nv = std::min(kPanel, n - col);
-      const float* b = wp + (jp * k + k0) * kPanel;
+      const float* b = wp + jp * bps + k0 * ldb;
       const float* bias = epi.bias ? epi.bias + col : nullptr;
       for (int64_t ir = 0; ir < mc; ir += 6) {
         const int64_t row = ic + ir;
         const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
         const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
-        tile(std::min<int64_t>(6, mc - ir), nv, kc, nseg, lds, as + row * lda, lda, b, c + row * ldc + col, ldc,
-             first, last, bias, rbias, res, epi.ldr, epi.relu);
+        tile(std::min<int64_t>(6, mc - ir), nv, kc, nseg, lds, as + row * lda, lda, b, ldb, c + row * ldc + col,
+             ldc, first, last, bias, rbias, res, epi.ldr, epi.relu);
       }
     }
   };
@@ -305,14 +307,14 @@ SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t segs, int64_t seg_k, con
 constexpr int64_t kKcMax512 = 128;
 
 // acc (R rows x P panels of 16, the tile's running sum) += A[rows, k-block] @ panels[k-block],
-// panel p at b + p * bps; segments as in micro6. R * P accumulators in zmm registers.
+// panel p at b + p * bps, rows ldb apart; segments as in micro6. R * P accumulators in zmm registers.
 template <int R, int P>
 SHVIT_AVX512 inline void micro_z(int64_t kc, int64_t nseg, int64_t lds, const float* const* a, const float* b,
-                                 int64_t bps, float* acc) {
+                                 int64_t bps, int64_t ldb, float* acc) {
   __m512 c[R * P];
 #pragma GCC unroll 24
   for (int i = 0; i < R * P; ++i) c[i] = _mm512_load_ps(acc + i * kPanel);
-  for (int64_t sg = 0; sg < nseg; ++sg, b += kc * kPanel) {
+  for (int64_t sg = 0; sg < nseg; ++sg, b += kc * ldb) {
     const float* ar[R];
 #pragma GCC unroll 12
     for (int r = 0; r < R; ++r) ar[r] = a[r] + sg * lds;
@@ -320,7 +322,7 @@ SHVIT_AVX512 inline void micro_z(int64_t kc, int64_t nseg, int64_t lds, const fl
     for (int64_t kk = 0; kk < kc; ++kk) {
       __m512 bv[P];
 #pragma GCC unroll 4
-      for (int p = 0; p < P; ++p) bv[p] = _mm512_loadu_ps(b + p * bps + kk * kPanel);
+      for (int p = 0; p < P; ++p) bv[p] = _mm512_loadu_ps(b + p * bps + kk * ldb);
 #pragma GCC unroll 12
       for (int r = 0; r < R; ++r) {
         const __m512 av = _mm512_set1_ps(ar[r][kk]);
@@ -336,7 +338,7 @@ SHVIT_AVX512 inline void micro_z(int64_t kc, int64_t nseg, int64_t lds, const fl
 // A tile of C: rows (<= R) x nv (<= 16 P) entries at c over one k-block, as tile() does.
 template <int R, int P>
 SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t lds, const float* a,
-                         int64_t lda, const float* b, int64_t bps, float* c, int64_t ldc, bool first, bool last,
+                         int64_t lda, const float* b, int64_t bps, int64_t ldb, float* c, int64_t ldc, bool first, bool last,
                          const float* bias, const float* rbias, const float* res, int64_t ldr, bool relu) {
   alignas(64) float acc[R * P * kPanel];
   const float* ar[R];
@@ -361,7 +363,7 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
       _mm512_store_ps(acc + (r * P + p) * kPanel, v);
     }
   }
-  micro_z<R, P>(kc, nseg, lds, ar, b, bps, acc);
+  micro_z<R, P>(kc, nseg, lds, ar, b, bps, ldb, acc);
   const __m512 z = _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
     for (int p = 0; p < P; ++p) {
@@ -374,15 +376,15 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
 
 // gemm_avx2's loops with the AVX-512 tiles: panels in fours, then pairs.
 SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t segs, int64_t seg_k, const float* a, int64_t lda,
-                              int64_t lds, const float* wp, float* c, int64_t ldc, const Epilogue& epi) {
+                              int64_t lds, const float* wp, int64_t ldb, int64_t bps, float* c, int64_t ldc,
+                              const Epilogue& epi) {
   const int64_t np = (n + kPanel - 1) / kPanel;
-  const int64_t k = segs * seg_k;
   const auto block = [&](int64_t ic, int64_t mc, int64_t nseg, int64_t kc, int64_t k0, bool first, bool last,
                          const float* as) {
     for (int64_t jp = 0; jp < np; jp += (jp + 3 < np ? 4 : 2)) {
       const int64_t col = jp * kPanel;
       const int64_t nv = std::min(2 * kPanel, n - col);
-      const float* b = wp + (jp * k + k0) * kPanel;
+      const float* b = wp + jp * bps + k0 * ldb;
       const float* bias = epi.bias ? epi.bias + col : nullptr;
       // four panels: 6 x 64 tiles; a pair: 6 x 32; a lone last panel: 12 x 16 tiles (6 x 16
       // for its last rows when at most six are left)
@@ -394,16 +396,16 @@ SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t segs, int64_t seg_k,
         const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
         const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
         if (quad) {
-          tile_z<6, 4>(rows, nvq, kc, nseg, lds, as + row * lda, lda, b, k * kPanel, c + row * ldc + col, ldc,
+          tile_z<6, 4>(rows, nvq, kc, nseg, lds, as + row * lda, lda, b, bps, ldb, c + row * ldc + col, ldc,
                        first, last, bias, rbias, res, epi.ldr, epi.relu);
         } else if (pair) {
-          tile_z<6, 2>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, k * kPanel, c + row * ldc + col, ldc,
+          tile_z<6, 2>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, bps, ldb, c + row * ldc + col, ldc,
                        first, last, bias, rbias, res, epi.ldr, epi.relu);
         } else if (step == 12) {
-          tile_z<12, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, c + row * ldc + col, ldc, first, last,
+          tile_z<12, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, ldb, c + row * ldc + col, ldc, first, last,
                         bias, rbias, res, epi.ldr, epi.relu);
         } else {
-          tile_z<6, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, c + row * ldc + col, ldc, first, last,
+          tile_z<6, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, ldb, c + row * ldc + col, ldc, first, last,
                        bias, rbias, res, epi.ldr, epi.relu);
         }
         ir += step;
@@ -518,9 +520,9 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
 #ifdef SHVIT_GEMM_X86
   if (available()) {
     if (current_isa() == Isa::kAvx512) {
-      gemm_avx512(m, n, 1, k, a, lda, 0, wp, c, ldc, epi);
+      gemm_avx512(m, n, 1, k, a, lda, 0, wp, kPanel, k * kPanel, c, ldc, epi);
     } else {
-      gemm_avx2(m, n, 1, k, a, lda, 0, wp, c, ldc, epi);
+      gemm_avx2(m, n, 1, k, a, lda, 0, wp, kPanel, k * kPanel, c, ldc, epi);
     }
     return;
   }
@@ -542,9 +544,9 @@ void gemm_packed_segmented(int64_t m, int64_t n, int64_t segs, int64_t seg_k, co
 #ifdef SHVIT_GEMM_X86
   if (available() && m > 0 && n > 0 && segs > 0 && seg_k > 0) {
     if (current_isa() == Isa::kAvx512) {
-      gemm_avx512(m, n, segs, seg_k, a, lda, lds, wp, c, ldc, epi);
+      gemm_avx512(m, n, segs, seg_k, a, lda, lds, wp, kPanel, segs * seg_k * kPanel, c, ldc, epi);
     } else {
-      gemm_avx2(m, n, segs, seg_k, a, lda, lds, wp, c, ldc, epi);
+      gemm_avx2(m, n, segs, seg_k, a, lda, lds, wp, kPanel, segs * seg_k * kPanel, c, ldc, epi);
     }
     return;
   }
@@ -566,6 +568,29 @@ void gemm_packed_segmented(int64_t m, int64_t n, int64_t segs, int64_t seg_k, co
     }
   }
   for (int64_t i = 0; i < m; ++i) std::copy(part.begin() + i * n, part.begin() + (i + 1) * n, c + i * ldc);
+}
+
+void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+               int64_t ldc, const Epilogue& epi) {
+  if (m <= 0 || n <= 0) return;
+#ifdef SHVIT_GEMM_X86
+  if (available() && k > 0 && n % kPanel == 0) {  // panel p at b + 16 p, its rows ldb apart
+    if (current_isa() == Isa::kAvx512) {
+      gemm_avx512(m, n, 1, k, a, lda, 0, b, ldb, kPanel, c, ldc, epi);
+    } else {
+      gemm_avx2(m, n, 1, k, a, lda, 0, b, ldb, kPanel, c, ldc, epi);
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      float s = (epi.bias ? epi.bias[j] : 0.f) + (epi.row_bias ? epi.row_bias[i] : 0.f) +
+                (epi.residual ? epi.residual[i * epi.ldr + j] : 0.f);
+      for (int64_t kk = 0; kk < k; ++kk) s += a[i * lda + kk] * b[kk * ldb + j];
+      c[i * ldc + j] = epi.relu && s < 0.f ? 0.f : s;
+    }
+  }
 }
 
 void pack_weight_cols(const float* w, int64_t n, int64_t k, int64_t ldw, float* out, int64_t panel_stride) {

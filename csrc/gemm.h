@@ -60,6 +60,14 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
 void gemm_packed_segmented(int64_t m, int64_t n, int64_t segs, int64_t seg_k, const float* a, int64_t lda,
                            int64_t lds, const float* wp, float* c, int64_t ldc, const Epilogue& epi);
 
+// The same product with B (k, n; row stride ldb) read in place, row-major: C = epi(A @ B), so
+// B is the packed form's transpose, B[kk, j] = W[j, kk]. For n a multiple of 16 the kernels
+// stream B's rows as panels (a channel-major activation needs no packing; rows of whole cache
+// lines run best); other n take a plain loop. Every output is summed in the same k order as
+// gemm_packed, so the two give identical results. C must not alias A or B.
+void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+               int64_t ldc, const Epilogue& epi);
+
 // pack_weight of the transpose: out[(p * k + kk) * 16 + j] = v[kk * ldv + p * 16 + j] (v is
 // (k, n) with row stride ldv; zero for p * 16 + j >= n).
 void pack_weight_t(const float* v, int64_t n, int64_t k, int64_t ldv, float* out);

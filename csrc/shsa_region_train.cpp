@@ -24,20 +24,11 @@
 #include "attention_core.h"
 #include "common.h"
 #include "gemm.h"
+#include "region_train.h"
 
 namespace shvit_cpu {
 
 namespace {
-
-struct RegionForward {
-  Tensor out;     // (B, C, H, W): ReLU(concat(attention, x2))
-  Tensor yT;      // (B*N, P): GroupNorm output, token-major (input of the conv); ATen path only
-  Tensor zhat;    // (B, CQ, N): normalised conv output (BatchNorm before its affine)
-  Tensor qkv;     // (B, CQ, N): BatchNorm output = q, k, v (unscaled)
-  Tensor p;       // the attention probabilities when they fit the budget, else undefined
-  Tensor stats;   // (2B + 3CQ): GroupNorm mean and 1/std per image, then BatchNorm's 1/std,
-                  // batch mean and biased variance per channel (the Stats offsets)
-};
 
 // Offsets into RegionForward::stats: one small tensor instead of five.
 struct Stats {
@@ -113,10 +104,11 @@ void bn_train_forward(const Tensor& bw, const Tensor& bb, double eps, Tensor& zh
 
 // GroupNorm backward of one image, in place: g (P rows of N) holds dY on entry and dx on exit;
 // channel c of x at xb + c * sc (unit token stride); dgw, dgb get the image's partial weight
-// and bias gradients.
+// and bias gradients. With add, row c of the result also gets add + c * sa added (a residual
+// branch's gradient).
 template <typename T>
 void gn_backward_image(T* g, int64_t N, const T* xb, int64_t sc, int64_t P, const T* gw, T mu, T r, T* dgw,
-                       T* dgb) {
+                       T* dgb, const T* add = nullptr, int64_t sa = 0) {
   double c1 = 0, c2 = 0;
   for (int64_t c = 0; c < P; ++c) {
     const auto ds = row_dot_sum<T, T>(g + c * N, xb + c * sc, N, mu);
@@ -135,6 +127,10 @@ void gn_backward_image(T* g, int64_t N, const T* xb, int64_t sc, int64_t P, cons
     for (int64_t n = 0; n < N; ++n) {
       const T xh = (xr[n] - mu) * r;
       gr[n] = r * (gr[n] * wc - m1 - xh * m2);
+    }
+    if (add != nullptr) {  // a second loop over the row (in L1): the sum rounds as a separate add would
+      const T* ar = add + c * sa;
+      for (int64_t n = 0; n < N; ++n) gr[n] += ar[n];
     }
   }
 }
@@ -177,12 +173,13 @@ void conv_forward_cm(const Tensor& xv, int64_t P, double eps, const float* gw, c
   });
 }
 
-// The conv's gradients from dz (CQ, B*N) (channel rows across the batch):
+// The conv's gradients from dz (CQ, B*N) (channel rows across the batch), with add (B, >= P, N;
+// unit token stride; or undefined) summed into dx3's channels:
 //   dW = dz @ Y^T, one GEMM over k = B*N with Y = GroupNorm(x1) packed as a (P, B*N) weight;
 //   per image, dY_b = W^T @ dz_b, then the GroupNorm backward into dx3 channels [0, P).
 void conv_gn_backward_cm(const Tensor& dz, const Tensor& xv, int64_t P, const float* w, const float* pgw,
                          const float* pgb, const float* pmu, const float* pr, Tensor& dw, Tensor& dx3, float* pdgw,
-                         float* pdgb) {
+                         float* pdgb, const Tensor& add) {
   constexpr int64_t kP = shvit_gemm::kPanel;
   const int64_t B = xv.size(0), N = xv.size(2), sb = xv.stride(0), sc = xv.stride(1), CQ = dz.size(0);
   const int64_t K = B * N, CO = dx3.size(1);
@@ -214,95 +211,18 @@ void conv_gn_backward_cm(const Tensor& dz, const Tensor& xv, int64_t P, const fl
   shvit_gemm::transpose(w, P, wt.data(), CQ, CQ, P);
   const float* pwt = wt.data();
   float* pdx = dx3.data_ptr<float>();
+  const float* pa = add.defined() ? add.const_data_ptr<float>() : nullptr;
+  const int64_t sab = pa ? add.stride(0) : 0, sac = pa ? add.stride(1) : 0;
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     const Scratch panels(kScratchPanels, static_cast<size_t>(shvit_gemm::packed_size(N, CQ)));
     for (int64_t b = b0; b < b1; ++b) {
       float* g = pdx + b * CO * N;  // dY_b, then the GroupNorm gradient, in place
       pack_tokens_copy(pdz + b * N, K, CQ, N, panels.data());
       shvit_gemm::gemm_packed(P, N, CQ, pwt, CQ, panels.data(), g, N, shvit_gemm::Epilogue{});
-      gn_backward_image<float>(g, N, px + b * sb, sc, P, pgw, pmu[b], pr[b], pdgw + b * P, pdgb + b * P);
+      gn_backward_image<float>(g, N, px + b * sb, sc, P, pgw, pmu[b], pr[b], pdgw + b * P, pdgb + b * P,
+                               pa != nullptr ? pa + b * sab : nullptr, sac);
     }
   });
-}
-
-void check_region_args(const Tensor& x, const Tensor& gw, const Tensor& gb, const Tensor& cw, const Tensor& bw,
-                       const Tensor& bb, const Tensor& rm, const Tensor& rv, int64_t pdim, int64_t qk_dim) {
-  check_input(x, "x");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "shsa_region_train supports float32 and float64, got ", x.scalar_type());
-  const int64_t C = x.size(1), CQ = 2 * qk_dim + pdim;
-  TORCH_CHECK(pdim > 0 && pdim < C, "pdim must be in 1..", C - 1, ", got ", pdim);
-  TORCH_CHECK(qk_dim > 0, "qk_dim must be positive, got ", qk_dim);
-  TORCH_CHECK(cw.numel() == CQ * pdim && cw.size(0) == CQ, "conv_weight must be (", CQ, ", ", pdim,
-              ", 1, 1), got ", cw.sizes());
-  auto check_vec = [](const Tensor& t, int64_t n, const char* name) {
-    TORCH_CHECK(t.numel() == n, name, " must have ", n, " elements, got ", t.numel());
-    TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  };
-  check_vec(gw, pdim, "gn_weight");
-  check_vec(gb, pdim, "gn_bias");
-  check_vec(bw, CQ, "bn_weight");
-  check_vec(bb, CQ, "bn_bias");
-  check_vec(rm, CQ, "running_mean");
-  check_vec(rv, CQ, "running_var");
-  TORCH_CHECK(cw.device().is_cpu(), "conv_weight must be a CPU tensor, got ", cw.device());
-  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1,
-              "Expected more than 1 value per channel when training, got input size ", x.sizes());
-}
-
-RegionForward region_forward(const Tensor& x, const Tensor& gw, const Tensor& gb, const Tensor& cw,
-                             const Tensor& bw, const Tensor& bb, Tensor& rm, Tensor& rv, double momentum,
-                             double gn_eps, double bn_eps, int64_t pdim, int64_t qk_dim, double scale,
-                             bool keep_p) {
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W, M = B * N;
-  const int64_t P = pdim, QK = qk_dim, CQ = 2 * QK + P;
-  const auto opt = x.options();
-  const auto dt = x.scalar_type();
-  const Stats st{B, CQ};
-  RegionForward f;
-  Tensor xv = as_bcn(x);
-  Tensor gwc = contiguous_as(gw, dt), gbc = contiguous_as(gb, dt);
-  Tensor bwc = contiguous_as(bw, dt), bbc = contiguous_as(bb, dt);
-  Tensor cwc = contiguous_as(cw, dt);  // (CQ, P, 1, 1): rows of P
-  f.stats = at::empty({st.size()}, opt);
-  f.zhat = at::empty({B, CQ, N}, opt);
-  f.qkv = at::empty({B, CQ, N}, opt);
-  if (region_cm(x)) {
-    float* ps = f.stats.data_ptr<float>();
-    conv_forward_cm(xv, P, gn_eps, gwc.const_data_ptr<float>(), gbc.const_data_ptr<float>(),
-                    cwc.const_data_ptr<float>(), ps + st.gn_mu(), ps + st.gn_r(), f.zhat);
-  } else {
-    f.yT = at::empty({M, P}, opt);
-    AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_gn", [&] {
-      scalar_t* ps = f.stats.data_ptr<scalar_t>();
-      gn_token_major<scalar_t>(xv, P, gn_eps, gwc, gbc, f.yT, ps + st.gn_mu(), ps + st.gn_r());
-    });
-    Tensor zT = at::mm(f.yT, cwc.view({CQ, P}).t());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shsa_region_tr", [&] {
-      parallel_rows(B, 1, [&](int64_t b) {
-        transpose_map(zT.const_data_ptr<scalar_t>() + b * N * CQ, CQ, f.zhat.data_ptr<scalar_t>() + b * CQ * N, N,
-                      N, CQ, [](scalar_t v, int64_t, int64_t) { return v; });
-      });
-    });
-  }
-  AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_bn", [&] {
-    scalar_t* ps = f.stats.data_ptr<scalar_t>();
-    bn_train_forward<scalar_t>(bwc, bbc, bn_eps, f.zhat, f.qkv, ps + st.mean(), ps + st.var(), ps + st.bn_inv());
-    // running statistics as nn.BatchNorm2d updates them (unbiased variance)
-    update_running_stat<scalar_t>(rm, ps + st.mean(), CQ, momentum, 1.0);
-    update_running_stat<scalar_t>(rv, ps + st.var(), CQ, momentum, static_cast<double>(M) / (M - 1));
-  });
-  f.out = at::empty({B, C, H, W}, opt.memory_format(at::MemoryFormat::Contiguous));
-  Tensor out3 = f.out.view({B, C, N});
-  if (region_cm(x)) {
-    attention_forward_cm(f.qkv, xv.narrow(1, P, C - P), QK, scale, out3, keep_p ? &f.p : nullptr, nullptr);
-    return f;
-  }
-  Tensor qsT = f.qkv.narrow(1, 0, QK).transpose(1, 2).mul(scale);  // (B, N, QK)
-  Tensor k = f.qkv.narrow(1, QK, QK);
-  Tensor v = f.qkv.narrow(1, 2 * QK, P);
-  attention_forward_core(qsT, k, v, xv.narrow(1, P, C - P), out3, nullptr, keep_p ? &f.p : nullptr);
-  return f;
 }
 
 // BatchNorm backward with batch statistics, channel-major: d (B, CQ, N), given as the three
@@ -395,6 +315,170 @@ void gn_backward_token_major(const Tensor& dyT, const Tensor& xv, int64_t P, con
   });
 }
 
+}  // namespace
+
+void check_region_args(const Tensor& x, const Tensor& gw, const Tensor& gb, const Tensor& cw, const Tensor& bw,
+                       const Tensor& bb, const Tensor& rm, const Tensor& rv, int64_t pdim, int64_t qk_dim) {
+  check_input(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "shsa_region_train supports float32 and float64, got ", x.scalar_type());
+  const int64_t C = x.size(1), CQ = 2 * qk_dim + pdim;
+  TORCH_CHECK(pdim > 0 && pdim < C, "pdim must be in 1..", C - 1, ", got ", pdim);
+  TORCH_CHECK(qk_dim > 0, "qk_dim must be positive, got ", qk_dim);
+  TORCH_CHECK(cw.numel() == CQ * pdim && cw.size(0) == CQ, "conv_weight must be (", CQ, ", ", pdim,
+              ", 1, 1), got ", cw.sizes());
+  auto check_vec = [](const Tensor& t, int64_t n, const char* name) {
+    TORCH_CHECK(t.numel() == n, name, " must have ", n, " elements, got ", t.numel());
+    TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  };
+  check_vec(gw, pdim, "gn_weight");
+  check_vec(gb, pdim, "gn_bias");
+  check_vec(bw, CQ, "bn_weight");
+  check_vec(bb, CQ, "bn_bias");
+  check_vec(rm, CQ, "running_mean");
+  check_vec(rv, CQ, "running_var");
+  TORCH_CHECK(cw.device().is_cpu(), "conv_weight must be a CPU tensor, got ", cw.device());
+  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1,
+              "Expected more than 1 value per channel when training, got input size ", x.sizes());
+}
+
+RegionForward region_forward(const Tensor& x, const Tensor& gw, const Tensor& gb, const Tensor& cw,
+                             const Tensor& bw, const Tensor& bb, Tensor& rm, Tensor& rv, double momentum,
+                             double gn_eps, double bn_eps, int64_t pdim, int64_t qk_dim, double scale,
+                             bool keep_p) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W, M = B * N;
+  const int64_t P = pdim, QK = qk_dim, CQ = 2 * QK + P;
+  const auto opt = x.options();
+  const auto dt = x.scalar_type();
+  const Stats st{B, CQ};
+  RegionForward f;
+  Tensor xv = as_bcn(x);
+  Tensor gwc = contiguous_as(gw, dt), gbc = contiguous_as(gb, dt);
+  Tensor bwc = contiguous_as(bw, dt), bbc = contiguous_as(bb, dt);
+  Tensor cwc = contiguous_as(cw, dt);  // (CQ, P, 1, 1): rows of P
+  f.stats = at::empty({st.size()}, opt);
+  f.zhat = at::empty({B, CQ, N}, opt);
+  f.qkv = at::empty({B, CQ, N}, opt);
+  if (region_cm(x)) {
+    float* ps = f.stats.data_ptr<float>();
+    conv_forward_cm(xv, P, gn_eps, gwc.const_data_ptr<float>(), gbc.const_data_ptr<float>(),
+                    cwc.const_data_ptr<float>(), ps + st.gn_mu(), ps + st.gn_r(), f.zhat);
+  } else {
+    f.yT = at::empty({M, P}, opt);
+    AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_gn", [&] {
+      scalar_t* ps = f.stats.data_ptr<scalar_t>();
+      gn_token_major<scalar_t>(xv, P, gn_eps, gwc, gbc, f.yT, ps + st.gn_mu(), ps + st.gn_r());
+    });
+    Tensor zT = at::mm(f.yT, cwc.view({CQ, P}).t());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shsa_region_tr", [&] {
+      parallel_rows(B, 1, [&](int64_t b) {
+        transpose_map(zT.const_data_ptr<scalar_t>() + b * N * CQ, CQ, f.zhat.data_ptr<scalar_t>() + b * CQ * N, N,
+                      N, CQ, [](scalar_t v, int64_t, int64_t) { return v; });
+      });
+    });
+  }
+  AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_bn", [&] {
+    scalar_t* ps = f.stats.data_ptr<scalar_t>();
+    bn_train_forward<scalar_t>(bwc, bbc, bn_eps, f.zhat, f.qkv, ps + st.mean(), ps + st.var(), ps + st.bn_inv());
+    // running statistics as nn.BatchNorm2d updates them (unbiased variance)
+    update_running_stat<scalar_t>(rm, ps + st.mean(), CQ, momentum, 1.0);
+    update_running_stat<scalar_t>(rv, ps + st.var(), CQ, momentum, static_cast<double>(M) / (M - 1));
+  });
+  f.out = at::empty({B, C, H, W}, opt.memory_format(at::MemoryFormat::Contiguous));
+  Tensor out3 = f.out.view({B, C, N});
+  if (region_cm(x)) {
+    attention_forward_cm(f.qkv, xv.narrow(1, P, C - P), QK, scale, out3, keep_p ? &f.p : nullptr, nullptr);
+    return f;
+  }
+  Tensor qsT = f.qkv.narrow(1, 0, QK).transpose(1, 2).mul(scale);  // (B, N, QK)
+  Tensor k = f.qkv.narrow(1, QK, QK);
+  Tensor v = f.qkv.narrow(1, 2 * QK, P);
+  attention_forward_core(qsT, k, v, xv.narrow(1, P, C - P), out3, nullptr, keep_p ? &f.p : nullptr);
+  return f;
+}
+
+// The backward of region_forward (f its result, kept with keep_p): the gradients of x, gn_weight,
+// gn_bias, conv_weight, bn_weight and bn_bias, in that order, from dout (the gradient of f.out).
+// With dx_add (B, C, N; unit token stride) defined, dx is that tensor plus the region's
+// gradient, summed where dx is written (a residual branch's gradient: no extra pass).
+std::array<Tensor, 6> region_backward(const Tensor& x, const Tensor& gw, const Tensor& gb, const Tensor& cw,
+                                      const Tensor& bw, const RegionForward& f, int64_t pdim, int64_t qk_dim,
+                                      double scale, const Tensor& dout_in, const Tensor& dx_add) {
+  const Tensor add = dx_add.defined() ? as_bcn(cast_to(dx_add, x.scalar_type())) : Tensor();
+  const Tensor &out = f.out, &yT = f.yT, &zhat = f.zhat, &qkv = f.qkv, &p = f.p, &stats = f.stats;
+  const int64_t P = pdim, QK = qk_dim;
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W, M = B * N;
+  const int64_t CQ = 2 * QK + P;
+  const Stats st{B, CQ};
+  const auto dt = x.scalar_type();
+  const Tensor dout = cast_to(dout_in, dt);
+  Tensor dx = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dx3 = dx.view({B, C, N});
+  // attention + concat + ReLU: d(qkv) channel-major; the gradient of x2 straight into dx
+  const bool cm = region_cm(x);
+  std::array<Tensor, 3> parts;
+  Tensor dx2 = dx3.narrow(1, P, C - P);
+  if (cm) {
+    Tensor dqkv = at::empty({B, CQ, N}, x.options());
+    attention_backward_cm(as_bcn(dout), qkv, as_bcn(out), QK, scale, p, dx2, dqkv,
+                          add.defined() ? add.narrow(1, P, C - P) : Tensor());
+    parts = {dqkv.narrow(1, 0, QK), dqkv.narrow(1, QK, QK), dqkv.narrow(1, 2 * QK, P)};
+  } else {
+    auto [dq, dk, dv] = attention_backward_core(dout, qkv, out, QK, scale, p, dx2);
+    parts = {dq, dk, dv};
+  }
+  // BatchNorm (batch statistics), then the conv's two GEMMs
+  Tensor dT = at::empty(cm ? at::IntArrayRef{CQ, M} : at::IntArrayRef{M, CQ}, x.options());
+  Tensor dbw = at::empty({CQ}, x.options()), dbb = at::empty({CQ}, x.options());
+  Tensor bwc = contiguous_as(bw, dt);
+  AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_bn_bwd", [&] {
+    bn_train_backward<scalar_t>(parts, zhat, stats.const_data_ptr<scalar_t>() + st.bn_inv(), bwc, dT, dbw, dbb,
+                                cm);
+  });
+  Tensor cwc = contiguous_as(cw, dt);  // (CQ, P, 1, 1)
+  // GroupNorm, written into the first P channels of dx; its parameter gradients per image first
+  std::vector<char> part_mem(static_cast<size_t>(2 * B * P) * x.element_size());
+  Tensor gwc = contiguous_as(gw, dt);
+  Tensor xv = as_bcn(x);
+  Tensor dcw = at::empty(cw.sizes(), x.options());
+  if (cm) {
+    float* part = reinterpret_cast<float*>(part_mem.data());
+    const float* ps = stats.const_data_ptr<float>();
+    conv_gn_backward_cm(dT, xv, P, cwc.const_data_ptr<float>(), gwc.const_data_ptr<float>(),
+                        contiguous_as(gb, dt).const_data_ptr<float>(), ps + st.gn_mu(), ps + st.gn_r(), dcw, dx3,
+                        part, part + B * P, add);
+  } else {
+    Tensor dcw2 = dcw.view({CQ, P});
+    at::mm_out(dcw2, dT.t(), yT);
+    Tensor dyT = at::mm(dT, cwc.view({CQ, P}));  // (M, P)
+    AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_gn_bwd", [&] {
+      scalar_t* part = reinterpret_cast<scalar_t*>(part_mem.data());
+      const scalar_t* ps = stats.const_data_ptr<scalar_t>();
+      gn_backward_token_major<scalar_t>(dyT, xv, P, gwc, ps + st.gn_mu(), ps + st.gn_r(), dx3, part, part + B * P);
+    });
+  }
+  if (!cm && add.defined()) dx3.add_(add);
+  Tensor dgw = at::empty({P}, x.options()), dgb = at::empty({P}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_gn_params", [&] {
+    const scalar_t* part = reinterpret_cast<const scalar_t*>(part_mem.data());
+    scalar_t* pw = dgw.data_ptr<scalar_t>();
+    scalar_t* pb = dgb.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < P; ++c) {  // over the images in order: independent of the thread count
+      double sw = 0, sb = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        sw += part[b * P + c];
+        sb += part[(B + b) * P + c];
+      }
+      pw[c] = static_cast<scalar_t>(sw);
+      pb[c] = static_cast<scalar_t>(sb);
+    }
+  });
+  return {dx, cast_to(dgw, gw.scalar_type()), cast_to(dgb, gw.scalar_type()), cast_to(dcw, cw.scalar_type()),
+          cast_to(dbw, bw.scalar_type()), cast_to(dbb, bw.scalar_type())};
+}
+
+namespace {
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -415,88 +499,19 @@ struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     NoAutocast no_autocast;
     const auto s = ctx->get_saved_variables();
-    const Tensor &x = s[0], &gw = s[1], &gb = s[2], &cw = s[3], &bw = s[4], &out = s[5], &yT = s[6],
-                 &zhat = s[7], &qkv = s[8], &p = s[9], &stats = s[10];
-    const int64_t P = ctx->saved_data["pdim"].toInt(), QK = ctx->saved_data["qk_dim"].toInt();
-    const double scale = ctx->saved_data["scale"].toDouble();
-    const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = H * W, M = B * N;
-    const int64_t CQ = 2 * QK + P;
-    const Stats st{B, CQ};
-    const auto dt = x.scalar_type();
-    Tensor dout = cast_to(grads[0], dt);
-    Tensor dx = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
-    Tensor dx3 = dx.view({B, C, N});
-    // attention + concat + ReLU: d(qkv) channel-major; the gradient of x2 straight into dx
-    const bool cm = region_cm(x);
-    std::array<Tensor, 3> parts;
-    Tensor dx2 = dx3.narrow(1, P, C - P);
-    if (cm) {
-      Tensor dqkv = at::empty({B, CQ, N}, x.options());
-      attention_backward_cm(as_bcn(dout), qkv, as_bcn(out), QK, scale, p, dx2, dqkv);
-      parts = {dqkv.narrow(1, 0, QK), dqkv.narrow(1, QK, QK), dqkv.narrow(1, 2 * QK, P)};
-    } else {
-      auto [dq, dk, dv] = attention_backward_core(dout, qkv, out, QK, scale, p, dx2);
-      parts = {dq, dk, dv};
-    }
-    // BatchNorm (batch statistics), then the conv's two GEMMs
-    Tensor dT = at::empty(cm ? at::IntArrayRef{CQ, M} : at::IntArrayRef{M, CQ}, x.options());
-    Tensor dbw = at::empty({CQ}, x.options()), dbb = at::empty({CQ}, x.options());
-    Tensor bwc = contiguous_as(bw, dt);
-    AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_bn_bwd", [&] {
-      bn_train_backward<scalar_t>(parts, zhat, stats.const_data_ptr<scalar_t>() + st.bn_inv(), bwc, dT, dbw, dbb,
-                                  cm);
-    });
-    Tensor cwc = contiguous_as(cw, dt);  // (CQ, P, 1, 1)
-    // GroupNorm, written into the first P channels of dx; its parameter gradients per image first
-    std::vector<char> part_mem(static_cast<size_t>(2 * B * P) * x.element_size());
-    Tensor gwc = contiguous_as(gw, dt);
-    Tensor xv = as_bcn(x);
-    Tensor dcw = at::empty(cw.sizes(), x.options());
-    if (cm) {
-      float* part = reinterpret_cast<float*>(part_mem.data());
-      const float* ps = stats.const_data_ptr<float>();
-      conv_gn_backward_cm(dT, xv, P, cwc.const_data_ptr<float>(), gwc.const_data_ptr<float>(),
-                          contiguous_as(gb, dt).const_data_ptr<float>(), ps + st.gn_mu(), ps + st.gn_r(), dcw, dx3,
-                          part, part + B * P);
-    } else {
-      Tensor dcw2 = dcw.view({CQ, P});
-      at::mm_out(dcw2, dT.t(), yT);
-      Tensor dyT = at::mm(dT, cwc.view({CQ, P}));  // (M, P)
-      AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_gn_bwd", [&] {
-        scalar_t* part = reinterpret_cast<scalar_t*>(part_mem.data());
-        const scalar_t* ps = stats.const_data_ptr<scalar_t>();
-        gn_backward_token_major<scalar_t>(dyT, xv, P, gwc, ps + st.gn_mu(), ps + st.gn_r(), dx3, part, part + B * P);
-      });
-    }
-    Tensor dgw = at::empty({P}, x.options()), dgb = at::empty({P}, x.options());
-    AT_DISPATCH_FLOATING_TYPES(dt, "shsa_region_gn_params", [&] {
-      const scalar_t* part = reinterpret_cast<const scalar_t*>(part_mem.data());
-      scalar_t* pw = dgw.data_ptr<scalar_t>();
-      scalar_t* pb = dgb.data_ptr<scalar_t>();
-      for (int64_t c = 0; c < P; ++c) {  // over the images in order: independent of the thread count
-        double sw = 0, sb = 0;
-        for (int64_t b = 0; b < B; ++b) {
-          sw += part[b * P + c];
-          sb += part[(B + b) * P + c];
-        }
-        pw[c] = static_cast<scalar_t>(sw);
-        pb[c] = static_cast<scalar_t>(sb);
-      }
-    });
-    return {dx,
-            cast_to(dgw, gw.scalar_type()),
-            cast_to(dgb, gw.scalar_type()),
-            cast_to(dcw, cw.scalar_type()),
-            cast_to(dbw, bw.scalar_type()),
-            cast_to(dbb, bw.scalar_type()),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor()};
+    RegionForward f;
+    f.out = s[5];
+    f.yT = s[6];
+    f.zhat = s[7];
+    f.qkv = s[8];
+    f.p = s[9];
+    f.stats = s[10];
+    const auto g = region_backward(s[0], s[1], s[2], s[3], s[4], f, ctx->saved_data["pdim"].toInt(),
+                                   ctx->saved_data["qk_dim"].toInt(), ctx->saved_data["scale"].toDouble(), grads[0],
+                                   Tensor());
+    variable_list out(g.begin(), g.end());
+    out.resize(14);
+    return out;
   }
 };
 

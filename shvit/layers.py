@@ -12,11 +12,13 @@ from torch import nn
 import shvit_kernels
 from shvit_kernels._utils import check_4d
 from shvit_kernels.shsa_train import (
+    block_train_applies,
     bn_train,
     bn_train_applies,
     conv1x1_train,
     conv1x1_train_applies,
     region_train_applies,
+    shsa_block_train,
     shsa_region_train,
 )
 
@@ -120,6 +122,8 @@ class Residual(nn.Module):
         self.m = m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.m, SHSA) and self.m.fused:
+            return self.m.forward_residual(x)  # one op for the whole block in C++ training
         return x + self.m(x)
 
     @torch.no_grad()
@@ -251,6 +255,26 @@ class SHSA(nn.Module):
         attn = attn.softmax(dim=-1)
         x1 = (v @ attn.transpose(-2, -1)).reshape(B, self.pdim, H, W)
         return self.proj(torch.cat([x1, x2], dim=1))
+
+    def forward_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + self(x)``. A fused SHSA whose BatchNorms train, on the cpp backend, runs the
+        whole block as one C++ op (``shsa_block_train``): the residual add is summed where the
+        projection's BatchNorm writes its output, and its gradient where the backward writes
+        ``dx``, with the results of the separate ops."""
+        if self.fused:
+            check_4d("x", x, self.dim)
+            qkv, proj = self.qkv, self.proj[1]
+            if (
+                isinstance(qkv, Conv2d_BN)
+                and isinstance(proj, Conv2d_BN)
+                and block_train_applies(x, qkv.bn, proj.c, proj.bn)
+            ):
+                norm = self.pre_norm
+                return shsa_block_train(
+                    x, norm.weight, norm.bias, norm.eps, qkv.c.weight, qkv.bn, proj.c.weight, proj.bn, self.pdim,
+                    self.qk_dim, self.scale,
+                )
+        return x + self(x)
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         check_4d("x", x, self.dim)

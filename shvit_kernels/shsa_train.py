@@ -18,11 +18,13 @@ from torch import Tensor, nn
 from . import backend
 
 __all__ = [
+    "block_train_applies",
     "bn_train",
     "bn_train_applies",
     "conv1x1_train",
     "conv1x1_train_applies",
     "region_train_applies",
+    "shsa_block_train",
     "shsa_region_train",
 ]
 
@@ -118,3 +120,50 @@ def conv1x1_train(x: Tensor, weight: Tensor) -> Tensor:
     """``conv2d(x, weight)`` for a (out, in, 1, 1) float32 weight on the packed GEMM, with
     autograd (the input and weight gradients on the same GEMM). NCHW output."""
     return torch.ops.shvit_cpp.conv1x1_train(x, weight)
+
+
+def block_train_applies(x: Tensor, qkv_bn: nn.Module, proj_conv: nn.Module, proj_bn: nn.Module) -> bool:
+    """Whether ``shsa_block_train`` can run the residual block on ``x`` (4-D) with these modules:
+    the region op's conditions, a bias-free 1x1 ``dim -> dim`` projection conv and its
+    BatchNorm in training."""
+    return (
+        region_train_applies(x, qkv_bn)
+        and bn_train_applies(x, proj_bn)
+        and type(proj_conv) is nn.Conv2d
+        and proj_conv.bias is None
+        and proj_conv.kernel_size == (1, 1)
+        and proj_conv.stride == (1, 1)
+        and proj_conv.padding == (0, 0)
+        and proj_conv.dilation == (1, 1)
+        and proj_conv.groups == 1
+        and proj_conv.in_channels == proj_conv.out_channels == x.shape[1]
+        and proj_conv.weight.device.type == "cpu"
+    )
+
+
+def shsa_block_train(
+    x: Tensor,
+    gn_weight: Tensor,
+    gn_bias: Tensor,
+    gn_eps: float,
+    conv_weight: Tensor,
+    bn: nn.BatchNorm2d,
+    proj_weight: Tensor,
+    proj_bn: nn.BatchNorm2d,
+    pdim: int,
+    qk_dim: int,
+    scale: float,
+) -> Tensor:
+    """``x + proj_bn(conv(ReLU(concat(attention, x2)), proj_weight))``: the residual SHSA block
+    in training as one op (the region as in ``shsa_region_train``; both BatchNorms with batch
+    statistics, their running statistics and counters updated as ``nn.BatchNorm2d`` does). The
+    residual is added where the BatchNorm writes its output and its gradient where the
+    backward writes ``dx``, so the add costs no pass of its own."""
+    momentum, counter = _momentum(bn)
+    proj_momentum, proj_counter = _momentum(proj_bn)
+    return torch.ops.shvit_cpp.shsa_block_train(
+        x, gn_weight, gn_bias, conv_weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+        proj_weight, proj_bn.weight, proj_bn.bias, proj_bn.running_mean, proj_bn.running_var,
+        momentum, proj_momentum, float(gn_eps), float(bn.eps), float(proj_bn.eps), pdim, qk_dim, float(scale),
+        counter, proj_counter,
+    )

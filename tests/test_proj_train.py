@@ -30,9 +30,10 @@ needs_gemm = pytest.mark.skipif(
 # N = 420 splits each image's k-range of the weight gradient; 30 images of N = 16 make two k-blocks of
 # whole images; odd channel counts leave partial weight panels; 49 tokens (S1-S3's stage 2) and
 # 24 input channels end in panels of 1 and 8 valid columns (the 8-column kernel), 25 tokens
-# and 25 channels in panels of 9
+# and 25 channels in panels of 9; 256 and 272 tokens (whole 64-byte rows) are read in place by
+# the GEMM instead of packed
 SHAPES = [(2, 37, 19, 5, 7), (3, 400, 45, 20, 21), (1, 16, 16, 1, 1), (16, 336, 336, 4, 4), (2, 5, 3, 6, 1),
-          (30, 20, 24, 4, 4), (2, 24, 30, 7, 7), (3, 25, 14, 5, 5)]
+          (30, 20, 24, 4, 4), (2, 24, 30, 7, 7), (3, 25, 14, 5, 5), (2, 37, 19, 16, 16), (3, 20, 33, 16, 17)]
 
 
 def _run(x, w, g):

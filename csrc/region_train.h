@@ -1,0 +1,38 @@
+// The SHSA mixer region in training (shsa_region_train.cpp) as functions, for the ops that
+// build on it: the region op itself and the whole residual block (shsa_block_train.cpp).
+#pragma once
+
+#include <array>
+
+#include "common.h"
+
+namespace shvit_cpu {
+
+struct RegionForward {
+  Tensor out;     // (B, C, H, W): ReLU(concat(attention, x2))
+  Tensor yT;      // (B*N, P): GroupNorm output, token-major (input of the conv); ATen path only
+  Tensor zhat;    // (B, CQ, N): normalised conv output (BatchNorm before its affine)
+  Tensor qkv;     // (B, CQ, N): BatchNorm output = q, k, v (unscaled)
+  Tensor p;       // the attention probabilities when they fit the budget, else undefined
+  Tensor stats;   // (2B + 3CQ): GroupNorm mean and 1/std per image, then BatchNorm's 1/std,
+                  // batch mean and biased variance per channel
+};
+
+// Shapes, dtypes and devices of the region's arguments (float32 or float64 x).
+void check_region_args(const Tensor& x, const Tensor& gw, const Tensor& gb, const Tensor& cw, const Tensor& bw,
+                       const Tensor& bb, const Tensor& rm, const Tensor& rv, int64_t pdim, int64_t qk_dim);
+
+// GroupNorm(x1) -> qkv conv -> BatchNorm (batch statistics; rm, rv updated) -> attention +
+// concat + ReLU; with keep_p, what the backward needs is kept in the result.
+RegionForward region_forward(const Tensor& x, const Tensor& gw, const Tensor& gb, const Tensor& cw,
+                             const Tensor& bw, const Tensor& bb, Tensor& rm, Tensor& rv, double momentum,
+                             double gn_eps, double bn_eps, int64_t pdim, int64_t qk_dim, double scale,
+                             bool keep_p);
+
+// The gradients of x, gn_weight, gn_bias, conv_weight, bn_weight and bn_bias from dout, the
+// gradient of f.out; dx_add (B, C, H, W) or undefined is summed into dx.
+std::array<Tensor, 6> region_backward(const Tensor& x, const Tensor& gw, const Tensor& gb, const Tensor& cw,
+                                      const Tensor& bw, const RegionForward& f, int64_t pdim, int64_t qk_dim,
+                                      double scale, const Tensor& dout, const Tensor& dx_add);
+
+}  // namespace shvit_cpu

@@ -57,38 +57,38 @@ void transpose_keys(const float* k, int64_t ld, int64_t N, int64_t QK, std::vect
   shvit_gemm::transpose(k, ld, kT.data(), QK, QK, N);
 }
 
-// The probability panels of queries [n0, n0 + nq) into sp (one N x 16 panel per 16 queries):
-// S^T = K^T (q_scale q_panel), softmax over the keys. Query columns past N are zero in the
-// packed q, so they get uniform (finite) weights.
+// The probabilities of queries [n0, n0 + nq) into sp, a row-major N keys x w tile (w = nq
+// rounded up to 16): S^T = K^T (q_scale q_chunk) in one GEMM, softmax over the keys, 16
+// columns at a time. Query columns past N are zero in the packed q, so they get uniform
+// (finite) weights.
 void chunk_probs(const float* q, int64_t ld, int64_t N, int64_t QK, int64_t n0, int64_t nq, float q_scale,
                  const float* kT, std::vector<float>& qp, float* sp, float* lse = nullptr) {
-  const int64_t panels = (nq + kPanel - 1) / kPanel;
+  const int64_t panels = (nq + kPanel - 1) / kPanel, w = panels * kPanel;
   qp.resize(static_cast<size_t>(panels * QK * kPanel));
   shvit_gemm::pack_weight_t(q + n0, nq, QK, ld, qp.data());
   if (q_scale != 1.f) {
     for (float& e : qp) e *= q_scale;
   }
-  const shvit_gemm::Epilogue none;
+  shvit_gemm::gemm_packed(N, w, QK, kT, QK, qp.data(), sp, w, shvit_gemm::Epilogue{});
   for (int64_t p = 0; p < panels; ++p) {
-    float* s = sp + p * N * kPanel;
-    shvit_gemm::gemm_packed(N, kPanel, QK, kT, QK, qp.data() + p * QK * kPanel, s, kPanel, none);
     float l[kPanel];
-    shvit_gemm::softmax_panel_columns(s, N, lse != nullptr ? l : nullptr);
+    shvit_gemm::softmax_panel_columns(sp + p * kPanel, N, lse != nullptr ? l : nullptr, w);
     if (lse != nullptr) std::copy(l, l + std::min(kPanel, nq - p * kPanel), lse + n0 + p * kPanel);
   }
 }
 
-// The key panels of a chunk of nq queries from its query panels: src holds ceil(nq / 16)
-// panels of N keys x 16 queries, dst gets ceil(N / 16) panels of nq queries x 16 keys,
-// dst[(kp * nq + n) * 16 + j] = src[((n / 16) * N + 16 kp + j) * 16 + n % 16], zero for keys
-// past N (the packed B operand of a GEMM over the chunk's queries with the keys as columns).
-void query_to_key_panels(const float* src, int64_t N, int64_t nq, float* dst) {
+// The key panels of a chunk of nq queries from a keys x queries tile: entry (key m, query n)
+// of src at src + (n / 16) * ps + m * ls + n % 16 (query panels of N x 16: ps = 16 N, ls = 16;
+// a row-major N x w tile: ps = 16, ls = w). dst gets ceil(N / 16) panels of nq queries x 16
+// keys, dst[(kp * nq + n) * 16 + j] = entry (16 kp + j, n), zero for keys past N (the packed B
+// operand of a GEMM over the chunk's queries with the keys as columns).
+void query_to_key_panels(const float* src, int64_t ps, int64_t ls, int64_t N, int64_t nq, float* dst) {
   for (int64_t kp = 0; kp * kPanel < N; ++kp) {
     const int64_t keys = std::min(kPanel, N - kp * kPanel);
     for (int64_t p = 0; p * kPanel < nq; ++p) {
       const int64_t qn = std::min(kPanel, nq - p * kPanel);
       float* d = dst + (kp * nq + p * kPanel) * kPanel;
-      shvit_gemm::transpose(src + (p * N + kp * kPanel) * kPanel, kPanel, d, kPanel, keys, qn);
+      shvit_gemm::transpose(src + p * ps + kp * kPanel * ls, ls, d, kPanel, keys, qn);
       if (keys < kPanel) {
         for (int64_t n = 0; n < qn; ++n) std::fill(d + n * kPanel + keys, d + (n + 1) * kPanel, 0.f);
       }
@@ -100,25 +100,23 @@ void query_to_key_panels(const float* src, int64_t N, int64_t nq, float* dst) {
 void attention_cm_image(const float* q, const float* k, const float* v, int64_t ld, int64_t N, int64_t QK,
                         int64_t PD, const float* v_bias, float* out, int64_t ldo, bool panel_out, int64_t ldp,
                         CmWorkspace& ws, float q_scale, float* probs, float* lse) {
-  const int64_t chunk_panels = kCmChunk / kPanel;
-  if (probs == nullptr) ws.sp.resize(static_cast<size_t>(chunk_panels * N * kPanel));
+  if (probs == nullptr) ws.sp.resize(static_cast<size_t>(N * kCmChunk));
   transpose_keys(k, ld, N, QK, ws.kT);
   shvit_gemm::Epilogue oe;
   oe.row_bias = v_bias;
   oe.relu = true;
   for (int64_t n0 = 0; n0 < N; n0 += kCmChunk) {
     const int64_t nq = std::min(kCmChunk, N - n0);
-    const int64_t panels = (nq + kPanel - 1) / kPanel;
+    const int64_t panels = (nq + kPanel - 1) / kPanel, w = panels * kPanel;
     float* sp = probs != nullptr ? probs + n0 * N : ws.sp.data();
     chunk_probs(q, ld, N, QK, n0, nq, q_scale, ws.kT.data(), ws.qp, sp, lse);
+    // O = V P^T with the probability tile read in place as the B operand
     if (panel_out) {
       for (int64_t p = 0; p < panels; ++p) {
-        shvit_gemm::gemm_packed(PD, kPanel, N, v, ld, sp + p * N * kPanel, out + (n0 / kPanel + p) * ldp, kPanel,
-                                oe);
+        shvit_gemm::gemm_rows(PD, kPanel, N, v, ld, sp + p * kPanel, w, out + (n0 / kPanel + p) * ldp, kPanel, oe);
       }
     } else {
-      // the score panels of the chunk are consecutive: one packed operand of nq columns
-      shvit_gemm::gemm_packed(PD, nq, N, v, ld, sp, out + n0, ldo, oe);
+      shvit_gemm::gemm_rows(PD, nq, N, v, ld, sp, w, out + n0, ldo, oe);
     }
   }
 }
@@ -126,15 +124,15 @@ void attention_cm_image(const float* q, const float* k, const float* v, int64_t 
 // With S = s q^T k (s = q_scale), P = softmax over keys, O = V P^T and dO masked by the ReLU:
 //   delta_n = sum_c dO[c, n] O[c, n],  dP^T = V^T dO,  dS^T = P^T * (dP^T - delta),
 //   dq = s k dS^T,  dk = s q dS,  dv = dO P.
-// Queries go in chunks of kCmChunk: dS^T of a chunk is a set of N x 16 query panels, the
-// packed B operand of dq's GEMM; dS and P in key panels (query_to_key_panels) are the B
+// Queries go in chunks of kCmChunk: dP^T and dS^T of a chunk are one row-major N x w tile
+// (w: the chunk's queries rounded up to 16), from one GEMM over the chunk's dO panels, and
+// the B operand of dq's GEMM in place; dS and P in key panels (query_to_key_panels) are the B
 // operands of dk's and dv's, which accumulate over the chunks in place. Every result is
 // written channel-major.
 void attention_cm_backward_image(const float* q, const float* k, const float* v, int64_t ld, int64_t N, int64_t QK,
                                  int64_t PD, float q_scale, const float* o, int64_t ldo, const float* g, int64_t ldg,
                                  const float* probs, float* dq, float* dk, float* dv, int64_t ldd,
                                  CmBackwardWorkspace& ws) {
-  const int64_t chunk_panels = kCmChunk / kPanel;
   // dO masked by the ReLU (the output is positive exactly where the ReLU passed) and delta
   ws.dom.resize(static_cast<size_t>(PD * N));
   ws.delta.assign(static_cast<size_t>((N + kPanel - 1) / kPanel * kPanel), 0.f);
@@ -153,9 +151,9 @@ void attention_cm_backward_image(const float* q, const float* k, const float* v,
   shvit_gemm::transpose(v, ld, ws.vT.data(), PD, PD, N);
   if (probs == nullptr) {
     transpose_keys(k, ld, N, QK, ws.fwd.kT);
-    ws.fwd.sp.resize(static_cast<size_t>(chunk_panels * N * kPanel));
+    ws.fwd.sp.resize(static_cast<size_t>(N * kCmChunk));
   }
-  ws.ds.resize(static_cast<size_t>(chunk_panels * N * kPanel));
+  ws.ds.resize(static_cast<size_t>(N * kCmChunk));
   ws.dsk.resize(static_cast<size_t>((N + kPanel - 1) / kPanel * kCmChunk * kPanel));
   ws.pk.resize(ws.dsk.size());
   for (int64_t n0 = 0; n0 < N; n0 += kCmChunk) {
@@ -168,14 +166,14 @@ void attention_cm_backward_image(const float* q, const float* k, const float* v,
       chunk_probs(q, ld, N, QK, n0, nq, q_scale, ws.fwd.kT.data(), ws.fwd.qp, ws.fwd.sp.data());
       sp = ws.fwd.sp.data();
     }
-    // dP^T panels = V^T dO_panel, then dS^T = s P^T (dP^T - delta) in place (zero past N)
+    // dP^T (N x w) = V^T dO_chunk, then dS^T = s P^T (dP^T - delta) in place (zero past N)
+    const int64_t w = panels * kPanel;
     ws.gp.resize(static_cast<size_t>(panels * PD * kPanel));
     pack_tokens_copy(ws.dom.data() + n0, N, PD, nq, ws.gp.data());
+    float* __restrict__ d = ws.ds.data();
+    shvit_gemm::gemm_packed(N, w, PD, ws.vT.data(), PD, ws.gp.data(), d, w, shvit_gemm::Epilogue{});
     for (int64_t p = 0; p < panels; ++p) {
-      float* __restrict__ d = ws.ds.data() + p * N * kPanel;
-      shvit_gemm::gemm_packed(N, kPanel, PD, ws.vT.data(), PD, ws.gp.data() + p * PD * kPanel, d, kPanel,
-                              shvit_gemm::Epilogue{});
-      const float* __restrict__ pp = sp + p * N * kPanel;
+      const float* __restrict__ pp = sp + p * kPanel;
       const float* __restrict__ dlp = dl + n0 + p * kPanel;
       float sd[kPanel], sc[kPanel];
       for (int64_t j = 0; j < kPanel; ++j) {
@@ -183,24 +181,25 @@ void attention_cm_backward_image(const float* q, const float* k, const float* v,
         sd[j] = live ? dlp[j] : 0.f;
         sc[j] = live ? q_scale : 0.f;
       }
+      float* __restrict__ dp = d + p * kPanel;
       for (int64_t m = 0; m < N; ++m) {
 #pragma GCC unroll 16
         for (int64_t j = 0; j < kPanel; ++j) {
-          d[m * kPanel + j] = sc[j] * pp[m * kPanel + j] * (d[m * kPanel + j] - sd[j]);
+          dp[m * w + j] = sc[j] * pp[m * w + j] * (dp[m * w + j] - sd[j]);
         }
       }
     }
-    // dq[:, chunk] = k @ dS^T (the chunk's panels are one packed operand of nq columns)
-    shvit_gemm::gemm_packed(QK, nq, N, k, ld, ws.ds.data(), dq + n0, ldd, shvit_gemm::Epilogue{});
+    // dq[:, chunk] = k @ dS^T, the tile read in place (rows of w >= nq floats)
+    shvit_gemm::gemm_rows(QK, nq, N, k, ld, d, w, dq + n0, ldd, shvit_gemm::Epilogue{});
     // dk += s q_chunk dS_chunk, dv += dO_chunk P_chunk
     shvit_gemm::Epilogue acc;
-    query_to_key_panels(ws.ds.data(), N, nq, ws.dsk.data());
+    query_to_key_panels(d, kPanel, w, N, nq, ws.dsk.data());
     if (n0 > 0) {
       acc.residual = dk;
       acc.ldr = ldd;
     }
     shvit_gemm::gemm_packed(QK, N, nq, q + n0, ld, ws.dsk.data(), dk, ldd, acc);
-    query_to_key_panels(sp, N, nq, ws.pk.data());
+    query_to_key_panels(sp, kPanel, w, N, nq, ws.pk.data());
     if (n0 > 0) acc.residual = dv;
     shvit_gemm::gemm_packed(PD, N, nq, ws.dom.data() + n0, N, ws.pk.data(), dv, ldd, acc);
   }

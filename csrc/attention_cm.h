@@ -19,13 +19,14 @@ namespace shvit_cpu {
 struct CmWorkspace {
   std::vector<float> kT;  // (N, QK)
   std::vector<float> qp;  // query panels of one chunk, packed
-  std::vector<float> sp;  // score panels of one chunk (N x 16 each)
+  std::vector<float> sp;  // scores, then probabilities, of one query chunk: N keys x w, row-major
 };
 
 // Queries per chunk (a multiple of 16).
 constexpr int64_t kCmChunk = 64;
 
-// Floats of one image's probability panels: P^T as ceil(N / 16) panels of N keys x 16 queries.
+// Floats of one image's kept probabilities: P^T in query chunks, each an N keys x w tile (w: the
+// chunk's queries rounded up to 16).
 inline int64_t cm_prob_size(int64_t N) { return (N + 15) / 16 * 16 * N; }
 
 // out[c, n] = ReLU(sum_m v[c, m] softmax_m(q[:, n] . k[:, m]) + v_bias[c]) for c < PD, n < N.
@@ -33,10 +34,11 @@ inline int64_t cm_prob_size(int64_t N) { return (N + 15) / 16 * 16 * N; }
 // panel_out false, row c of the result goes to out + c * ldo; with panel_out true, query
 // panel p (tokens 16p..16p+15) goes to out + p * ldp as PD rows of 16 floats (the packed
 // layout of the next GEMM), all 16 columns written. v_bias may be null. q_scale multiplies q
-// (1 when q carries the scale already). With probs (cm_prob_size(N) floats), the probability
-// panels are kept there for the backward: panel p holds P[16p + j, m] at probs[(p * N + m) * 16 + j]
-// (queries past N hold finite filler). With lse (N floats), the log-sum-exp of each query's
-// scores.
+// (1 when q carries the scale already). With probs (cm_prob_size(N) floats), the probabilities
+// are kept there for the backward: the chunk of queries [n0, n0 + kCmChunk) as a row-major
+// N x w tile at probs + n0 * N, P[n, m] at probs[n0 * N + m * w + n - n0] (w: the chunk's
+// queries rounded up to 16; queries past N hold finite filler). With lse (N floats), the
+// log-sum-exp of each query's scores.
 void attention_cm_image(const float* q, const float* k, const float* v, int64_t ld, int64_t N, int64_t QK,
                         int64_t PD, const float* v_bias, float* out, int64_t ldo, bool panel_out, int64_t ldp,
                         CmWorkspace& ws, float q_scale = 1.f, float* probs = nullptr, float* lse = nullptr);
@@ -47,7 +49,7 @@ struct CmBackwardWorkspace {
   std::vector<float> dom;  // (PD, N): dO masked by the ReLU
   std::vector<float> delta;
   std::vector<float> gp;   // dO panels of one query chunk (B operand of dP^T = V^T dO)
-  std::vector<float> ds;   // dS^T of one query chunk in query panels (N keys x 16 queries each)
+  std::vector<float> ds;   // dP^T, then dS^T, of one query chunk: N keys x w queries, row-major
   std::vector<float> dsk;  // dS of the chunk in key panels (B operand of dk = s q dS)
   std::vector<float> pk;   // P of the chunk in key panels (B operand of dv = dO P)
 };

@@ -574,7 +574,7 @@ void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
                int64_t ldc, const Epilogue& epi) {
   if (m <= 0 || n <= 0) return;
 #ifdef SHVIT_GEMM_X86
-  if (available() && k > 0 && n % kPanel == 0) {  // panel p at b + 16 p, its rows ldb apart
+  if (available() && k > 0) {  // panel p at b + 16 p, its rows ldb apart
     if (current_isa() == Isa::kAvx512) {
       gemm_avx512(m, n, 1, k, a, lda, 0, b, ldb, kPanel, c, ldc, epi);
     } else {
@@ -690,11 +690,11 @@ SHVIT_AVX2 void softmax_rows_avx2(float* s, int64_t m, int64_t n, int64_t ld) {
     if (n8 < n) _mm256_maskstore_ps(r + n8, tail, _mm256_mul_ps(_mm256_maskload_ps(r + n8, tail), inv));
   }
 }
-SHVIT_AVX2 void softmax_panel_columns_avx2(float* p, int64_t m, float* lse) {
+SHVIT_AVX2 void softmax_panel_columns_avx2(float* p, int64_t m, float* lse, int64_t ld) {
   __m256 mx0 = _mm256_set1_ps(-INFINITY), mx1 = mx0;
   __m256 un0 = _mm256_setzero_ps(), un1 = un0;
   for (int64_t i = 0; i < m; ++i) {
-    const __m256 a = _mm256_loadu_ps(p + i * kPanel), b = _mm256_loadu_ps(p + i * kPanel + 8);
+    const __m256 a = _mm256_loadu_ps(p + i * ld), b = _mm256_loadu_ps(p + i * ld + 8);
     mx0 = _mm256_max_ps(mx0, a);
     mx1 = _mm256_max_ps(mx1, b);
     un0 = _mm256_or_ps(un0, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
@@ -706,18 +706,18 @@ SHVIT_AVX2 void softmax_panel_columns_avx2(float* p, int64_t m, float* lse) {
   mx1 = _mm256_blendv_ps(mx1, nan, un1);
   __m256 s0 = _mm256_setzero_ps(), s1 = s0;
   for (int64_t i = 0; i < m; ++i) {
-    const __m256 a = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + i * kPanel), mx0));
-    const __m256 b = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + i * kPanel + 8), mx1));
-    _mm256_storeu_ps(p + i * kPanel, a);
-    _mm256_storeu_ps(p + i * kPanel + 8, b);
+    const __m256 a = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + i * ld), mx0));
+    const __m256 b = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + i * ld + 8), mx1));
+    _mm256_storeu_ps(p + i * ld, a);
+    _mm256_storeu_ps(p + i * ld + 8, b);
     s0 = _mm256_add_ps(s0, a);
     s1 = _mm256_add_ps(s1, b);
   }
   const __m256 one = _mm256_set1_ps(1.f);
   const __m256 i0 = _mm256_div_ps(one, s0), i1 = _mm256_div_ps(one, s1);
   for (int64_t i = 0; i < m; ++i) {
-    _mm256_storeu_ps(p + i * kPanel, _mm256_mul_ps(_mm256_loadu_ps(p + i * kPanel), i0));
-    _mm256_storeu_ps(p + i * kPanel + 8, _mm256_mul_ps(_mm256_loadu_ps(p + i * kPanel + 8), i1));
+    _mm256_storeu_ps(p + i * ld, _mm256_mul_ps(_mm256_loadu_ps(p + i * ld), i0));
+    _mm256_storeu_ps(p + i * ld + 8, _mm256_mul_ps(_mm256_loadu_ps(p + i * ld + 8), i1));
   }
   if (lse != nullptr) {
     alignas(32) float mx[kPanel], sm[kPanel];
@@ -749,11 +749,11 @@ SHVIT_AVX512 inline __m512 exp_ps512(__m512 x) {
 }
 
 // softmax_panel_columns_avx2 with one zmm register per panel row.
-SHVIT_AVX512 void softmax_panel_columns_avx512(float* p, int64_t m, float* lse) {
+SHVIT_AVX512 void softmax_panel_columns_avx512(float* p, int64_t m, float* lse, int64_t ld) {
   __m512 mx = _mm512_set1_ps(-INFINITY);
   __mmask16 unord = 0;
   for (int64_t i = 0; i < m; ++i) {
-    const __m512 a = _mm512_loadu_ps(p + i * kPanel);
+    const __m512 a = _mm512_loadu_ps(p + i * ld);
     mx = _mm512_max_ps(mx, a);
     unord |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
   }
@@ -761,12 +761,12 @@ SHVIT_AVX512 void softmax_panel_columns_avx512(float* p, int64_t m, float* lse) 
   mx = _mm512_mask_mov_ps(mx, unord, _mm512_set1_ps(NAN));
   __m512 sm = _mm512_setzero_ps();
   for (int64_t i = 0; i < m; ++i) {
-    const __m512 a = exp_ps512(_mm512_sub_ps(_mm512_loadu_ps(p + i * kPanel), mx));
-    _mm512_storeu_ps(p + i * kPanel, a);
+    const __m512 a = exp_ps512(_mm512_sub_ps(_mm512_loadu_ps(p + i * ld), mx));
+    _mm512_storeu_ps(p + i * ld, a);
     sm = _mm512_add_ps(sm, a);
   }
   const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), sm);
-  for (int64_t i = 0; i < m; ++i) _mm512_storeu_ps(p + i * kPanel, _mm512_mul_ps(_mm512_loadu_ps(p + i * kPanel), inv));
+  for (int64_t i = 0; i < m; ++i) _mm512_storeu_ps(p + i * ld, _mm512_mul_ps(_mm512_loadu_ps(p + i * ld), inv));
   if (lse != nullptr) {
     alignas(64) float mxs[kPanel], sms[kPanel];
     _mm512_store_ps(mxs, mx);
@@ -777,14 +777,14 @@ SHVIT_AVX512 void softmax_panel_columns_avx512(float* p, int64_t m, float* lse) 
 }  // namespace
 #endif
 
-void softmax_panel_columns(float* p, int64_t m, float* lse) {
+void softmax_panel_columns(float* p, int64_t m, float* lse, int64_t ld) {
   if (m <= 0) return;
 #ifdef SHVIT_GEMM_X86
   if (available()) {
     if (current_isa() == Isa::kAvx512) {
-      softmax_panel_columns_avx512(p, m, lse);
+      softmax_panel_columns_avx512(p, m, lse, ld);
     } else {
-      softmax_panel_columns_avx2(p, m, lse);
+      softmax_panel_columns_avx2(p, m, lse, ld);
     }
     return;
   }
@@ -793,14 +793,14 @@ void softmax_panel_columns(float* p, int64_t m, float* lse) {
     float mx = p[j];
     bool nan = false;
     for (int64_t i = 0; i < m; ++i) {
-      const float v = p[i * kPanel + j];
+      const float v = p[i * ld + j];
       mx = v > mx ? v : mx;
       nan |= v != v;
     }
     if (nan) mx = NAN;
     float sum = 0.f;
-    for (int64_t i = 0; i < m; ++i) sum += (p[i * kPanel + j] = std::exp(p[i * kPanel + j] - mx));
-    for (int64_t i = 0; i < m; ++i) p[i * kPanel + j] /= sum;
+    for (int64_t i = 0; i < m; ++i) sum += (p[i * ld + j] = std::exp(p[i * ld + j] - mx));
+    for (int64_t i = 0; i < m; ++i) p[i * ld + j] /= sum;
     if (lse != nullptr) lse[j] = mx + std::log(sum);
   }
 }

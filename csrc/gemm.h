@@ -61,10 +61,11 @@ void gemm_packed_segmented(int64_t m, int64_t n, int64_t segs, int64_t seg_k, co
                            int64_t lds, const float* wp, float* c, int64_t ldc, const Epilogue& epi);
 
 // The same product with B (k, n; row stride ldb) read in place, row-major: C = epi(A @ B), so
-// B is the packed form's transpose, B[kk, j] = W[j, kk]. For n a multiple of 16 the kernels
-// stream B's rows as panels (a channel-major activation needs no packing; rows of whole cache
-// lines run best); other n take a plain loop. Every output is summed in the same k order as
-// gemm_packed, so the two give identical results. C must not alias A or B.
+// B is the packed form's transpose, B[kk, j] = W[j, kk]. The kernels stream B's rows as
+// 16-column panels (a channel-major activation needs no packing; rows of whole cache lines run
+// best), so each row must be readable up to the next multiple of 16 columns (what lies past n
+// is read but never used). Every output is summed in the same k order as gemm_packed, so the
+// two give identical results. C must not alias A or B.
 void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                int64_t ldc, const Epilogue& epi);
 
@@ -78,10 +79,10 @@ void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t r
 // Row-wise softmax in place: rows (m, n) with row stride ld; exact-max shift, NaN propagates.
 void softmax_rows(float* s, int64_t m, int64_t n, int64_t ld);
 
-// Column-wise softmax in place of a panel of kPanel columns: p (m, 16) contiguous, each of the
-// 16 columns normalised over its m entries; exact-max shift, NaN propagates per column.
-// (The score tile S^T of 16 queries, laid out as a packed weight for the next GEMM.) With lse,
-// lse[j] = log(sum_i exp(p[i, j])) of the input column j (NaN for a column holding NaN).
-void softmax_panel_columns(float* p, int64_t m, float* lse = nullptr);
+// Column-wise softmax in place of kPanel columns: p (m, 16) with row stride ld, each of the 16
+// columns normalised over its m entries; exact-max shift, NaN propagates per column. (16
+// queries of a score tile S^T, keys as rows.) With lse, lse[j] = log(sum_i exp(p[i, j])) of
+// the input column j (NaN for a column holding NaN).
+void softmax_panel_columns(float* p, int64_t m, float* lse = nullptr, int64_t ld = kPanel);
 
 }  // namespace shvit_gemm

@@ -315,11 +315,12 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
         e.bias = bp.const_data_ptr<float>();
         shvit_gemm::gemm_packed(N, C, C, ws.zt.data(), C, w_proj_packed->const_data_ptr<float>(), ws.yt.data(), C,
                                 e);
-        const float* yt = ws.yt.data();
+        // y^T back to channel rows with register transposes, then the residual row by row
+        shvit_gemm::transpose(ws.yt.data(), C, ob, N, N, C);
         for (int64_t c = 0; c < C; ++c) {
           const float* xr = xb + c * sc;
           float* orow = ob + c * N;
-          for (int64_t n = 0; n < N; ++n) orow[n] = xr[n] + yt[n * C + c];
+          for (int64_t n = 0; n < N; ++n) orow[n] = xr[n] + orow[n];
         }
         return;
       }

@@ -45,11 +45,20 @@ Tensor conv1x1_cm(const Tensor& x, const Tensor& a, int64_t cout) {
     });
     return out;
   }
+  // a last partial token panel of at most 8 columns runs transposed against the packed weight
+  std::vector<float> ap;
+  const int64_t tail = N % shvit_gemm::kPanel;
+  if (tail > 0 && tail <= 8 && N > shvit_gemm::kPanel) {
+    ap.resize(static_cast<size_t>(shvit_gemm::packed_size(cout, Cin)));
+    shvit_gemm::pack_weight(pa, cout, Cin, Cin, ap.data());
+  }
+  const float* pap = ap.empty() ? nullptr : ap.data();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     const Scratch panels(kScratchPanels, static_cast<size_t>(shvit_gemm::packed_size(N, Cin)));
     for (int64_t b = b0; b < b1; ++b) {
       pack_tokens_copy(px + b * sb, sc, Cin, N, panels.data());
-      shvit_gemm::gemm_packed(cout, N, Cin, pa, Cin, panels.data(), po + b * cout * N, N, shvit_gemm::Epilogue{});
+      shvit_gemm::gemm_token_panels(cout, N, Cin, pa, Cin, pap, panels.data(), po + b * cout * N, N,
+                                    shvit_gemm::Epilogue{});
     }
   });
   return out;

@@ -593,6 +593,27 @@ void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
   }
 }
 
+void gemm_token_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* a_packed,
+                       const float* bp, float* c, int64_t ldc, const Epilogue& epi) {
+  const int64_t full = n / kPanel * kPanel, t = n - full;
+  if (t == 0 || t > 8 || a_packed == nullptr || epi.residual != nullptr || epi.bias != nullptr || k <= 0 ||
+      full == 0) {
+    gemm_packed(m, n, k, a, lda, bp, c, ldc, epi);
+    return;
+  }
+  gemm_packed(m, full, k, a, lda, bp, c, ldc, epi);
+  // the last t columns as t rows: C[:, full:]^T (t, m) = B_tail^T (t, k) @ A^T
+  thread_local std::vector<float> bt, ct;
+  bt.resize(static_cast<size_t>(t * k));
+  ct.resize(static_cast<size_t>(t * m));
+  transpose(bp + full * k, kPanel, bt.data(), k, k, t);
+  Epilogue e;
+  e.bias = epi.row_bias;
+  e.relu = epi.relu;
+  gemm_packed(t, m, k, bt.data(), k, a_packed, ct.data(), m, e);
+  transpose(ct.data(), m, c + full, ldc, t, m);
+}
+
 void pack_weight_cols(const float* w, int64_t n, int64_t k, int64_t ldw, float* out, int64_t panel_stride) {
   const int64_t full = n / kPanel * kPanel;
   int64_t k0 = 0;

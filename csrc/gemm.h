@@ -69,6 +69,15 @@ void gemm_packed_segmented(int64_t m, int64_t n, int64_t segs, int64_t seg_k, co
 void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                int64_t ldc, const Epilogue& epi);
 
+// C (m, n) = epi(A (m, k) @ B) for B (k, n) in token panels (the packed form of B^T: a
+// channel-major product such as W @ x_b), as gemm_packed. A last partial panel of at most 8
+// columns runs transposed, as t rows against a_packed (pack_weight of A): its tiles then have
+// t of 6 rows busy instead of t of 16 columns. No residual or column bias in epi (they are
+// not transposed); a_packed may be null (then gemm_packed throughout). The same results as
+// gemm_packed (each output summed in the same k order).
+void gemm_token_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* a_packed,
+                       const float* bp, float* c, int64_t ldc, const Epilogue& epi);
+
 // pack_weight of the transpose: out[(p * k + kk) * 16 + j] = v[kk * ldv + p * 16 + j] (v is
 // (k, n) with row stride ldv; zero for p * 16 + j >= n).
 void pack_weight_t(const float* v, int64_t n, int64_t k, int64_t ldv, float* out);

@@ -300,6 +300,20 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
     // projection runs token-major (rows = tokens, columns = all C output channels: the GEMM's
     // wide tiles) instead of as C rows against a single 16-column token panel
     const bool token_proj = N <= shvit_gemm::kPanel && packed_usable(w_proj_packed, x, C, C);
+    // a last partial token panel of at most 8 columns: the projection's tail runs transposed
+    // against the packed weight (gemm_token_panels)
+    const float* wpk = nullptr;
+    std::vector<float> wpk_local;
+    const int64_t tail = N % shvit_gemm::kPanel;
+    if (!token_proj && tail > 0 && tail <= 8 && N > shvit_gemm::kPanel) {
+      if (packed_usable(w_proj_packed, x, C, C)) {
+        wpk = w_proj_packed->const_data_ptr<float>();
+      } else {
+        wpk_local.resize(static_cast<size_t>(shvit_gemm::packed_size(C, C)));
+        shvit_gemm::pack_weight(wp.const_data_ptr<float>(), C, C, C, wpk_local.data());
+        wpk = wpk_local.data();
+      }
+    }
     for_each_image_cm(x, out, [&](const float* xb, int64_t sc, float* ob, CmImage& ws) {
       ws.zp.resize(static_cast<size_t>(shvit_gemm::packed_size(N, C)));
       cm_project_attend(xb, sc, N, pdim, qk_dim, eps, wq.const_data_ptr<float>(), bq.const_data_ptr<float>(),
@@ -326,7 +340,7 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
       }
       shvit_gemm::Epilogue e;
       e.row_bias = bp.const_data_ptr<float>();
-      shvit_gemm::gemm_packed(C, N, C, wp.const_data_ptr<float>(), C, ws.zp.data(), ob, N, e);
+      shvit_gemm::gemm_token_panels(C, N, C, wp.const_data_ptr<float>(), C, wpk, ws.zp.data(), ob, N, e);
       // the residual in a separate sequential pass while the image's output is in cache
       // (read in the GEMM's tile order, x's rows cost a cache miss per tile)
       for (int64_t c = 0; c < C; ++c) {

@@ -2,7 +2,10 @@
 // build on it: the region op itself and the whole residual block (shsa_block_train.cpp).
 #pragma once
 
+#include <torch/csrc/autograd/custom_function.h>
+
 #include <array>
+#include <vector>
 
 #include "common.h"
 
@@ -17,6 +20,33 @@ struct RegionForward {
   Tensor stats;   // (2B + 3CQ): GroupNorm mean and 1/std per image, then BatchNorm's 1/std,
                   // batch mean and biased variance per channel
 };
+
+// The RegionForward kept by an autograd function: its six tensors saved in this order from
+// s[i] on (out, yT, zhat, qkv, p, stats).
+template <typename Saved>
+RegionForward region_saved(const Saved& s, size_t i) {
+  RegionForward f;
+  f.out = s[i];
+  f.yT = s[i + 1];
+  f.zhat = s[i + 2];
+  f.qkv = s[i + 3];
+  f.p = s[i + 4];
+  f.stats = s[i + 5];
+  return f;
+}
+
+// Saves x, gw, gb, cw, bw, f's six tensors (region_saved(s, 5) reads them back) and then
+// extra, with pdim, qk_dim and scale as saved data.
+inline void save_region(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& gw, const Tensor& gb,
+                        const Tensor& cw, const Tensor& bw, const RegionForward& f, const std::vector<Tensor>& extra,
+                        int64_t pdim, int64_t qk_dim, double scale) {
+  std::vector<Tensor> s{x, gw, gb, cw, bw, f.out, f.yT, f.zhat, f.qkv, f.p, f.stats};
+  s.insert(s.end(), extra.begin(), extra.end());
+  ctx->save_for_backward(s);
+  ctx->saved_data["pdim"] = pdim;
+  ctx->saved_data["qk_dim"] = qk_dim;
+  ctx->saved_data["scale"] = scale;
+}
 
 // Shapes, dtypes and devices of the region's arguments (float32 or float64 x).
 void check_region_args(const Tensor& x, const Tensor& gw, const Tensor& gb, const Tensor& cw, const Tensor& bw,

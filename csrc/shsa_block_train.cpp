@@ -88,12 +88,7 @@ struct ShsaBlockTrain : public torch::autograd::Function<ShsaBlockTrain> {
                         int64_t qk_dim, double scale) {
     BlockForward f = block_forward(x, gw, gb, cw, bw, bb, rm, rv, pw, pbw, pbb, prm, prv, momentum, proj_momentum,
                                    gn_eps, bn_eps, proj_bn_eps, pdim, qk_dim, scale, true);
-    const RegionForward& r = f.region;
-    ctx->save_for_backward(
-        {x, gw, gb, cw, bw, r.out, r.yT, r.zhat, r.qkv, r.p, r.stats, pw, pbw, f.y, f.mean, f.invstd});
-    ctx->saved_data["pdim"] = pdim;
-    ctx->saved_data["qk_dim"] = qk_dim;
-    ctx->saved_data["scale"] = scale;
+    save_region(ctx, x, gw, gb, cw, bw, f.region, {pw, pbw, f.y, f.mean, f.invstd}, pdim, qk_dim, scale);
     return f.out;
   }
 
@@ -103,13 +98,7 @@ struct ShsaBlockTrain : public torch::autograd::Function<ShsaBlockTrain> {
     const Tensor &x = s[0], &pw = s[11], &pbw = s[12], &y = s[13], &mean = s[14], &invstd = s[15];
     const auto dt = x.scalar_type();
     const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-    RegionForward r;
-    r.out = s[5];
-    r.yT = s[6];
-    r.zhat = s[7];
-    r.qkv = s[8];
-    r.p = s[9];
-    r.stats = s[10];
+    const RegionForward r = region_saved(s, 5);
     const Tensor g = cast_to(grads[0], dt);
     // BatchNorm, then the projection's two GEMMs
     Tensor dy = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));

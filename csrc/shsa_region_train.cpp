@@ -489,24 +489,14 @@ struct ShsaRegionTrain : public torch::autograd::Function<ShsaRegionTrain> {
                         double scale) {
     RegionForward f =
         region_forward(x, gw, gb, cw, bw, bb, rm, rv, momentum, gn_eps, bn_eps, pdim, qk_dim, scale, true);
-    ctx->save_for_backward({x, gw, gb, cw, bw, f.out, f.yT, f.zhat, f.qkv, f.p, f.stats});
-    ctx->saved_data["pdim"] = pdim;
-    ctx->saved_data["qk_dim"] = qk_dim;
-    ctx->saved_data["scale"] = scale;
+    save_region(ctx, x, gw, gb, cw, bw, f, {}, pdim, qk_dim, scale);
     return f.out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     NoAutocast no_autocast;
     const auto s = ctx->get_saved_variables();
-    RegionForward f;
-    f.out = s[5];
-    f.yT = s[6];
-    f.zhat = s[7];
-    f.qkv = s[8];
-    f.p = s[9];
-    f.stats = s[10];
-    const auto g = region_backward(s[0], s[1], s[2], s[3], s[4], f, ctx->saved_data["pdim"].toInt(),
+    const auto g = region_backward(s[0], s[1], s[2], s[3], s[4], region_saved(s, 5), ctx->saved_data["pdim"].toInt(),
                                    ctx->saved_data["qk_dim"].toInt(), ctx->saved_data["scale"].toDouble(), grads[0],
                                    Tensor());
     variable_list out(g.begin(), g.end());

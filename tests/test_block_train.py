@@ -13,7 +13,7 @@ import torch
 import shvit
 import shvit.layers
 from conftest import assert_rel_close, use_backend
-from test_region_train import SHAPES, _check, _count_calls, _input, _module
+from test_region_train import SHAPES, _count_calls, _input, _module, _two_steps_match_reference
 
 # every test once per packed-GEMM kernel family this CPU runs (conftest.each_gemm_isa)
 pytestmark = pytest.mark.usefixtures("each_gemm_isa")
@@ -37,35 +37,8 @@ def _blocks(shape, dtype, momentum=0.1):
 def test_block_train_matches_reference(shape, dtype, momentum, layout, monkeypatch):
     use_backend(monkeypatch, "cpp", "cpu")
     calls = _count_calls(monkeypatch, "shsa_block_train")
-    B, dim, _, _, H, W = shape
     ref, fused, exact = _blocks(shape, dtype, momentum)
-    for step in range(2):  # the second step sees the running statistics of the first
-        x = _input(B, dim, H, W, dtype, layout).requires_grad_()
-        xf = x.detach().clone().requires_grad_()
-        xe = x.detach().double().requires_grad_()
-        out_r, out_f, out_e = ref(x), fused(xf), exact(xe)
-        _check(out_f, out_r, out_e, f"step {step}: output")
-        g = torch.randn_like(out_e)
-        out_r.backward(g.to(dtype))
-        out_f.backward(g.to(dtype))
-        out_e.backward(g)
-        _check(xf.grad, x.grad, xe.grad, f"step {step}: input grad")
-    params_f, params_r = dict(fused.named_parameters()), dict(ref.named_parameters())
-    for name, p in exact.named_parameters():
-        if name == "m.pre_norm.bias":
-            # rounding noise around 0 (the qkv BatchNorm removes a per-channel shift of its
-            # input), bounded on the scale of the GroupNorm weight's gradient
-            scale = exact.m.pre_norm.weight.grad.norm().item()
-            assert params_f[name].grad.norm().item() <= 1e-4 * scale + 1e-12
-            continue
-        _check(params_f[name].grad, params_r[name].grad, p.grad, f"grad of {name}")
-    buffers_f, buffers_r = dict(fused.named_buffers()), dict(ref.named_buffers())
-    for name, b in exact.named_buffers():
-        assert buffers_f[name].dtype == buffers_r[name].dtype
-        if name.endswith("num_batches_tracked"):
-            assert torch.equal(buffers_f[name], buffers_r[name]), name
-        else:
-            _check(buffers_f[name], buffers_r[name], b, f"buffer {name}")
+    _two_steps_match_reference(ref, fused, exact, shape, dtype, layout, exact.m.pre_norm)
     assert len(calls) == 2, "the block op must run in training on the cpp backend"
 
 

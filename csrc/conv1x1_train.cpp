@@ -47,8 +47,7 @@ Tensor conv1x1_cm(const Tensor& x, const Tensor& a, int64_t cout) {
   }
   // a last partial token panel of at most 8 columns runs transposed against the packed weight
   std::vector<float> ap;
-  const int64_t tail = N % shvit_gemm::kPanel;
-  if (tail > 0 && tail <= 8 && N > shvit_gemm::kPanel) {
+  if (shvit_gemm::transposes_tail(N)) {
     ap.resize(static_cast<size_t>(shvit_gemm::packed_size(cout, Cin)));
     shvit_gemm::pack_weight(pa, cout, Cin, Cin, ap.data());
   }

@@ -596,8 +596,7 @@ void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
 void gemm_token_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* a_packed,
                        const float* bp, float* c, int64_t ldc, const Epilogue& epi) {
   const int64_t full = n / kPanel * kPanel, t = n - full;
-  if (t == 0 || t > 8 || a_packed == nullptr || epi.residual != nullptr || epi.bias != nullptr || k <= 0 ||
-      full == 0) {
+  if (!transposes_tail(n) || a_packed == nullptr || epi.residual != nullptr || epi.bias != nullptr || k <= 0) {
     gemm_packed(m, n, k, a, lda, bp, c, ldc, epi);
     return;
   }

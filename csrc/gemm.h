@@ -78,6 +78,9 @@ void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
 void gemm_token_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* a_packed,
                        const float* bp, float* c, int64_t ldc, const Epilogue& epi);
 
+// Whether gemm_token_panels runs the tail of n columns transposed (so a_packed is worth making).
+inline bool transposes_tail(int64_t n) { return n > kPanel && n % kPanel != 0 && n % kPanel <= 8; }
+
 // pack_weight of the transpose: out[(p * k + kk) * 16 + j] = v[kk * ldv + p * 16 + j] (v is
 // (k, n) with row stride ldv; zero for p * 16 + j >= n).
 void pack_weight_t(const float* v, int64_t n, int64_t k, int64_t ldv, float* out);

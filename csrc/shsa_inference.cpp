@@ -304,8 +304,7 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
     // against the packed weight (gemm_token_panels)
     const float* wpk = nullptr;
     std::vector<float> wpk_local;
-    const int64_t tail = N % shvit_gemm::kPanel;
-    if (!token_proj && tail > 0 && tail <= 8 && N > shvit_gemm::kPanel) {
+    if (!token_proj && shvit_gemm::transposes_tail(N)) {
       if (packed_usable(w_proj_packed, x, C, C)) {
         wpk = w_proj_packed->const_data_ptr<float>();
       } else {

@@ -17,20 +17,23 @@ namespace {
 template <typename F>
 inline void pack_tokens(const float* x, int64_t ldx, int64_t rows, int64_t N, float* out, int64_t panel_rows,
                         int64_t row0, const F& f) {
-  const int64_t np = (N + kPanel - 1) / kPanel;
-  for (int64_t p = 0; p < np; ++p) {
-    const int64_t t0 = p * kPanel, nv = std::min(kPanel, N - t0);
-    float* dst = out + (p * panel_rows + row0) * kPanel;
-    for (int64_t c = 0; c < rows; ++c) {
-      const float* src = x + c * ldx + t0;
-      float* d = dst + c * kPanel;
-      if (nv == kPanel) {
+  // row by row (each source row read once, front to back), its panels scattered
+  const int64_t full = N / kPanel, nv = N - full * kPanel;
+  const int64_t ps = panel_rows * kPanel;
+  for (int64_t c = 0; c < rows; ++c) {
+    const float* src = x + c * ldx;
+    float* dst = out + (row0 + c) * kPanel;
+    for (int64_t p = 0; p < full; ++p) {
+      const float* s = src + p * kPanel;
+      float* d = dst + p * ps;
 #pragma GCC unroll 16
-        for (int64_t j = 0; j < kPanel; ++j) d[j] = f(src[j]);
-      } else {
-        for (int64_t j = 0; j < nv; ++j) d[j] = f(src[j]);
-        for (int64_t j = nv; j < kPanel; ++j) d[j] = 0.f;
-      }
+      for (int64_t j = 0; j < kPanel; ++j) d[j] = f(s[j]);
+    }
+    if (nv > 0) {
+      const float* s = src + full * kPanel;
+      float* d = dst + full * ps;
+      for (int64_t j = 0; j < nv; ++j) d[j] = f(s[j]);
+      for (int64_t j = nv; j < kPanel; ++j) d[j] = 0.f;
     }
   }
 }

@@ -33,7 +33,8 @@ needs_gemm = pytest.mark.skipif(
 # and 25 channels in panels of 9; 256 and 272 tokens (whole 64-byte rows) are read in place by
 # the GEMM instead of packed
 SHAPES = [(2, 37, 19, 5, 7), (3, 400, 45, 20, 21), (1, 16, 16, 1, 1), (16, 336, 336, 4, 4), (2, 5, 3, 6, 1),
-          (30, 20, 24, 4, 4), (2, 24, 30, 7, 7), (3, 25, 14, 5, 5), (2, 37, 19, 16, 16), (3, 20, 33, 16, 17)]
+          (30, 20, 24, 4, 4), (2, 24, 30, 7, 7), (3, 25, 14, 5, 5), (2, 37, 19, 16, 16), (3, 20, 33, 16, 17),
+          (2, 600, 24, 3, 5), (2, 20, 530, 16, 16)]  # the last two: sums over more than one k-block
 
 
 def _run(x, w, g):

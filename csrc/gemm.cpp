@@ -341,8 +341,9 @@ SHVIT_AVX512 inline void micro_z(int64_t kc, int64_t nseg, int64_t lds, const fl
 // A tile of C: rows (<= R) x nv (<= 16 P) entries at c over one k-block, as tile() does.
 template <int R, int P>
 SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t lds, const float* a,
-                         int64_t lda, const float* b, int64_t bps, int64_t ldb, float* c, int64_t ldc, bool first, bool last,
-                         const float* bias, const float* rbias, const float* res, int64_t ldr, bool relu) {
+                         int64_t lda, const float* b, int64_t bps, int64_t ldb, float* c, int64_t ldc, int64_t cps,
+                         bool first, bool last, const float* bias, const float* rbias, const float* res, int64_t ldr,
+                         bool relu) {
   alignas(64) float acc[R * P * kPanel];
   const float* ar[R];
   for (int64_t r = 0; r < R; ++r) ar[r] = a + std::min<int64_t>(r, rows - 1) * lda;
@@ -358,9 +359,9 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
         if (first) {
           if (bias) v = _mm512_maskz_loadu_ps(mk[p], bias + p * kPanel);
           if (rbias) v = _mm512_add_ps(v, _mm512_set1_ps(rbias[r]));
-          if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk[p], res + r * ldr + p * kPanel));
+          if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk[p], res + r * ldr + p * cps));
         } else {
-          v = _mm512_maskz_loadu_ps(mk[p], c + r * ldc + p * kPanel);
+          v = _mm512_maskz_loadu_ps(mk[p], c + r * ldc + p * cps);
         }
       }
       _mm512_store_ps(acc + (r * P + p) * kPanel, v);
@@ -372,7 +373,7 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
     for (int p = 0; p < P; ++p) {
       __m512 v = _mm512_load_ps(acc + (r * P + p) * kPanel);
       if (last && relu) v = _mm512_max_ps(z, v);  // max(0, v): NaN stays NaN, as in torch.relu
-      _mm512_mask_storeu_ps(c + r * ldc + p * kPanel, mk[p], v);
+      _mm512_mask_storeu_ps(c + r * ldc + p * cps, mk[p], v);
     }
   }
 }
@@ -380,7 +381,7 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
 // gemm_avx2's loops with the AVX-512 tiles: panels in fours, then pairs.
 SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t segs, int64_t seg_k, const float* a, int64_t lda,
                               int64_t lds, const float* wp, int64_t ldb, int64_t bps, float* c, int64_t ldc,
-                              const Epilogue& epi) {
+                              const Epilogue& epi, int64_t cps = kPanel) {
   const int64_t np = (n + kPanel - 1) / kPanel;
   const auto block = [&](int64_t ic, int64_t mc, int64_t nseg, int64_t kc, int64_t k0, bool first, bool last,
                          const float* as) {
@@ -389,6 +390,7 @@ SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t segs, int64_t seg_k,
       const int64_t nv = std::min(2 * kPanel, n - col);
       const float* b = wp + jp * bps + k0 * ldb;
       const float* bias = epi.bias ? epi.bias + col : nullptr;
+      const int64_t cc = jp * cps;  // the panel's first column of C and of the residual
       // four panels: 6 x 64 tiles; a pair: 6 x 32; a lone last panel: 12 x 16 tiles (6 x 16
       // for its last rows when at most six are left)
       const bool pair = jp + 1 < np, quad = jp + 3 < np;
@@ -396,20 +398,20 @@ SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t segs, int64_t seg_k,
       for (int64_t ir = 0; ir < mc;) {
         const int64_t row = ic + ir, left = mc - ir;
         const int64_t step = pair || left <= 6 ? 6 : 12, rows = std::min(step, left);
-        const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
+        const float* res = epi.residual ? epi.residual + row * epi.ldr + cc : nullptr;
         const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
         if (quad) {
-          tile_z<6, 4>(rows, nvq, kc, nseg, lds, as + row * lda, lda, b, bps, ldb, c + row * ldc + col, ldc,
+          tile_z<6, 4>(rows, nvq, kc, nseg, lds, as + row * lda, lda, b, bps, ldb, c + row * ldc + cc, ldc, cps,
                        first, last, bias, rbias, res, epi.ldr, epi.relu);
         } else if (pair) {
-          tile_z<6, 2>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, bps, ldb, c + row * ldc + col, ldc,
+          tile_z<6, 2>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, bps, ldb, c + row * ldc + cc, ldc, cps,
                        first, last, bias, rbias, res, epi.ldr, epi.relu);
         } else if (step == 12) {
-          tile_z<12, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, ldb, c + row * ldc + col, ldc, first, last,
-                        bias, rbias, res, epi.ldr, epi.relu);
+          tile_z<12, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, ldb, c + row * ldc + cc, ldc, cps, first,
+                        last, bias, rbias, res, epi.ldr, epi.relu);
         } else {
-          tile_z<6, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, ldb, c + row * ldc + col, ldc, first, last,
-                       bias, rbias, res, epi.ldr, epi.relu);
+          tile_z<6, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, ldb, c + row * ldc + cc, ldc, cps, first,
+                       last, bias, rbias, res, epi.ldr, epi.relu);
         }
         ir += step;
       }
@@ -594,6 +596,19 @@ void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
       c[i * ldc + j] = epi.relu && s < 0.f ? 0.f : s;
     }
   }
+}
+
+void gemm_image_panels(int64_t m, int64_t nb, int64_t k, const float* a, int64_t lda, const float* x, int64_t xs,
+                       float* c, int64_t cs, const Epilogue& epi) {
+  if (m <= 0 || nb <= 0) return;
+#ifdef SHVIT_GEMM_X86
+  if (available() && k > 0 && current_isa() == Isa::kAvx512) {
+    // the images' panels side by side: 6 x 64 tiles over four images at a time
+    gemm_avx512(m, nb * kPanel, 1, k, a, lda, 0, x, kPanel, xs, c, kPanel, epi, cs);
+    return;
+  }
+#endif
+  for (int64_t b = 0; b < nb; ++b) gemm_rows(m, kPanel, k, a, lda, x + b * xs, kPanel, c + b * cs, kPanel, epi);
 }
 
 void gemm_token_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* a_packed,

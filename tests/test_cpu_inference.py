@@ -484,6 +484,7 @@ CM_SHAPES = [
     (2, 336, 72, 16, 8, 8),
     (2, 448, 96, 16, 4, 4),
     (3, 36, 10, 8, 3, 3),  # at most one token panel: the block's projection runs token-major
+    (2, 30, 9, 16, 13, 15),  # 195 queries: a last query chunk of 3
 ]
 
 

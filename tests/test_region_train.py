@@ -56,7 +56,8 @@ SHAPES = [  # (B, dim, pdim, qk_dim, H, W)
     (3, 40, 9, 8, 3, 5),
     (2, 24, 8, 16, 3, 3),
     (2, 19, 1, 16, 7, 1),
-    (2, 40, 9, 24, 20, 21),  # several query chunks, more keys than one GEMM k-block (384)
+    (2, 40, 9, 24, 20, 21),  # several query chunks
+    (2, 24, 8, 16, 14, 14),  # 196 queries: query chunks of 64, 64, 64 and 4
 ]
 
 

@@ -87,9 +87,11 @@ def test_conv1x1_train_one_gradient_at_a_time_and_empty_batch():
 
 
 @needs_gemm
-def test_conv1x1_train_same_bits_with_one_and_two_threads():
+@pytest.mark.parametrize("B,H,W", [(5, 9, 9), (7, 4, 4)], ids=["9x9", "4x4-image-panels"])
+def test_conv1x1_train_same_bits_with_one_and_two_threads(B, H, W):
     gen = torch.Generator().manual_seed(2)
-    x, w, g = torch.randn(5, 50, 9, 9, generator=gen), torch.randn(60, 50, 1, 1, generator=gen), torch.randn(5, 60, 9, 9, generator=gen)
+    x, w = torch.randn(B, 50, H, W, generator=gen), torch.randn(60, 50, 1, 1, generator=gen)
+    g = torch.randn(B, 60, H, W, generator=gen)
     prev = torch.get_num_threads()
     outs = []
     try:

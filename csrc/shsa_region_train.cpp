@@ -256,8 +256,9 @@ void bn_train_backward(std::array<Tensor, 3>& parts, const Tensor& zhat, const s
       const scalar_t* hr = ph + (b * CQ + c) * N;
       // in double: dz below is a small difference of these terms (BatchNorm removes the
       // mean and the zhat-component of the incoming gradient)
-      s1[c] += row_sum<scalar_t, double>(dr, N);
-      s2[c] += row_dot_sum<scalar_t, double>(dr, hr, N, 0.0).first;
+      const auto ds = row_dot_sum<scalar_t, double>(dr, hr, N, 0.0);  // (sum(d * zhat), sum(d)), one pass
+      s1[c] += ds.second;
+      s2[c] += ds.first;
     }
   }
   scalar_t* pdbw = dbw.data_ptr<scalar_t>();

@@ -188,20 +188,17 @@ void conv_gn_backward_cm(const Tensor& dz, const Tensor& xv, int64_t P, const fl
   const int64_t np = (P + kP - 1) / kP;
   const Scratch yp(kScratchA, static_cast<size_t>(np * K * kP));
   parallel_rows(B, 1, [&](int64_t b) {  // image b's k-range of every panel of Y
+    // Y_b's rows (the GroupNorm output), then packed by 8 x 8 register transposes
+    thread_local std::vector<float> y;
+    y.resize(static_cast<size_t>(P * N));
     const float mu = pmu[b], r = pr[b];
-    for (int64_t p = 0; p < np; ++p) {
-      float* dst = yp.data() + (p * K + b * N) * kP;
-      for (int64_t j = 0; j < kP; ++j) {
-        const int64_t c = p * kP + j;
-        if (c < P) {
-          const float* src = px + b * sb + c * sc;
-          const float a = r * pgw[c], o = pgb[c] - mu * a;
-          for (int64_t n = 0; n < N; ++n) dst[n * kP + j] = src[n] * a + o;
-        } else {
-          for (int64_t n = 0; n < N; ++n) dst[n * kP + j] = 0.f;
-        }
-      }
+    for (int64_t c = 0; c < P; ++c) {
+      const float* src = px + b * sb + c * sc;
+      float* yr = y.data() + c * N;
+      const float a = r * pgw[c], o = pgb[c] - mu * a;
+      for (int64_t n = 0; n < N; ++n) yr[n] = src[n] * a + o;
     }
+    shvit_gemm::pack_weight_cols(y.data(), P, N, N, yp.data() + b * N * kP, K * kP);
   });
   float* pw = dw.data_ptr<float>();
   at::parallel_for(0, CQ, 6, [&](int64_t r0, int64_t r1) {

@@ -309,50 +309,29 @@ SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t segs, int64_t seg_k, con
 
 constexpr int64_t kKcMax512 = 512;
 
-// acc (R rows x P panels of 16, the tile's running sum) += A[rows, k-block] @ panels[k-block],
-// panel p at b + p * bps, rows ldb apart; segments as in micro6. R * P accumulators in zmm registers.
-template <int R, int P>
-SHVIT_AVX512 inline void micro_z(int64_t kc, int64_t nseg, int64_t lds, const float* const* a, const float* b,
-                                 int64_t bps, int64_t ldb, float* acc) {
-  __m512 c[R * P];
-#pragma GCC unroll 24
-  for (int i = 0; i < R * P; ++i) c[i] = _mm512_load_ps(acc + i * kPanel);
-  for (int64_t sg = 0; sg < nseg; ++sg, b += kc * ldb) {
-    const float* ar[R];
-#pragma GCC unroll 12
-    for (int r = 0; r < R; ++r) ar[r] = a[r] + sg * lds;
-#pragma GCC unroll 2
-    for (int64_t kk = 0; kk < kc; ++kk) {
-      __m512 bv[P];
-#pragma GCC unroll 4
-      for (int p = 0; p < P; ++p) bv[p] = _mm512_loadu_ps(b + p * bps + kk * ldb);
-#pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        const __m512 av = _mm512_set1_ps(ar[r][kk]);
-#pragma GCC unroll 4
-        for (int p = 0; p < P; ++p) c[r * P + p] = _mm512_fmadd_ps(av, bv[p], c[r * P + p]);
-      }
-    }
-  }
-#pragma GCC unroll 24
-  for (int i = 0; i < R * P; ++i) _mm512_store_ps(acc + i * kPanel, c[i]);
-}
-
-// A tile of C: rows (<= R) x nv (<= 16 P) entries at c over one k-block, as tile() does.
+// A tile of C: rows (<= R) x nv (<= 16 P) entries at c over one k-block, as tile() does, with
+// the R * P accumulators in zmm registers from the first load to the last store (no round trip
+// through memory: the tiles of the k = 16 score GEMM spent about a third of their time there).
+// Panel p at b + p * bps, rows ldb apart; segments as in micro6. Short tiles repeat their last
+// row of A (the extra results are not stored).
 template <int R, int P>
 SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t lds, const float* a,
                          int64_t lda, const float* b, int64_t bps, int64_t ldb, float* c, int64_t ldc, int64_t cps,
                          bool first, bool last, const float* bias, const float* rbias, const float* res, int64_t ldr,
                          bool relu) {
-  alignas(64) float acc[R * P * kPanel];
   const float* ar[R];
-  for (int64_t r = 0; r < R; ++r) ar[r] = a + std::min<int64_t>(r, rows - 1) * lda;
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) ar[r] = a + std::min<int64_t>(r, rows - 1) * lda;
   __mmask16 mk[P];
+#pragma GCC unroll 4
   for (int p = 0; p < P; ++p) {
     const int64_t v = std::min<int64_t>(kPanel, nv - p * kPanel);
     mk[p] = v <= 0 ? 0 : static_cast<__mmask16>((1u << v) - 1u);
   }
-  for (int64_t r = 0; r < R; ++r) {
+  __m512 acc[R * P];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
     for (int p = 0; p < P; ++p) {
       __m512 v = _mm512_setzero_ps();
       if (r < rows) {
@@ -364,14 +343,33 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
           v = _mm512_maskz_loadu_ps(mk[p], c + r * ldc + p * cps);
         }
       }
-      _mm512_store_ps(acc + (r * P + p) * kPanel, v);
+      acc[r * P + p] = v;
     }
   }
-  micro_z<R, P>(kc, nseg, lds, ar, b, bps, ldb, acc);
+  for (int64_t sg = 0; sg < nseg; ++sg, b += kc * ldb) {
+    const float* as[R];
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) as[r] = ar[r] + sg * lds;
+#pragma GCC unroll 2
+    for (int64_t kk = 0; kk < kc; ++kk) {
+      __m512 bv[P];
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p) bv[p] = _mm512_loadu_ps(b + p * bps + kk * ldb);
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r) {
+        const __m512 av = _mm512_set1_ps(as[r][kk]);
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) acc[r * P + p] = _mm512_fmadd_ps(av, bv[p], acc[r * P + p]);
+      }
+    }
+  }
   const __m512 z = _mm512_setzero_ps();
-  for (int64_t r = 0; r < rows; ++r) {
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
+#pragma GCC unroll 4
     for (int p = 0; p < P; ++p) {
-      __m512 v = _mm512_load_ps(acc + (r * P + p) * kPanel);
+      __m512 v = acc[r * P + p];
       if (last && relu) v = _mm512_max_ps(z, v);  // max(0, v): NaN stays NaN, as in torch.relu
       _mm512_mask_storeu_ps(c + r * ldc + p * cps, mk[p], v);
     }

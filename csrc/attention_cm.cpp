@@ -72,10 +72,15 @@ void chunk_probs(const float* q, int64_t ld, int64_t N, int64_t QK, int64_t n0, 
   if (q_scale != 1.f) {
     for (float& e : qp) e *= q_scale;
   }
-  shvit_gemm::gemm_packed(N, w, QK, kT, QK, qp.data(), sp, w, shvit_gemm::Epilogue{});
+  // the score GEMM leaves each query's maximum score for the softmax
+  float mx[kCmChunk];
+  std::fill(mx, mx + w, -INFINITY);
+  shvit_gemm::Epilogue se;
+  se.col_max = mx;
+  shvit_gemm::gemm_packed(N, w, QK, kT, QK, qp.data(), sp, w, se);
   for (int64_t p = 0; p < panels; ++p) {
     float l[kPanel];
-    shvit_gemm::softmax_panel_columns(sp + p * kPanel, N, lse != nullptr ? l : nullptr, w);
+    shvit_gemm::softmax_panel_columns(sp + p * kPanel, N, lse != nullptr ? l : nullptr, w, mx + p * kPanel);
     if (lse != nullptr) std::copy(l, l + std::min(kPanel, nq - p * kPanel), lse + n0 + p * kPanel);
   }
 }

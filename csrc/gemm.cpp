@@ -181,7 +181,7 @@ SHVIT_AVX2 inline void micro6_8(int64_t kc, int64_t nseg, int64_t lds, const flo
 // tiles repeat their last row of A (the extra results are not stored).
 SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t lds, const float* a, int64_t lda,
                      const float* b, int64_t ldb, float* c, int64_t ldc, bool first, bool last, const float* bias,
-                     const float* rbias, const float* res, int64_t ldr, bool relu) {
+                     const float* rbias, const float* res, int64_t ldr, bool relu, float* cmax) {
   alignas(32) float acc[6 * kPanel];
   const float* ar[6];
   for (int64_t r = 0; r < 6; ++r) ar[r] = a + std::min(r, rows - 1) * lda;
@@ -209,6 +209,11 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t
     }
     micro6(kc, nseg, lds, ar, b, ldb, acc);
     const __m256 z = _mm256_setzero_ps();
+    __m256 m0 = _mm256_setzero_ps(), m1 = m0;
+    if (last && cmax) {
+      m0 = _mm256_loadu_ps(cmax);
+      m1 = _mm256_loadu_ps(cmax + 8);
+    }
     for (int64_t r = 0; r < 6; ++r) {
       v0 = _mm256_load_ps(acc + r * kPanel);
       v1 = _mm256_load_ps(acc + r * kPanel + 8);
@@ -218,6 +223,12 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t
       }
       _mm256_storeu_ps(c + r * ldc, v0);
       _mm256_storeu_ps(c + r * ldc + 8, v1);
+      m0 = _mm256_max_ps(v0, m0);  // (v, m): a NaN v leaves m
+      m1 = _mm256_max_ps(v1, m1);
+    }
+    if (last && cmax) {
+      _mm256_storeu_ps(cmax, m0);
+      _mm256_storeu_ps(cmax + 8, m1);
     }
     return;
   }
@@ -241,6 +252,9 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t
     const float* t = acc + r * kPanel;
     float* cr = c + r * ldc;
     for (int64_t j = 0; j < nv; ++j) cr[j] = (last && relu && t[j] < 0.f) ? 0.f : t[j];
+    if (last && cmax) {
+      for (int64_t j = 0; j < nv; ++j) cmax[j] = cr[j] > cmax[j] ? cr[j] : cmax[j];
+    }
   }
 }
 
@@ -285,12 +299,13 @@ SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t segs, int64_t seg_k, con
       const int64_t nv = std::min(kPanel, n - col);
       const float* b = wp + jp * bps + k0 * ldb;
       const float* bias = epi.bias ? epi.bias + col : nullptr;
+      float* cmax = epi.col_max ? epi.col_max + col : nullptr;
       for (int64_t ir = 0; ir < mc; ir += 6) {
         const int64_t row = ic + ir;
         const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
         const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
         tile(std::min<int64_t>(6, mc - ir), nv, kc, nseg, lds, as + row * lda, lda, b, ldb, c + row * ldc + col,
-             ldc, first, last, bias, rbias, res, epi.ldr, epi.relu);
+             ldc, first, last, bias, rbias, res, epi.ldr, epi.relu, cmax);
       }
     }
   };
@@ -318,7 +333,7 @@ template <int R, int P>
 SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t lds, const float* a,
                          int64_t lda, const float* b, int64_t bps, int64_t ldb, float* c, int64_t ldc, int64_t cps,
                          bool first, bool last, const float* bias, const float* rbias, const float* res, int64_t ldr,
-                         bool relu) {
+                         bool relu, float* cmax) {
   const float* ar[R];
 #pragma GCC unroll 12
   for (int r = 0; r < R; ++r) ar[r] = a + std::min<int64_t>(r, rows - 1) * lda;
@@ -374,6 +389,19 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
       _mm512_mask_storeu_ps(c + r * ldc + p * cps, mk[p], v);
     }
   }
+  if (last && cmax) {
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) {
+      __m512 m = _mm512_maskz_loadu_ps(mk[p], cmax + p * kPanel);
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r) {
+        if (r >= rows) break;
+        const __m512 v = relu ? _mm512_max_ps(z, acc[r * P + p]) : acc[r * P + p];
+        m = _mm512_max_ps(v, m);  // (v, m): a NaN v leaves m
+      }
+      _mm512_mask_storeu_ps(cmax + p * kPanel, mk[p], m);
+    }
+  }
 }
 
 // gemm_avx2's loops with the AVX-512 tiles: panels in fours, then pairs.
@@ -388,6 +416,7 @@ SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t segs, int64_t seg_k,
       const int64_t nv = std::min(2 * kPanel, n - col);
       const float* b = wp + jp * bps + k0 * ldb;
       const float* bias = epi.bias ? epi.bias + col : nullptr;
+      float* cmax = epi.col_max ? epi.col_max + col : nullptr;
       const int64_t cc = jp * cps;  // the panel's first column of C and of the residual
       // four panels: 6 x 64 tiles; a pair: 6 x 32; a lone last panel: 12 x 16 tiles (6 x 16
       // for its last rows when at most six are left)
@@ -400,16 +429,16 @@ SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t segs, int64_t seg_k,
         const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
         if (quad) {
           tile_z<6, 4>(rows, nvq, kc, nseg, lds, as + row * lda, lda, b, bps, ldb, c + row * ldc + cc, ldc, cps,
-                       first, last, bias, rbias, res, epi.ldr, epi.relu);
+                       first, last, bias, rbias, res, epi.ldr, epi.relu, cmax);
         } else if (pair) {
           tile_z<6, 2>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, bps, ldb, c + row * ldc + cc, ldc, cps,
-                       first, last, bias, rbias, res, epi.ldr, epi.relu);
+                       first, last, bias, rbias, res, epi.ldr, epi.relu, cmax);
         } else if (step == 12) {
           tile_z<12, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, ldb, c + row * ldc + cc, ldc, cps, first,
-                        last, bias, rbias, res, epi.ldr, epi.relu);
+                        last, bias, rbias, res, epi.ldr, epi.relu, cmax);
         } else {
           tile_z<6, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, ldb, c + row * ldc + cc, ldc, cps, first,
-                       last, bias, rbias, res, epi.ldr, epi.relu);
+                       last, bias, rbias, res, epi.ldr, epi.relu, cmax);
         }
         ir += step;
       }
@@ -516,6 +545,7 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
         float v = (epi.bias ? epi.bias[j] : 0.f) + (epi.row_bias ? epi.row_bias[i] : 0.f) +
                   (epi.residual ? epi.residual[i * epi.ldr + j] : 0.f);
         c[i * ldc + j] = epi.relu && v < 0.f ? 0.f : v;
+        if (epi.col_max && c[i * ldc + j] > epi.col_max[j]) epi.col_max[j] = c[i * ldc + j];
       }
     }
     return;
@@ -538,6 +568,7 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
                 (epi.residual ? epi.residual[i * epi.ldr + j] : 0.f);
       for (int64_t kk = 0; kk < k; ++kk) s += a[i * lda + kk] * panel[kk * kPanel];
       c[i * ldc + j] = epi.relu && s < 0.f ? 0.f : s;
+      if (epi.col_max && c[i * ldc + j] > epi.col_max[j]) epi.col_max[j] = c[i * ldc + j];
     }
   }
 }
@@ -656,11 +687,11 @@ void pack_weight_t(const float* v, int64_t n, int64_t k, int64_t ldv, float* out
 
 #ifdef SHVIT_GEMM_X86
 namespace {
-// exp for float32 lanes (Cephes expf: Cody-Waite reduction by ln 2, degree-5 polynomial; about
-// 1 ulp on [-87, 88]). NaN stays NaN; below -87.3 the result flushes towards 0.
+// exp for float32 lanes of the softmax's shifted scores x - max <= 0 (Cephes expf: Cody-Waite
+// reduction by ln 2, degree-5 polynomial; about 1 ulp on [-87, 0]). NaN stays NaN; below -87.3
+// the result flushes towards 0. (No upper clamp: the argument is never positive.)
 SHVIT_AVX2 inline __m256 exp_ps(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365478515625f);
-  x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));  // operand order keeps NaN
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3365478515625f), x);  // operand order keeps NaN
   __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
@@ -726,20 +757,26 @@ SHVIT_AVX2 void softmax_rows_avx2(float* s, int64_t m, int64_t n, int64_t ld) {
     if (n8 < n) _mm256_maskstore_ps(r + n8, tail, _mm256_mul_ps(_mm256_maskload_ps(r + n8, tail), inv));
   }
 }
-SHVIT_AVX2 void softmax_panel_columns_avx2(float* p, int64_t m, float* lse, int64_t ld) {
-  __m256 mx0 = _mm256_set1_ps(-INFINITY), mx1 = mx0;
-  __m256 un0 = _mm256_setzero_ps(), un1 = un0;
-  for (int64_t i = 0; i < m; ++i) {
-    const __m256 a = _mm256_loadu_ps(p + i * ld), b = _mm256_loadu_ps(p + i * ld + 8);
-    mx0 = _mm256_max_ps(mx0, a);
-    mx1 = _mm256_max_ps(mx1, b);
-    un0 = _mm256_or_ps(un0, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
-    un1 = _mm256_or_ps(un1, _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
+SHVIT_AVX2 void softmax_panel_columns_avx2(float* p, int64_t m, float* lse, int64_t ld, const float* col_max) {
+  __m256 mx0, mx1;
+  if (col_max != nullptr) {
+    mx0 = _mm256_loadu_ps(col_max);
+    mx1 = _mm256_loadu_ps(col_max + 8);
+  } else {
+    mx0 = _mm256_set1_ps(-INFINITY), mx1 = mx0;
+    __m256 un0 = _mm256_setzero_ps(), un1 = un0;
+    for (int64_t i = 0; i < m; ++i) {
+      const __m256 a = _mm256_loadu_ps(p + i * ld), b = _mm256_loadu_ps(p + i * ld + 8);
+      mx0 = _mm256_max_ps(mx0, a);
+      mx1 = _mm256_max_ps(mx1, b);
+      un0 = _mm256_or_ps(un0, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+      un1 = _mm256_or_ps(un1, _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
+    }
+    // a column holding NaN gets a NaN shift: its output is NaN, as in torch.softmax
+    const __m256 nan = _mm256_set1_ps(NAN);
+    mx0 = _mm256_blendv_ps(mx0, nan, un0);
+    mx1 = _mm256_blendv_ps(mx1, nan, un1);
   }
-  // a column holding NaN gets a NaN shift: its output is NaN, as in torch.softmax
-  const __m256 nan = _mm256_set1_ps(NAN);
-  mx0 = _mm256_blendv_ps(mx0, nan, un0);
-  mx1 = _mm256_blendv_ps(mx1, nan, un1);
   __m256 s0 = _mm256_setzero_ps(), s1 = s0;
   for (int64_t i = 0; i < m; ++i) {
     const __m256 a = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + i * ld), mx0));
@@ -765,10 +802,11 @@ SHVIT_AVX2 void softmax_panel_columns_avx2(float* p, int64_t m, float* lse, int6
   }
 }
 
-// exp_ps in zmm registers (the same Cephes expf steps, so the same results lane for lane).
+// exp_ps in zmm registers: the same Cephes expf steps, so the same results lane for lane; the
+// power of two applied by vscalefps (one instruction for exp_ps's convert, add, shift and
+// multiply: y * 2^n exactly, as the integer exponent is).
 SHVIT_AVX512 inline __m512 exp_ps512(__m512 x) {
-  const __m512 hi = _mm512_set1_ps(88.3762626647949f), lo = _mm512_set1_ps(-87.3365478515625f);
-  x = _mm512_min_ps(hi, _mm512_max_ps(lo, x));  // operand order keeps NaN
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3365478515625f), x);  // operand order keeps NaN
   __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
@@ -780,21 +818,25 @@ SHVIT_AVX512 inline __m512 exp_ps512(__m512 x) {
   y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
   y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+  return _mm512_scalef_ps(y, fx);
 }
 
 // softmax_panel_columns_avx2 with one zmm register per panel row.
-SHVIT_AVX512 void softmax_panel_columns_avx512(float* p, int64_t m, float* lse, int64_t ld) {
-  __m512 mx = _mm512_set1_ps(-INFINITY);
-  __mmask16 unord = 0;
-  for (int64_t i = 0; i < m; ++i) {
-    const __m512 a = _mm512_loadu_ps(p + i * ld);
-    mx = _mm512_max_ps(mx, a);
-    unord |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+SHVIT_AVX512 void softmax_panel_columns_avx512(float* p, int64_t m, float* lse, int64_t ld, const float* col_max) {
+  __m512 mx;
+  if (col_max != nullptr) {
+    mx = _mm512_loadu_ps(col_max);
+  } else {
+    mx = _mm512_set1_ps(-INFINITY);
+    __mmask16 unord = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      const __m512 a = _mm512_loadu_ps(p + i * ld);
+      mx = _mm512_max_ps(mx, a);
+      unord |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    }
+    // a column holding NaN gets a NaN shift: its output is NaN, as in torch.softmax
+    mx = _mm512_mask_mov_ps(mx, unord, _mm512_set1_ps(NAN));
   }
-  // a column holding NaN gets a NaN shift: its output is NaN, as in torch.softmax
-  mx = _mm512_mask_mov_ps(mx, unord, _mm512_set1_ps(NAN));
   __m512 sm = _mm512_setzero_ps();
   for (int64_t i = 0; i < m; ++i) {
     const __m512 a = exp_ps512(_mm512_sub_ps(_mm512_loadu_ps(p + i * ld), mx));
@@ -813,14 +855,14 @@ SHVIT_AVX512 void softmax_panel_columns_avx512(float* p, int64_t m, float* lse, 
 }  // namespace
 #endif
 
-void softmax_panel_columns(float* p, int64_t m, float* lse, int64_t ld) {
+void softmax_panel_columns(float* p, int64_t m, float* lse, int64_t ld, const float* col_max) {
   if (m <= 0) return;
 #ifdef SHVIT_GEMM_X86
   if (available()) {
     if (current_isa() == Isa::kAvx512) {
-      softmax_panel_columns_avx512(p, m, lse, ld);
+      softmax_panel_columns_avx512(p, m, lse, ld, col_max);
     } else {
-      softmax_panel_columns_avx2(p, m, lse, ld);
+      softmax_panel_columns_avx2(p, m, lse, ld, col_max);
     }
     return;
   }
@@ -834,6 +876,7 @@ void softmax_panel_columns(float* p, int64_t m, float* lse, int64_t ld) {
       nan |= v != v;
     }
     if (nan) mx = NAN;
+    if (col_max != nullptr) mx = col_max[j];
     float sum = 0.f;
     for (int64_t i = 0; i < m; ++i) sum += (p[i * ld + j] = std::exp(p[i * ld + j] - mx));
     for (int64_t i = 0; i < m; ++i) p[i * ld + j] /= sum;

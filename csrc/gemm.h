@@ -23,6 +23,10 @@ struct Epilogue {
   const float* residual = nullptr;  // (M, N) with row stride ldr, or null
   bool relu = false;                // applied last, to the whole sum
   int64_t ldr = 0;
+  // (N,) or null: col_max[j] = max(col_max[j], C[i, j]) over the rows of C written, NaN
+  // ignored (the caller starts it at -inf). gemm_packed only, and not with a row split across
+  // threads.
+  float* col_max = nullptr;
 };
 
 // Whether this CPU runs the kernel (AVX2 + FMA).
@@ -102,7 +106,10 @@ void softmax_rows(float* s, int64_t m, int64_t n, int64_t ld);
 // Column-wise softmax in place of kPanel columns: p (m, 16) with row stride ld, each of the 16
 // columns normalised over its m entries; exact-max shift, NaN propagates per column. (16
 // queries of a score tile S^T, keys as rows.) With lse, lse[j] = log(sum_i exp(p[i, j])) of
-// the input column j (NaN for a column holding NaN).
-void softmax_panel_columns(float* p, int64_t m, float* lse = nullptr, int64_t ld = kPanel);
+// the input column j (NaN for a column holding NaN). With col_max (16 floats: the maxima of the
+// columns, NaN ignored, as Epilogue::col_max leaves them) the pass that finds them is skipped;
+// a column holding NaN still comes out NaN (its sum is NaN).
+void softmax_panel_columns(float* p, int64_t m, float* lse = nullptr, int64_t ld = kPanel,
+                           const float* col_max = nullptr);
 
 }  // namespace shvit_gemm

@@ -89,3 +89,22 @@ def test_shsa_attention_bad_input():
         shsa_attention(torch.randn(1, 40, 4, 4), torch.randn(1, 3, 4, 5), 16)
     with pytest.raises(ValueError, match="x2 must have shape"):
         shsa_attention(torch.randn(1, 40, 4, 4), torch.randn(3, 4, 4), 16)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "q-inf", "k-inf"])
+@pytest.mark.parametrize("N", [(3, 5), (9, 11)])  # one and two query chunks
+def test_shsa_attention_nan_inf_like_the_composition(where, N, monkeypatch):
+    """A NaN (or inf) in one query's channel poisons that query's outputs, one in a key's
+    channel every query of the image: the same entries as the eager composition (the
+    score GEMM's column maxima ignore NaN; the sums carry it)."""
+    use_backend(monkeypatch, "cpp", "cpu")
+    qkv, x2 = _inputs((2, 16, 12, 4, *N), torch.float32, "cpu", "contiguous")
+    qkv = qkv.detach().clone()
+    val = float("inf") if where.endswith("inf") else float("nan")
+    qkv[1, 3 if where.startswith("q") else 16 + 5, N[0] // 2, 1] = val
+    with torch.no_grad():
+        out = shsa_attention(qkv, x2, 16)
+        ref = shsa_attention_torch(qkv.double(), x2.double(), 16, 0.25)
+    assert ref.isnan().any()
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert_rel_close(out.nan_to_num(), ref.nan_to_num(), KERNEL_TOL[torch.float32], "finite entries")

@@ -232,9 +232,12 @@ void attention_forward_cm(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, d
     for (int64_t b = b0; b < b1; ++b) {
       const float* fb = pq + b * sfb;
       float* ob = po + b * CO * N;
+      // x2's rows and their destination stream into L2 under the GEMMs, for the ReLU pass
+      prefetch_rows_during_gemm(px + b * sxb, sxc, C2, N);
       attention_cm_image(fb, fb + qk_dim * ld, fb + 2 * qk_dim * ld, ld, N, qk_dim, PD, nullptr, ob, N, false, 0,
                          ws, static_cast<float>(scale), pp != nullptr ? pp + b * ps : nullptr,
                          pl != nullptr ? pl + b * N : nullptr);
+      shvit_gemm::prefetch_during_gemm(nullptr, 0);
       for (int64_t c = 0; c < C2; ++c) {
         const float* xr = px + b * sxb + c * sxc;
         float* orow = ob + (PD + c) * N;

@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "gemm.h"
+
 namespace shvit_cpu {
 
 struct CmWorkspace {
@@ -63,6 +65,14 @@ void attention_cm_backward_image(const float* q, const float* k, const float* v,
                                  int64_t PD, float q_scale, const float* o, int64_t ldo, const float* g, int64_t ldg,
                                  const float* probs, float* dq, float* dk, float* dv, int64_t ldd,
                                  CmBackwardWorkspace& ws);
+
+// The rows [0, rows) of x (row stride ld, n floats each) for this thread's GEMMs to prefetch
+// (shvit_gemm::prefetch_during_gemm) when they are one contiguous block, and dst, as many
+// contiguous floats, for writing.
+inline void prefetch_rows_during_gemm(const float* x, int64_t ld, int64_t rows, int64_t n, float* dst = nullptr) {
+  const int64_t bytes = rows * n * static_cast<int64_t>(sizeof(float));
+  shvit_gemm::prefetch_during_gemm(ld == n ? x : nullptr, bytes, dst, bytes);
+}
 
 // Normalised token panels of one image: out[(p * rows + c) * 16 + j] = (x[c * ldx + 16p + j] - mu) * r
 // for c < rows, zero for tokens 16p + j >= N (the packed operand of W @ x).

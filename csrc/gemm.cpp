@@ -324,6 +324,14 @@ SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t segs, int64_t seg_k, con
 
 constexpr int64_t kKcMax512 = 512;
 
+struct PrefetchRange {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  char* w = nullptr;  // lines to be written: prefetched for ownership
+  char* wend = nullptr;
+};
+thread_local PrefetchRange tl_prefetch;
+
 // A tile of C: rows (<= R) x nv (<= 16 P) entries at c over one k-block, as tile() does, with
 // the R * P accumulators in zmm registers from the first load to the last store (no round trip
 // through memory: the tiles of the k = 16 score GEMM spent about a third of their time there).
@@ -361,12 +369,26 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
       acc[r * P + p] = v;
     }
   }
+  // the 12 x 16 tiles issue a load per two FMAs already: no prefetches there
+  PrefetchRange& pr = tl_prefetch;
+  const char* pf = P >= 2 ? pr.p : nullptr;
+  const char* const pend = P >= 2 ? pr.end : nullptr;
+  char* pw = P >= 2 ? pr.w : nullptr;
+  char* const pwend = P >= 2 ? pr.wend : nullptr;
   for (int64_t sg = 0; sg < nseg; ++sg, b += kc * ldb) {
     const float* as[R];
 #pragma GCC unroll 12
     for (int r = 0; r < R; ++r) as[r] = ar[r] + sg * lds;
 #pragma GCC unroll 2
     for (int64_t kk = 0; kk < kc; ++kk) {
+      if (P >= 2 && pf < pend) {
+        _mm_prefetch(pf, _MM_HINT_T1);
+        pf += 64;
+      }
+      if (P >= 2 && pw < pwend) {
+        __builtin_prefetch(pw, 1, 2);
+        pw += 64;
+      }
       __m512 bv[P];
 #pragma GCC unroll 4
       for (int p = 0; p < P; ++p) bv[p] = _mm512_loadu_ps(b + p * bps + kk * ldb);
@@ -377,6 +399,10 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
         for (int p = 0; p < P; ++p) acc[r * P + p] = _mm512_fmadd_ps(av, bv[p], acc[r * P + p]);
       }
     }
+  }
+  if (P >= 2) {
+    pr.p = pf;
+    pr.w = pw;
   }
   const __m512 z = _mm512_setzero_ps();
 #pragma GCC unroll 12
@@ -854,6 +880,20 @@ SHVIT_AVX512 void softmax_panel_columns_avx512(float* p, int64_t m, float* lse, 
 }
 }  // namespace
 #endif
+
+void prefetch_during_gemm(const void* p, int64_t bytes, void* w, int64_t wbytes) {
+#ifdef SHVIT_GEMM_X86
+  tl_prefetch.p = static_cast<const char*>(p);
+  tl_prefetch.end = p != nullptr && bytes > 0 ? tl_prefetch.p + bytes : tl_prefetch.p;
+  tl_prefetch.w = static_cast<char*>(w);
+  tl_prefetch.wend = w != nullptr && wbytes > 0 ? tl_prefetch.w + wbytes : tl_prefetch.w;
+#else
+  (void)p;
+  (void)bytes;
+  (void)w;
+  (void)wbytes;
+#endif
+}
 
 void softmax_panel_columns(float* p, int64_t m, float* lse, int64_t ld, const float* col_max) {
   if (m <= 0) return;

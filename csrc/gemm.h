@@ -100,6 +100,13 @@ void pack_weight_t(const float* v, int64_t n, int64_t k, int64_t ldv, float* out
 // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (8 x 8 register transposes).
 void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
 
+// Byte ranges for this thread's AVX-512 GEMM tiles to prefetch into L2 while they compute, from
+// the front, a cache line of each per k step of their 6 x 64 and 6 x 32 tiles (the tiles are
+// bound by their FMAs; the loads ride along): p, the operand of a memory-bound pass that follows
+// the GEMMs, and w, its destination (prefetched for writing). Replaces the ranges left; nullptr
+// clears one.
+void prefetch_during_gemm(const void* p, int64_t bytes, void* w = nullptr, int64_t wbytes = 0);
+
 // Row-wise softmax in place: rows (m, n) with row stride ld; exact-max shift, NaN propagates.
 void softmax_rows(float* s, int64_t m, int64_t n, int64_t ld);
 

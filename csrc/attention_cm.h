@@ -67,11 +67,12 @@ void attention_cm_backward_image(const float* q, const float* k, const float* v,
                                  CmBackwardWorkspace& ws);
 
 // The rows [0, rows) of x (row stride ld, n floats each) for this thread's GEMMs to prefetch
-// (shvit_gemm::prefetch_during_gemm) when they are one contiguous block, and dst, as many
-// contiguous floats, for writing.
-inline void prefetch_rows_during_gemm(const float* x, int64_t ld, int64_t rows, int64_t n, float* dst = nullptr) {
+// (shvit_gemm::prefetch_during_gemm) when they are one contiguous block of at most 128 KiB.
+// (Larger blocks, such as 264 channels of 14 x 14 tokens, ran no faster: what the GEMMs work on
+// starts to leave L2.)
+inline void prefetch_rows_during_gemm(const float* x, int64_t ld, int64_t rows, int64_t n) {
   const int64_t bytes = rows * n * static_cast<int64_t>(sizeof(float));
-  shvit_gemm::prefetch_during_gemm(ld == n ? x : nullptr, bytes, dst, bytes);
+  if (ld == n && bytes <= 128 * 1024) shvit_gemm::prefetch_during_gemm(x, bytes);
 }
 
 // Normalised token panels of one image: out[(p * rows + c) * 16 + j] = (x[c * ldx + 16p + j] - mu) * r

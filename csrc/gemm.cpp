@@ -324,20 +324,22 @@ SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t segs, int64_t seg_k, con
 
 constexpr int64_t kKcMax512 = 512;
 
-struct PrefetchRange {
-  const char* p = nullptr;
-  const char* end = nullptr;
-  char* w = nullptr;  // lines to be written: prefetched for ownership
-  char* wend = nullptr;
+// prefetch_during_gemm's ranges of this thread, taken in order
+struct PrefetchRanges {
+  static constexpr int kMax = 4;
+  const char* p[kMax];
+  const char* end[kMax];
+  int n = 0;
+  int cur = 0;
 };
-thread_local PrefetchRange tl_prefetch;
+thread_local PrefetchRanges tl_prefetch;
 
 // A tile of C: rows (<= R) x nv (<= 16 P) entries at c over one k-block, as tile() does, with
 // the R * P accumulators in zmm registers from the first load to the last store (no round trip
 // through memory: the tiles of the k = 16 score GEMM spent about a third of their time there).
 // Panel p at b + p * bps, rows ldb apart; segments as in micro6. Short tiles repeat their last
 // row of A (the extra results are not stored).
-template <int R, int P>
+template <int R, int P, bool PF = false>
 SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t lds, const float* a,
                          int64_t lda, const float* b, int64_t bps, int64_t ldb, float* c, int64_t ldc, int64_t cps,
                          bool first, bool last, const float* bias, const float* rbias, const float* res, int64_t ldr,
@@ -369,25 +371,28 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
       acc[r * P + p] = v;
     }
   }
-  // the 12 x 16 tiles issue a load per two FMAs already: no prefetches there
-  PrefetchRange& pr = tl_prefetch;
-  const char* pf = P >= 2 ? pr.p : nullptr;
-  const char* const pend = P >= 2 ? pr.end : nullptr;
-  char* pw = P >= 2 ? pr.w : nullptr;
-  char* const pwend = P >= 2 ? pr.wend : nullptr;
+  // PF: the variant that prefetches (a separate instantiation, so the plain loop carries no
+  // test); the callers take it for the 6 x 64 and 6 x 32 tiles while ranges are left (the
+  // 12 x 16 tiles issue a load per FMA already)
+  PrefetchRanges& pr = tl_prefetch;
+  const char* pf = nullptr;
+  const char* pend = nullptr;
+  if (PF) {
+    while (pr.cur < pr.n && pr.p[pr.cur] >= pr.end[pr.cur]) ++pr.cur;
+    if (pr.cur < pr.n) {
+      pf = pr.p[pr.cur];
+      pend = pr.end[pr.cur];
+    }
+  }
   for (int64_t sg = 0; sg < nseg; ++sg, b += kc * ldb) {
     const float* as[R];
 #pragma GCC unroll 12
     for (int r = 0; r < R; ++r) as[r] = ar[r] + sg * lds;
 #pragma GCC unroll 2
     for (int64_t kk = 0; kk < kc; ++kk) {
-      if (P >= 2 && pf < pend) {
+      if (PF && pf < pend) {
         _mm_prefetch(pf, _MM_HINT_T1);
         pf += 64;
-      }
-      if (P >= 2 && pw < pwend) {
-        __builtin_prefetch(pw, 1, 2);
-        pw += 64;
       }
       __m512 bv[P];
 #pragma GCC unroll 4
@@ -400,10 +405,7 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
       }
     }
   }
-  if (P >= 2) {
-    pr.p = pf;
-    pr.w = pw;
-  }
+  if (PF && pf != nullptr) pr.p[pr.cur] = pf;
   const __m512 z = _mm512_setzero_ps();
 #pragma GCC unroll 12
   for (int r = 0; r < R; ++r) {
@@ -453,12 +455,15 @@ SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t segs, int64_t seg_k,
         const int64_t step = pair || left <= 6 ? 6 : 12, rows = std::min(step, left);
         const float* res = epi.residual ? epi.residual + row * epi.ldr + cc : nullptr;
         const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
+        const bool pf = tl_prefetch.cur < tl_prefetch.n;
         if (quad) {
-          tile_z<6, 4>(rows, nvq, kc, nseg, lds, as + row * lda, lda, b, bps, ldb, c + row * ldc + cc, ldc, cps,
-                       first, last, bias, rbias, res, epi.ldr, epi.relu, cmax);
+          (pf ? tile_z<6, 4, true> : tile_z<6, 4>)(rows, nvq, kc, nseg, lds, as + row * lda, lda, b, bps, ldb,
+                                                   c + row * ldc + cc, ldc, cps, first, last, bias, rbias, res,
+                                                   epi.ldr, epi.relu, cmax);
         } else if (pair) {
-          tile_z<6, 2>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, bps, ldb, c + row * ldc + cc, ldc, cps,
-                       first, last, bias, rbias, res, epi.ldr, epi.relu, cmax);
+          (pf ? tile_z<6, 2, true> : tile_z<6, 2>)(rows, nv, kc, nseg, lds, as + row * lda, lda, b, bps, ldb,
+                                                   c + row * ldc + cc, ldc, cps, first, last, bias, rbias, res,
+                                                   epi.ldr, epi.relu, cmax);
         } else if (step == 12) {
           tile_z<12, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, ldb, c + row * ldc + cc, ldc, cps, first,
                         last, bias, rbias, res, epi.ldr, epi.relu, cmax);
@@ -881,17 +886,22 @@ SHVIT_AVX512 void softmax_panel_columns_avx512(float* p, int64_t m, float* lse, 
 }  // namespace
 #endif
 
-void prefetch_during_gemm(const void* p, int64_t bytes, void* w, int64_t wbytes) {
+void prefetch_during_gemm(const void* p, int64_t bytes) {
 #ifdef SHVIT_GEMM_X86
-  tl_prefetch.p = static_cast<const char*>(p);
-  tl_prefetch.end = p != nullptr && bytes > 0 ? tl_prefetch.p + bytes : tl_prefetch.p;
-  tl_prefetch.w = static_cast<char*>(w);
-  tl_prefetch.wend = w != nullptr && wbytes > 0 ? tl_prefetch.w + wbytes : tl_prefetch.w;
+  PrefetchRanges& pr = tl_prefetch;
+  if (p == nullptr || bytes <= 0 || pr.n == PrefetchRanges::kMax) return;
+  pr.p[pr.n] = static_cast<const char*>(p);
+  pr.end[pr.n] = pr.p[pr.n] + bytes;
+  ++pr.n;
 #else
   (void)p;
   (void)bytes;
-  (void)w;
-  (void)wbytes;
+#endif
+}
+
+void clear_gemm_prefetch() {
+#ifdef SHVIT_GEMM_X86
+  tl_prefetch.n = tl_prefetch.cur = 0;
 #endif
 }
 

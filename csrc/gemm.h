@@ -100,12 +100,14 @@ void pack_weight_t(const float* v, int64_t n, int64_t k, int64_t ldv, float* out
 // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (8 x 8 register transposes).
 void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
 
-// Byte ranges for this thread's AVX-512 GEMM tiles to prefetch into L2 while they compute, from
-// the front, a cache line of each per k step of their 6 x 64 and 6 x 32 tiles (the tiles are
-// bound by their FMAs; the loads ride along): p, the operand of a memory-bound pass that follows
-// the GEMMs, and w, its destination (prefetched for writing). Replaces the ranges left; nullptr
-// clears one.
-void prefetch_during_gemm(const void* p, int64_t bytes, void* w = nullptr, int64_t wbytes = 0);
+// Adds a byte range (up to four) for this thread's AVX-512 GEMM tiles to prefetch into L2 while
+// they compute: one cache line per k step of their 6 x 64 and 6 x 32 tiles (bound by their FMAs;
+// the loads ride along), the ranges in order, each from its front. For the operands of a
+// memory-bound pass that follows the GEMMs, and its destination (a line read by one core alone
+// arrives exclusive, so the later stores need no second request).
+void prefetch_during_gemm(const void* p, int64_t bytes);
+// Drops this thread's ranges.
+void clear_gemm_prefetch();
 
 // Row-wise softmax in place: rows (m, n) with row stride ld; exact-max shift, NaN propagates.
 void softmax_rows(float* s, int64_t m, int64_t n, int64_t ld);

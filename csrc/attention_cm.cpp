@@ -233,11 +233,11 @@ void attention_forward_cm(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, d
       const float* fb = pq + b * sfb;
       float* ob = po + b * CO * N;
       // x2's rows stream into L2 under the GEMMs, for the ReLU pass
+      shvit_gemm::PrefetchScope prefetch;
       prefetch_rows_during_gemm(px + b * sxb, sxc, C2, N);
       attention_cm_image(fb, fb + qk_dim * ld, fb + 2 * qk_dim * ld, ld, N, qk_dim, PD, nullptr, ob, N, false, 0,
                          ws, static_cast<float>(scale), pp != nullptr ? pp + b * ps : nullptr,
                          pl != nullptr ? pl + b * N : nullptr);
-      shvit_gemm::clear_gemm_prefetch();
       for (int64_t c = 0; c < C2; ++c) {
         const float* xr = px + b * sxb + c * sxc;
         float* orow = ob + (PD + c) * N;
@@ -269,6 +269,7 @@ void attention_backward_cm(const Tensor& dout, const Tensor& qkv, const Tensor& 
       const float* gb = pg + b * sgb;
       float* db = pd + b * CQ * N;
       // the x2 gradient pass's operands and destination stream into L2 under the GEMMs
+      shvit_gemm::PrefetchScope prefetch;
       prefetch_rows_during_gemm(ob + PD * soc, soc, C2, N);
       prefetch_rows_during_gemm(gb + PD * sgc, sgc, C2, N);
       if (pa != nullptr) prefetch_rows_during_gemm(pa + b * sab, sac, C2, N);
@@ -276,7 +277,6 @@ void attention_backward_cm(const Tensor& dout, const Tensor& qkv, const Tensor& 
       attention_cm_backward_image(fb, fb + qk_dim * ld, fb + 2 * qk_dim * ld, ld, N, qk_dim, PD,
                                   static_cast<float>(scale), ob, soc, gb, sgc, pp != nullptr ? pp + b * ps : nullptr,
                                   db, db + qk_dim * N, db + 2 * qk_dim * N, N, ws);
-      shvit_gemm::clear_gemm_prefetch();
       for (int64_t c = 0; c < C2; ++c) {
         const float* orow = ob + (PD + c) * soc;
         const float* grow = gb + (PD + c) * sgc;

@@ -108,6 +108,14 @@ void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t r
 void prefetch_during_gemm(const void* p, int64_t bytes);
 // Drops this thread's ranges.
 void clear_gemm_prefetch();
+// Clears this thread's ranges when made and when it goes (so none outlive the buffers they name,
+// an exception included).
+struct PrefetchScope {
+  PrefetchScope() { clear_gemm_prefetch(); }
+  ~PrefetchScope() { clear_gemm_prefetch(); }
+  PrefetchScope(const PrefetchScope&) = delete;
+  PrefetchScope& operator=(const PrefetchScope&) = delete;
+};
 
 // Row-wise softmax in place: rows (m, n) with row stride ld; exact-max shift, NaN propagates.
 void softmax_rows(float* s, int64_t m, int64_t n, int64_t ld);

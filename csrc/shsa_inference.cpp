@@ -218,11 +218,11 @@ Tensor shsa_infer(const Tensor& x, const Tensor& weight, const Tensor& bias, int
     const Tensor w = contiguous_as(weight, at::kFloat), bq = contiguous_as(bias, at::kFloat);
     for_each_image_cm(x, out, [&](const float* xb, int64_t sc, float* ob, CmImage& ws) {
       // x2's rows and their destination stream into L2 under the GEMMs, for the ReLU pass after them
+      shvit_gemm::PrefetchScope prefetch;
       prefetch_rows_during_gemm(xb + pdim * sc, sc, C - pdim, N);
       prefetch_rows_during_gemm(ob + pdim * N, N, C - pdim, N);
       cm_project_attend(xb, sc, N, pdim, qk_dim, eps, w.const_data_ptr<float>(), bq.const_data_ptr<float>(), ob, N,
                         false, 0, ws);
-      shvit_gemm::clear_gemm_prefetch();
       for (int64_t c = pdim; c < C; ++c) {
         const float* src = xb + c * sc;
         float* dst = ob + c * N;
@@ -319,10 +319,10 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
     }
     for_each_image_cm(x, out, [&](const float* xb, int64_t sc, float* ob, CmImage& ws) {
       ws.zp.resize(static_cast<size_t>(shvit_gemm::packed_size(N, C)));
+      shvit_gemm::PrefetchScope prefetch;
       prefetch_rows_during_gemm(xb + pdim * sc, sc, C - pdim, N);  // for the ReLU packing of x2
       cm_project_attend(xb, sc, N, pdim, qk_dim, eps, wq.const_data_ptr<float>(), bq.const_data_ptr<float>(),
                         ws.zp.data(), 0, true, C * shvit_gemm::kPanel, ws);
-      shvit_gemm::clear_gemm_prefetch();
       pack_tokens_relu(xb + pdim * sc, sc, C - pdim, N, ws.zp.data(), C, pdim);
       if (token_proj) {
         // z^T (N, C) from the single panel (C rows of 16), y^T = z^T W^T + bias, then

@@ -134,9 +134,13 @@ void attention_cm_image(const float* q, const float* k, const float* v, int64_t 
 //   dq = s k dS^T,  dk = s q dS,  dv = dO P.
 // Queries go in chunks of kCmChunk: dP^T and dS^T of a chunk are one row-major N x w tile
 // (w: the chunk's queries rounded up to 16), from one GEMM over the chunk's dO panels, and
-// the B operand of dq's GEMM in place; dS and P in key panels (query_to_key_panels) are the B
-// operands of dk's and dv's, which accumulate over the chunks in place. Every result is
-// written channel-major.
+// the B operand of dq's GEMM in place. With one chunk, dS and P in key panels
+// (query_to_key_panels) are the B operands of dk's and dv's GEMMs. With more, dk^T = dS^T
+// (s q_chunk)^T and dv^T = P^T dO_chunk^T accumulate token-major over the chunks, the tiles
+// read in place as A operands against the chunk's q and dO packed as weights (88 x chunk values
+// packed per chunk instead of two N x chunk transposes), and are transposed once at the end;
+// the same products summed in the same order, so the same results. Every result is written
+// channel-major.
 void attention_cm_backward_image(const float* q, const float* k, const float* v, int64_t ld, int64_t N, int64_t QK,
                                  int64_t PD, float q_scale, const float* o, int64_t ldo, const float* g, int64_t ldg,
                                  const float* probs, float* dq, float* dk, float* dv, int64_t ldd,
@@ -162,8 +166,16 @@ void attention_cm_backward_image(const float* q, const float* k, const float* v,
     ws.fwd.sp.resize(static_cast<size_t>(N * kCmChunk));
   }
   ws.ds.resize(static_cast<size_t>(N * kCmChunk));
-  ws.dsk.resize(static_cast<size_t>((N + kPanel - 1) / kPanel * kCmChunk * kPanel));
-  ws.pk.resize(ws.dsk.size());
+  const bool chunked = N > kCmChunk;
+  if (chunked) {
+    ws.dkT.resize(static_cast<size_t>(N * QK));
+    ws.dvT.resize(static_cast<size_t>(N * PD));
+    ws.qw.resize(static_cast<size_t>(shvit_gemm::packed_size(QK, kCmChunk)));
+    ws.gw.resize(static_cast<size_t>(shvit_gemm::packed_size(PD, kCmChunk)));
+  } else {
+    ws.dsk.resize(static_cast<size_t>((N + kPanel - 1) / kPanel * kCmChunk * kPanel));
+    ws.pk.resize(ws.dsk.size());
+  }
   for (int64_t n0 = 0; n0 < N; n0 += kCmChunk) {
     const int64_t nq = std::min(kCmChunk, N - n0);
     const int64_t panels = (nq + kPanel - 1) / kPanel;
@@ -199,8 +211,24 @@ void attention_cm_backward_image(const float* q, const float* k, const float* v,
     }
     // dq[:, chunk] = k @ dS^T, the tile read in place (rows of w >= nq floats)
     shvit_gemm::gemm_rows(QK, nq, N, k, ld, d, w, dq + n0, ldd, shvit_gemm::Epilogue{});
-    // dk += s q_chunk dS_chunk, dv += dO_chunk P_chunk
     shvit_gemm::Epilogue acc;
+    if (chunked) {
+      // dk^T += dS^T_chunk q_chunk^T, dv^T += P^T_chunk dO_chunk^T (token-major)
+      shvit_gemm::pack_weight(q + n0, QK, nq, ld, ws.qw.data());
+      shvit_gemm::pack_weight(ws.dom.data() + n0, PD, nq, N, ws.gw.data());
+      if (n0 > 0) {
+        acc.residual = ws.dkT.data();
+        acc.ldr = QK;
+      }
+      shvit_gemm::gemm_packed(N, QK, nq, d, w, ws.qw.data(), ws.dkT.data(), QK, acc);
+      if (n0 > 0) {
+        acc.residual = ws.dvT.data();
+        acc.ldr = PD;
+      }
+      shvit_gemm::gemm_packed(N, PD, nq, sp, w, ws.gw.data(), ws.dvT.data(), PD, acc);
+      continue;
+    }
+    // dk += s q_chunk dS_chunk, dv += dO_chunk P_chunk
     query_to_key_panels(d, kPanel, w, N, nq, ws.dsk.data());
     if (n0 > 0) {
       acc.residual = dk;
@@ -210,6 +238,10 @@ void attention_cm_backward_image(const float* q, const float* k, const float* v,
     query_to_key_panels(sp, kPanel, w, N, nq, ws.pk.data());
     if (n0 > 0) acc.residual = dv;
     shvit_gemm::gemm_packed(PD, N, nq, ws.dom.data() + n0, N, ws.pk.data(), dv, ldd, acc);
+  }
+  if (chunked) {
+    shvit_gemm::transpose(ws.dkT.data(), QK, dk, ldd, N, QK);
+    shvit_gemm::transpose(ws.dvT.data(), PD, dv, ldd, N, PD);
   }
 }
 

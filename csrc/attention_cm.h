@@ -54,6 +54,9 @@ struct CmBackwardWorkspace {
   std::vector<float> ds;   // dP^T, then dS^T, of one query chunk: N keys x w queries, row-major
   std::vector<float> dsk;  // dS of the chunk in key panels (B operand of dk = s q dS)
   std::vector<float> pk;   // P of the chunk in key panels (B operand of dv = dO P)
+  // more than one chunk of queries: dk^T, dv^T token-major (N x QK, N x PD), summed over the
+  // chunks from the tiles in place (A operands) and the chunk's q and dO packed as weights
+  std::vector<float> dkT, dvT, qw, gw;
 };
 
 // Backward of attention_cm_image (no v_bias) for one image: o (PD rows, stride ldo) is its

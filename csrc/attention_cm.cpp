@@ -191,6 +191,9 @@ void attention_cm_backward_image(const float* q, const float* k, const float* v,
     ws.gp.resize(static_cast<size_t>(panels * PD * kPanel));
     pack_tokens_copy(ws.dom.data() + n0, N, PD, nq, ws.gp.data());
     float* __restrict__ d = ws.ds.data();
+    // the kept probabilities of the chunk (written by the forward, long out of cache) stream
+    // in under the dP GEMM, for the dS pass after it
+    if (probs != nullptr) shvit_gemm::prefetch_during_gemm(sp, N * w * static_cast<int64_t>(sizeof(float)), true);
     shvit_gemm::gemm_packed(N, w, PD, ws.vT.data(), PD, ws.gp.data(), d, w, shvit_gemm::Epilogue{});
     for (int64_t p = 0; p < panels; ++p) {
       const float* __restrict__ pp = sp + p * kPanel;

@@ -59,7 +59,8 @@ struct CmBackwardWorkspace {
   std::vector<float> dkT, dvT, qw, gw;
 };
 
-// Backward of attention_cm_image (no v_bias) for one image: o (PD rows, stride ldo) is its
+// Backward of attention_cm_image (no v_bias) for one image (it adds prefetch ranges for the
+// GEMMs, shvit_gemm::prefetch_during_gemm: the caller holds a shvit_gemm::PrefetchScope): o (PD rows, stride ldo) is its
 // output after the ReLU, g (PD rows, stride ldg) the gradient of that output. Writes the
 // gradients of q, k (QK rows each) and v (PD rows) to dq, dk, dv with row stride ldd. q, k, v
 // as in the forward (q unscaled, q_scale = the attention scale); probs is the forward's kept
@@ -70,12 +71,11 @@ void attention_cm_backward_image(const float* q, const float* k, const float* v,
                                  CmBackwardWorkspace& ws);
 
 // The rows [0, rows) of x (row stride ld, n floats each) for this thread's GEMMs to prefetch
-// (shvit_gemm::prefetch_during_gemm) when they are one contiguous block of at most 128 KiB.
-// (Larger blocks, such as 264 channels of 14 x 14 tokens, ran no faster: what the GEMMs work on
-// starts to leave L2.)
+// (shvit_gemm::prefetch_during_gemm) when they are one contiguous block of at most 256 KiB
+// (264 channels of 14 x 14 tokens: 202 KiB; beyond, what the GEMMs work on would leave L2).
 inline void prefetch_rows_during_gemm(const float* x, int64_t ld, int64_t rows, int64_t n) {
   const int64_t bytes = rows * n * static_cast<int64_t>(sizeof(float));
-  if (ld == n && bytes <= 128 * 1024) shvit_gemm::prefetch_during_gemm(x, bytes);
+  if (ld == n && bytes <= 256 * 1024) shvit_gemm::prefetch_during_gemm(x, bytes);
 }
 
 // Normalised token panels of one image: out[(p * rows + c) * 16 + j] = (x[c * ldx + 16p + j] - mu) * r

@@ -326,7 +326,7 @@ constexpr int64_t kKcMax512 = 512;
 
 // prefetch_during_gemm's ranges of this thread, taken in order
 struct PrefetchRanges {
-  static constexpr int kMax = 4;
+  static constexpr int kMax = 6;
   const char* p[kMax];
   const char* end[kMax];
   int n = 0;
@@ -886,16 +886,32 @@ SHVIT_AVX512 void softmax_panel_columns_avx512(float* p, int64_t m, float* lse, 
 }  // namespace
 #endif
 
-void prefetch_during_gemm(const void* p, int64_t bytes) {
+void prefetch_during_gemm(const void* p, int64_t bytes, bool first) {
 #ifdef SHVIT_GEMM_X86
   PrefetchRanges& pr = tl_prefetch;
-  if (p == nullptr || bytes <= 0 || pr.n == PrefetchRanges::kMax) return;
-  pr.p[pr.n] = static_cast<const char*>(p);
-  pr.end[pr.n] = pr.p[pr.n] + bytes;
+  if (p == nullptr || bytes <= 0) return;
+  if (pr.cur > 0) {  // drop the ranges taken
+    for (int i = pr.cur; i < pr.n; ++i) {
+      pr.p[i - pr.cur] = pr.p[i];
+      pr.end[i - pr.cur] = pr.end[i];
+    }
+    pr.n -= pr.cur;
+    pr.cur = 0;
+  }
+  if (pr.n == PrefetchRanges::kMax) return;
+  // first: at the current position, ahead of the ranges not yet taken
+  const int at = first ? pr.cur : pr.n;
+  for (int i = pr.n; i > at; --i) {
+    pr.p[i] = pr.p[i - 1];
+    pr.end[i] = pr.end[i - 1];
+  }
+  pr.p[at] = static_cast<const char*>(p);
+  pr.end[at] = pr.p[at] + bytes;
   ++pr.n;
 #else
   (void)p;
   (void)bytes;
+  (void)first;
 #endif
 }
 

@@ -100,12 +100,13 @@ void pack_weight_t(const float* v, int64_t n, int64_t k, int64_t ldv, float* out
 // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (8 x 8 register transposes).
 void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
 
-// Adds a byte range (up to four) for this thread's AVX-512 GEMM tiles to prefetch into L2 while
+// Adds a byte range (up to six) for this thread's AVX-512 GEMM tiles to prefetch into L2 while
 // they compute: one cache line per k step of their 6 x 64 and 6 x 32 tiles (bound by their FMAs;
-// the loads ride along), the ranges in order, each from its front. For the operands of a
-// memory-bound pass that follows the GEMMs, and its destination (a line read by one core alone
-// arrives exclusive, so the later stores need no second request).
-void prefetch_during_gemm(const void* p, int64_t bytes);
+// the loads ride along), the ranges in order (first: ahead of those not yet taken), each from
+// its front. For the operands of a memory-bound pass that follows the GEMMs, and its
+// destination (a line read by one core alone arrives exclusive, so the later stores need no
+// second request).
+void prefetch_during_gemm(const void* p, int64_t bytes, bool first = false);
 // Drops this thread's ranges.
 void clear_gemm_prefetch();
 // Clears this thread's ranges when made and when it goes (so none outlive the buffers they name,

@@ -214,33 +214,27 @@ void attention_cm_backward_image(const float* q, const float* k, const float* v,
     }
     // dq[:, chunk] = k @ dS^T, the tile read in place (rows of w >= nq floats)
     shvit_gemm::gemm_rows(QK, nq, N, k, ld, d, w, dq + n0, ldd, shvit_gemm::Epilogue{});
-    shvit_gemm::Epilogue acc;
     if (chunked) {
-      // dk^T += dS^T_chunk q_chunk^T, dv^T += P^T_chunk dO_chunk^T (token-major)
+      // dk^T += dS^T_chunk q_chunk^T, dv^T += P^T_chunk dO_chunk^T (token-major; from the
+      // second chunk on, each GEMM starts from the sums so far)
       shvit_gemm::pack_weight(q + n0, QK, nq, ld, ws.qw.data());
       shvit_gemm::pack_weight(ws.dom.data() + n0, PD, nq, N, ws.gw.data());
+      shvit_gemm::Epilogue ek, ev;
       if (n0 > 0) {
-        acc.residual = ws.dkT.data();
-        acc.ldr = QK;
+        ek.residual = ws.dkT.data();
+        ek.ldr = QK;
+        ev.residual = ws.dvT.data();
+        ev.ldr = PD;
       }
-      shvit_gemm::gemm_packed(N, QK, nq, d, w, ws.qw.data(), ws.dkT.data(), QK, acc);
-      if (n0 > 0) {
-        acc.residual = ws.dvT.data();
-        acc.ldr = PD;
-      }
-      shvit_gemm::gemm_packed(N, PD, nq, sp, w, ws.gw.data(), ws.dvT.data(), PD, acc);
+      shvit_gemm::gemm_packed(N, QK, nq, d, w, ws.qw.data(), ws.dkT.data(), QK, ek);
+      shvit_gemm::gemm_packed(N, PD, nq, sp, w, ws.gw.data(), ws.dvT.data(), PD, ev);
       continue;
     }
-    // dk += s q_chunk dS_chunk, dv += dO_chunk P_chunk
+    // the only chunk: dk = s q dS, dv = dO P
     query_to_key_panels(d, kPanel, w, N, nq, ws.dsk.data());
-    if (n0 > 0) {
-      acc.residual = dk;
-      acc.ldr = ldd;
-    }
-    shvit_gemm::gemm_packed(QK, N, nq, q + n0, ld, ws.dsk.data(), dk, ldd, acc);
+    shvit_gemm::gemm_packed(QK, N, nq, q + n0, ld, ws.dsk.data(), dk, ldd, shvit_gemm::Epilogue{});
     query_to_key_panels(sp, kPanel, w, N, nq, ws.pk.data());
-    if (n0 > 0) acc.residual = dv;
-    shvit_gemm::gemm_packed(PD, N, nq, ws.dom.data() + n0, N, ws.pk.data(), dv, ldd, acc);
+    shvit_gemm::gemm_packed(PD, N, nq, ws.dom.data() + n0, N, ws.pk.data(), dv, ldd, shvit_gemm::Epilogue{});
   }
   if (chunked) {
     shvit_gemm::transpose(ws.dkT.data(), QK, dk, ldd, N, QK);

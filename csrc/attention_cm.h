@@ -60,8 +60,8 @@ struct CmBackwardWorkspace {
 };
 
 // Backward of attention_cm_image (no v_bias) for one image (it adds prefetch ranges for the
-// GEMMs, shvit_gemm::prefetch_during_gemm: the caller holds a shvit_gemm::PrefetchScope): o (PD rows, stride ldo) is its
-// output after the ReLU, g (PD rows, stride ldg) the gradient of that output. Writes the
+// GEMMs, shvit_gemm::prefetch_during_gemm: the caller holds a shvit_gemm::PrefetchScope):
+// o (PD rows, stride ldo) is its output after the ReLU, g (PD rows, stride ldg) the gradient of that output. Writes the
 // gradients of q, k (QK rows each) and v (PD rows) to dq, dk, dv with row stride ldd. q, k, v
 // as in the forward (q unscaled, q_scale = the attention scale); probs is the forward's kept
 // panels or null (recomputed here, one chunk of queries at a time, with the forward's steps).

@@ -5,9 +5,11 @@ Cases (SHViT-S4 shapes), each fused vs eager:
   against its eager composition (GroupNorm on the slice; attention, concat and ReLU);
 - ``inference``: the mixer region "GroupNorm on x1 -> qkv -> attention -> concat -> ReLU"
   with BN folded (the one-pass ``shsa_inference`` op vs the eager sequence it replaces);
-- ``train-forward`` / ``train-forward+backward``: the same region in training as
+- ``train-forward`` / ``train-backward`` / ``train-forward+backward``: the same region in training as
   ``SHSA(fused=True)`` runs it (cpp backend: one op for norm, qkv conv + BatchNorm with batch
   statistics, attention; other backends: fused GroupNorm, PyTorch Conv2d_BN, fused attention);
+  ``train-backward`` times the backward alone, through a graph kept from one forward
+  (``retain_graph=True``);
 - ``module-inference`` / ``module-train-forward+backward``: the whole residual SHSA
   block ``x + SHSA(x)`` with its projection (``fused=True`` vs the reference module).
 Training cases start each backward from cleared gradients (as ``optimizer.zero_grad()``
@@ -180,7 +182,7 @@ def bench_case(name, dim, pdim, H, W, args, run) -> list[dict]:
                      max_err_fused=(f_out.double() - exact).abs().max().item(),
                      max_err_eager=(e_out.double() - exact).abs().max().item()))
 
-    # training: forward, forward+backward of the region (qkv Conv2d_BN in train mode)
+    # training: forward, backward, forward+backward of the region (qkv Conv2d_BN in train mode)
     m = make_module(dim, pdim, dev, dtype).train()
     xg = x.clone().requires_grad_()
     g = torch.randn_like(eager_region(m, xg))
@@ -192,11 +194,24 @@ def bench_case(name, dim, pdim, H, W, args, run) -> list[dict]:
             out.backward(g)
         return f
 
+    def bwd_only(region):
+        # a module of its own: the other region's forwards update the running statistics in
+        # place, which a kept graph may hold
+        mb = copy.deepcopy(m)
+        out = region(mb, xg)
+
+        def f():
+            clear_grads(xg, *mb.parameters())
+            out.backward(g, retain_graph=True)
+        return f
+
     t_ef, t_ff = run(lambda: eager_region(m, xg), lambda: fused_train_region(m, xg))
+    t_eo, t_fo = run(bwd_only(eager_region), bwd_only(fused_train_region))
     t_eb, t_fb = run(fwd_bwd(eager_region), fwd_bwd(fused_train_region))
     mem_e = peak_memory(dev, fwd_bwd(eager_region))
     mem_f = peak_memory(dev, fwd_bwd(fused_train_region))
     rows.append(dict(base, mode="train-forward", eager_ms=t_ef * 1e3, fused_ms=t_ff * 1e3, speedup=t_ef / t_ff))
+    rows.append(dict(base, mode="train-backward", eager_ms=t_eo * 1e3, fused_ms=t_fo * 1e3, speedup=t_eo / t_fo))
     rows.append(dict(base, mode="train-forward+backward", eager_ms=t_eb * 1e3, fused_ms=t_fb * 1e3,
                      speedup=t_eb / t_fb, peak_mem_eager=mem_e, peak_mem_fused=mem_f))
 

@@ -61,16 +61,50 @@ SHAPES = [  # (B, dim, pdim, qk_dim, H, W)
 ]
 
 
-def _check(actual, ref, exact, what):
+def _check(actual, ref, exact, what, noise=0.0):
     """float64: within 1e-12 of the float64 reference. float32: the error against the float64
-    reference is at most twice the float32 reference's own error (+2e-5) -- some of these
+    reference is at most twice the float32 reference's own error (+2e-5, + noise: the float32
+    noise floor of an ill-conditioned result, see _GroupNormWeightNoise) -- some of these
     gradients are ill-conditioned (BatchNorm over few tokens, pdim 1), so a fixed relative
     tolerance against the float32 reference would measure the reference's rounding."""
     if actual.dtype == torch.float64:
         assert_rel_close(actual, exact, 1e-12, what)
         return
     rel = lambda a: ((a.double() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
-    assert rel(actual) <= 2 * rel(ref) + 2e-5, f"{what}: fused {rel(actual):.2e}, reference {rel(ref):.2e}"
+    bound = 2 * rel(ref) + 2e-5 + noise
+    assert rel(actual) <= bound, f"{what}: fused {rel(actual):.2e}, reference {rel(ref):.2e}, bound {bound:.2e}"
+
+
+class _GroupNormWeightNoise:
+    """The float32 noise floor of the GroupNorm weight's gradient, from the float64 module's
+    GroupNorm (hooked). That gradient is the sum over tokens of dY * xhat per channel, and the
+    BatchNorm after the qkv conv removes most of it (the conv output's component along
+    y = GroupNorm(x1) is normalised away), so the sum cancels: with pdim 1 every qkv channel
+    is an affine function of the one normalised channel, and the sum came out a few hundred
+    times smaller than the sum of its terms' magnitudes. Rounding errors of relative size u
+    (float32's unit roundoff) and random sign in the terms move such a sum by about
+    u * sqrt(sum (dY * xhat)^2); dY itself carries a few of them (dz rounded, then the conv's
+    sum over the qkv channels), hence 4 u. relative() returns that over the result's norm:
+    about 4e-5 at the pdim-1 shape, below 4e-7 at the others (where the sum does not cancel)."""
+
+    def __init__(self, norm):
+        self.sq_sum = None
+        self._handle = norm.register_forward_hook(self._forward)
+
+    def _forward(self, mod, inputs, out):
+        x1 = inputs[0].detach()
+        xhat = torch.nn.functional.group_norm(x1, mod.num_groups, eps=mod.eps)
+
+        def grad_hook(dy):
+            t = (dy.detach() * xhat).pow(2).sum((0, 2, 3))
+            self.sq_sum = t if self.sq_sum is None else self.sq_sum + t
+
+        out.register_hook(grad_hook)
+
+    def relative(self, grad, dtype):
+        self._handle.remove()
+        u = torch.finfo(dtype).eps / 2
+        return 4 * u * (self.sq_sum.sqrt().norm() / grad.norm().clamp_min(1e-30)).item()
 
 
 def _two_steps_match_reference(ref, fused, exact, shape, dtype, layout, exact_norm):
@@ -78,6 +112,7 @@ def _two_steps_match_reference(ref, fused, exact, shape, dtype, layout, exact_no
     outputs, input gradients, then parameter gradients and buffers, checked with _check
     (exact_norm: exact's GroupNorm, whose bias gradient is rounding noise around 0)."""
     B, dim, _, _, H, W = shape
+    gn_noise = _GroupNormWeightNoise(exact_norm)
     for step in range(2):  # the second step sees the running statistics of the first
         x = _input(B, dim, H, W, dtype, layout).requires_grad_()
         xf = x.detach().clone().requires_grad_()
@@ -97,7 +132,8 @@ def _two_steps_match_reference(ref, fused, exact, shape, dtype, layout, exact_no
             scale = exact_norm.weight.grad.norm().item()
             assert params_f[name].grad.norm().item() <= 1e-4 * scale + 1e-12
             continue
-        _check(params_f[name].grad, params_r[name].grad, p.grad, f"grad of {name}")
+        noise = gn_noise.relative(p.grad, dtype) if p is exact_norm.weight else 0.0
+        _check(params_f[name].grad, params_r[name].grad, p.grad, f"grad of {name}", noise)
     buffers_f, buffers_r = dict(fused.named_buffers()), dict(ref.named_buffers())
     for name, b in exact.named_buffers():
         assert buffers_f[name].dtype == buffers_r[name].dtype

@@ -60,7 +60,8 @@ def test_bench_shsa_writes_results(tmp_path):
     data = json.loads((tmp_path / "shsa.json").read_text())
     assert data["machine"]["allocator"] and data["machine"]["backend"]
     modes = {r["mode"] for r in rows}
-    assert {"inference", "train-forward", "train-backward", "train-forward+backward", "module-inference", "module-train-forward+backward"} <= modes
+    assert {"inference", "train-forward", "train-backward", "train-forward+backward", "module-inference",
+            "module-train-forward+backward"} <= modes
     assert all(r["eager_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
     assert (tmp_path / "shsa.csv").exists()
 

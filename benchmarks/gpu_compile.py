@@ -30,8 +30,11 @@ import re
 import sys
 import time
 
-# compiled kernels, not the interpreter: set before triton is imported
+# compiled kernels, not the interpreter, each compiled anew (a cache hit skips ptxas and its
+# report); set before triton is imported
 os.environ["TRITON_INTERPRET"] = "0"
+os.environ["TRITON_ALWAYS_COMPILE"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, stated (no warning)
 
 import torch  # noqa: E402
 
@@ -226,6 +229,8 @@ def compile_one(fn, args: tuple, kwargs: dict, capability: int, cache: dict) -> 
     res = dict(error=error, seconds=round(time.perf_counter() - t0, 2))
     if ck is not None:
         text = log.getvalue()
+        if "registers" not in text:
+            raise RuntimeError(f"no ptxas report for {fn.__name__}: {text[-300:]!r}")
         for k, rx in _PTXAS_RE.items():
             m = rx.search(text)
             res[k] = int(m.group(1)) if m else 0
@@ -250,42 +255,44 @@ def _pad_waste(kwargs: dict, pdim: int) -> float:
     return math.ceil(pdim / bp) * bp / pdim
 
 
-def run(shapes, archs, dtypes, layouts) -> list[dict]:
+def run(shapes, archs, dtypes, layouts, batches=(1, 256), kernels=None) -> list[dict]:
+    """One row per launch (at each batch size: the tiles may depend on it) and arch."""
     cache: dict = {}
     rows = []
     for s in shapes:
         for dtype in dtypes:
             for layout in layouts:
-                big = capture_paths(s, dtype, layout, 256)
-                one = capture_paths(s, dtype, layout, 1)
-                for path, launches in big.items():
-                    for i, launch in enumerate(launches):
-                        grid1, grid256 = _grid_size(one[path][i]), _grid_size(launch)
-                        for cap in archs:
-                            arch = ARCHS[cap]
-                            for fn, kw in _configs(launch):
-                                r = compile_one(fn, launch.args, kw, cap, cache)
-                                row = dict(
-                                    kernel=fn.__name__.lstrip("_").removesuffix("_kernel"), path=path,
-                                    arch=arch.name.split()[0], dtype=str(dtype).removeprefix("torch."), layout=layout,
-                                    variant=s["variant"], res=s["res"], stage=s["stage"], dim=s["dim"],
-                                    pdim=s["pdim"], tokens=f"{s['h']}x{s['h']}", paper=s["paper"],
-                                    grid_b1=grid1, grid_b256=grid256, pad=round(_pad_waste(kw, s["pdim"]), 3),
-                                    config=",".join(f"{k}={v}" for k, v in sorted(kw.items()) if k.isupper() or k.startswith("num_")
-                                                    and not isinstance(v, (type(None),)) and "DTYPE" not in k and k != "DOT"),
-                                    **r,
-                                )
-                                if r["error"] is None:
-                                    row["ctas_per_sm"] = resident_ctas(arch, r["regs"], r["smem"], r["num_warps"])
-                                    row["smem_ok"] = r["smem"] <= arch.smem_per_block
-                                rows.append(row)
+                for batch in batches:
+                    for path, launches in capture_paths(s, dtype, layout, batch).items():
+                        for launch in launches:
+                            for cap in archs:
+                                arch = ARCHS[cap]
+                                for fn, kw in _configs(launch):
+                                    if kernels and not any(k in fn.__name__ for k in kernels):
+                                        continue
+                                    r = compile_one(fn, launch.args, kw, cap, cache)
+                                    row = dict(
+                                        kernel=fn.__name__.lstrip("_").removesuffix("_kernel"), path=path,
+                                        arch=arch.name.split()[0], dtype=str(dtype).removeprefix("torch."),
+                                        layout=layout, variant=s["variant"], res=s["res"], stage=s["stage"],
+                                        dim=s["dim"], pdim=s["pdim"], tokens=f"{s['h']}x{s['h']}", paper=s["paper"],
+                                        batch=batch, grid=_grid_size(launch), pad=round(_pad_waste(kw, s["pdim"]), 3),
+                                        config=",".join(f"{k}={v}" for k, v in sorted(kw.items())
+                                                        if (k.isupper() or k.startswith("num_")) and k != "DOT"),
+                                        **r,
+                                    )
+                                    if r["error"] is None:
+                                        row["ctas_per_sm"] = resident_ctas(arch, r["regs"], r["smem"], r["num_warps"])
+                                        row["smem_ok"] = r["smem"] <= arch.smem_per_block
+                                    rows.append(row)
     return rows
 
 
 def failures(rows: list[dict]) -> list[str]:
     bad = []
     for r in rows:
-        where = f"{r['kernel']} {r['arch']} {r['dtype']} {r['layout']} {r['variant']}@{r['res']} stage {r['stage']}"
+        where = (f"{r['kernel']} {r['arch']} {r['dtype']} {r['layout']} {r['variant']}@{r['res']} stage {r['stage']}"
+                 f" batch {r['batch']}")
         if r["error"]:
             bad.append(f"{where}: compile error {r['error']}")
             continue
@@ -305,26 +312,27 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Triton {meta['triton']}, torch {meta['torch']}, {meta['date']}; `python -m benchmarks.gpu_compile"
         f"{' --subset' if meta['subset'] else ''}` on a machine without a GPU. One row per kernel x arch x dtype x"
         " layout x shape (and autotuner config); regs / spills / smem from ptxas, CTAs per SM from the"
-        " architecture's register, shared-memory and warp limits; grid = programs at batch 1 / 256; pad = pdim"
+        " architecture's register, shared-memory and warp limits; grid = programs at that batch; pad = pdim"
         " padded to the kernel's channel tile over pdim.",
         "",
         f"**{len(rows)} compiles, {len(failures(rows))} failures** (compile error, shared memory over the block"
         " limit, any spill, or fewer than 2 CTAs per SM at the paper's shapes).",
         "",
-        "| kernel | path | arch | dtype | layout | variant@px | stage | tokens | pdim | regs | spill st/ld B |"
-        " smem B | warps | CTAs/SM | grid b1 / b256 | pad | config |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | path | arch | dtype | layout | variant@px | stage | tokens | pdim | batch | regs | spill st/ld B |"
+        " smem B | warps | CTAs/SM | grid | pad | config |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["error"]:
             lines.append(f"| {r['kernel']} | {r['path']} | {r['arch']} | {r['dtype']} | {r['layout']} |"
-                         f" {r['variant']}@{r['res']} | {r['stage']} | {r['tokens']} | {r['pdim']} |"
+                         f" {r['variant']}@{r['res']} | {r['stage']} | {r['tokens']} | {r['pdim']} | {r['batch']} |"
                          f" ERROR: {r['error']} | | | | | | | |")
             continue
         lines.append(
             f"| {r['kernel']} | {r['path']} | {r['arch']} | {r['dtype']} | {r['layout']} | {r['variant']}@{r['res']} |"
-            f" {r['stage']} | {r['tokens']} | {r['pdim']} | {r['regs']} | {r['spill_stores']}/{r['spill_loads']} |"
-            f" {r['smem']} | {r['num_warps']} | {r['ctas_per_sm']} | {r['grid_b1']} / {r['grid_b256']} | {r['pad']} |"
+            f" {r['stage']} | {r['tokens']} | {r['pdim']} | {r['batch']} | {r['regs']} |"
+            f" {r['spill_stores']}/{r['spill_loads']} | {r['smem']} | {r['num_warps']} | {r['ctas_per_sm']} | {r['grid']} |"
+            f" {r['pad']} |"
             f" {r['config']} |"
         )
     return "\n".join(lines) + "\n"
@@ -341,7 +349,7 @@ def summary(rows: list[dict]) -> str:
         out.append(
             f"{k:<22} {len(rs):>8} {max(r['regs'] for r in rs):>8} {max(r['spill_stores'] for r in rs):>9}"
             f" {max(r['smem'] for r in rs):>9} {min(r['ctas_per_sm'] for r in rs):>11}"
-            f" {min(r['grid_b1'] for r in rs):>11} {max(r['pad'] for r in rs):>7}"
+            f" {min(r['grid'] for r in rs if r['batch'] == 1):>11} {max(r['pad'] for r in rs):>7}"
         )
     return "\n".join(out)
 
@@ -352,12 +360,15 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(ARCHS))
     p.add_argument("--dtype", nargs="+", default=["float32", "float16", "bfloat16"])
     p.add_argument("--layout", nargs="+", default=["contiguous", "channels_last"])
+    p.add_argument("--kernel", nargs="+", help="only kernels whose name contains one of these")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 256])
     p.add_argument("--out", default=str(RESULTS / "gpu_compile"), help="results path without suffix ('' for none)")
     args = p.parse_args(argv)
     import triton
 
     t0 = time.perf_counter()
-    rows = run(shsa_shapes(args.subset), args.arch, [getattr(torch, d) for d in args.dtype], args.layout)
+    rows = run(shsa_shapes(args.subset), args.arch, [getattr(torch, d) for d in args.dtype], args.layout, args.batch,
+               args.kernel)
     bad = failures(rows)
     meta = dict(triton=triton.__version__, torch=torch.__version__, subset=args.subset,
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seconds=round(time.perf_counter() - t0, 1))

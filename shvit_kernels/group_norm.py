@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from . import backend
-from ._utils import as_bcn, check_4d, check_same_device, next_pow2
+from ._triton import new_output
+from ._utils import as_bcn, bcn_strides, check_4d, check_same_device, next_pow2
 
 try:
     import triton
@@ -29,7 +30,7 @@ if triton is not None:
     @triton.jit
     def _gn_partial_fwd_kernel(
         p_x, p_w, p_b, p_y, p_mean, p_rstd,
-        C, N, s_xb, s_xc, s_xn, inv_cnt, eps,
+        C, N, s_xb, s_xc, s_xn, s_yb, s_yc, s_yn, inv_cnt, eps,
         WRITE_Y: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         i_b = tl.program_id(0).to(tl.int64)
@@ -57,7 +58,7 @@ if triton is not None:
         tl.store(p_mean + i_b, mean)
         tl.store(p_rstd + i_b, rstd)
         if WRITE_Y:
-            p_yb = p_y + i_b * C * N
+            p_yb = p_y + i_b * s_yb
             for c0 in range(0, C, BLOCK_C):
                 o_c = c0 + tl.arange(0, BLOCK_C)
                 m_c = o_c < C
@@ -68,12 +69,12 @@ if triton is not None:
                     m_x = m_c[:, None] & (o_n < N)[None, :]
                     b_x = tl.load(p_xb + o_c[:, None] * s_xc + o_n[None, :] * s_xn, mask=m_x, other=0.0).to(tl.float32)
                     b_y = (b_x - mean) * rstd * b_w[:, None] + b_b[:, None]
-                    tl.store(p_yb + o_c[:, None] * N + o_n[None, :], b_y.to(p_y.dtype.element_ty), mask=m_x)
+                    tl.store(p_yb + o_c[:, None] * s_yc + o_n[None, :] * s_yn, b_y.to(p_y.dtype.element_ty), mask=m_x)
 
     @triton.jit
     def _gn_partial_bwd_kernel(
         p_dy, p_x, p_w, p_mean, p_rstd, p_dx, p_dw_part, p_db_part,
-        C, N, s_xb, s_xc, s_xn, s_dyb, s_dyc, s_dyn, inv_cnt,
+        C, N, s_xb, s_xc, s_xn, s_dyb, s_dyc, s_dyn, s_db, s_dc, s_dn, inv_cnt,
         BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         i_b = tl.program_id(0).to(tl.int64)
@@ -106,7 +107,7 @@ if triton is not None:
         c1 = tl.sum(b_sg) * inv_cnt
         c2 = tl.sum(b_sgx) * inv_cnt
         # pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
-        p_dxb = p_dx + i_b * C * N
+        p_dxb = p_dx + i_b * s_db
         for c0 in range(0, C, BLOCK_C):
             o_c = c0 + tl.arange(0, BLOCK_C)
             m_c = o_c < C
@@ -118,12 +119,13 @@ if triton is not None:
                 b_dy = tl.load(p_dyb + o_c[:, None] * s_dyc + o_n[None, :] * s_dyn, mask=m_x, other=0.0).to(tl.float32)
                 b_xh = (b_x - mean) * rstd
                 b_dx = rstd * (b_dy * b_w[:, None] - c1 - b_xh * c2)
-                tl.store(p_dxb + o_c[:, None] * N + o_n[None, :], b_dx.to(p_dx.dtype.element_ty), mask=m_x)
+                tl.store(p_dxb + o_c[:, None] * s_dc + o_n[None, :] * s_dn, b_dx.to(p_dx.dtype.element_ty), mask=m_x)
 
 
-def _blocks(C: int, N: int) -> tuple[int, int]:
-    block_n = min(next_pow2(N, 16), 256)
-    block_c = min(next_pow2(C, 1), max(1, 4096 // block_n))
+def _blocks(C: int, N: int, size: int) -> tuple[int, int]:
+    """(channels, tokens) of a tile of at most ``size`` values."""
+    block_n = min(next_pow2(N, 16), 128)
+    block_c = min(next_pow2(C, 1), max(1, size // block_n))
     return block_c, block_n
 
 
@@ -132,14 +134,14 @@ def gn_partial_fwd_triton(x1: Tensor, weight: Tensor, bias: Tensor, eps: float, 
     B, C, H, W = x1.shape
     N = H * W
     x1, (sb, sc, sn) = as_bcn(x1)
-    y = torch.empty((B, C, H, W), device=x1.device, dtype=x1.dtype) if write_y else None
+    y = new_output(x1, (B, C, H, W)) if write_y else None
     mean = torch.empty(B, device=x1.device, dtype=torch.float32)
     rstd = torch.empty(B, device=x1.device, dtype=torch.float32)
     if B > 0 and N > 0:
-        block_c, block_n = _blocks(C, N)
+        block_c, block_n = _blocks(C, N, 2048)  # 16 values per thread
         _gn_partial_fwd_kernel[(B,)](  # without write_y, x1 stands in for the unused pointers
             x1, weight if write_y else x1, bias if write_y else x1, y if write_y else x1, mean, rstd,
-            C, N, sb, sc, sn, 1.0 / (C * N), eps,
+            C, N, sb, sc, sn, *(bcn_strides(y) if write_y else (0, 0, 0)), 1.0 / (C * N), eps,
             WRITE_Y=write_y, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=4,
         )
     return y, mean, rstd
@@ -150,14 +152,14 @@ def gn_partial_bwd_triton(dy: Tensor, x1: Tensor, weight: Tensor, mean: Tensor, 
     N = H * W
     x1, (sxb, sxc, sxn) = as_bcn(x1)
     dy, (sdb, sdc, sdn) = as_bcn(dy)
-    dx = torch.empty((B, C, H, W), device=x1.device, dtype=x1.dtype)
+    dx = new_output(x1, (B, C, H, W))
     dw_part = torch.empty((B, C), device=x1.device, dtype=torch.float32)
     db_part = torch.empty((B, C), device=x1.device, dtype=torch.float32)
     if B > 0 and N > 0:
-        block_c, block_n = _blocks(C, N)
+        block_c, block_n = _blocks(C, N, 1024)  # two accumulator tiles and four loaded ones
         _gn_partial_bwd_kernel[(B,)](
             dy, x1, weight, mean, rstd, dx, dw_part, db_part,
-            C, N, sxb, sxc, sxn, sdb, sdc, sdn, 1.0 / (C * N),
+            C, N, sxb, sxc, sxn, sdb, sdc, sdn, *bcn_strides(dx), 1.0 / (C * N),
             BLOCK_C=block_c, BLOCK_N=block_n, num_warps=4,
         )
     else:
@@ -204,11 +206,6 @@ def gn_partial_fwd(x1: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tupl
     return backend.pick(x1, gn_partial_fwd_triton, gn_partial_fwd_torch, "gn_partial_fwd")(x1, weight, bias, eps)
 
 
-@gn_partial_fwd.register_kernel("cuda")
-def _(x1, weight, bias, eps):
-    return gn_partial_fwd_triton(x1, weight, bias, eps)
-
-
 @gn_partial_fwd.register_fake
 def _(x1, weight, bias, eps):
     B = x1.shape[0]
@@ -223,11 +220,6 @@ def _(x1, weight, bias, eps):
 @torch.library.custom_op("shvit::gn_partial_bwd", mutates_args=())
 def gn_partial_bwd(dy: Tensor, x1: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return backend.pick(x1, gn_partial_bwd_triton, gn_partial_bwd_torch, "gn_partial_bwd")(dy, x1, weight, mean, rstd)
-
-
-@gn_partial_bwd.register_kernel("cuda")
-def _(dy, x1, weight, mean, rstd):
-    return gn_partial_bwd_triton(dy, x1, weight, mean, rstd)
 
 
 @gn_partial_bwd.register_fake

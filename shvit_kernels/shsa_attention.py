@@ -20,7 +20,11 @@ import torch
 from torch import Tensor
 
 from . import backend
-from ._utils import as_bcn, check_4d, check_same_device, next_pow2
+from ._triton import (
+    copy_blocks, copy_tiles, dot_dtype, is_token_major, load_tile, new_output, pd_block, precision, query_block,
+    relu_copy_tile,
+)
+from ._utils import as_bcn, bcn_strides, check_4d, check_same_device, next_pow2
 
 try:
     import triton
@@ -29,220 +33,215 @@ except ImportError:
     triton = None
 
 # --------------------------------------------------------------------------- kernels
+# Tiles are read through (channel, token) strides, so NCHW and channels_last inputs (and
+# channel slices of either) take the same kernels; ints equal to 1 are specialised by
+# Triton, so a unit stride gives contiguous vector accesses in either layout. Outputs take
+# the input's layout (``_triton.new_output``). Grid: (programs of one image, B); the
+# programs past the attention tiles copy ReLU(x2) (forward) or its gradient (backward).
 if triton is not None:
-
-    @triton.jit
-    def _load_tile(p, o_c, o_n, C, N, s_c, s_n):
-        """[len(o_c), len(o_n)] tile in the tensor's dtype, zero outside (C, N)."""
-        m = (o_c < C)[:, None] & (o_n < N)[None, :]
-        return tl.load(p + o_c[:, None] * s_c + o_n[None, :] * s_n, mask=m, other=0.0)
 
     @triton.jit
     def _shsa_attn_fwd_kernel(
         p_qkv, p_x2, p_out, p_lse,
         N, QK, PD, C2, scale,
-        s_qb, s_qc, s_qn, s_xb, s_xc, s_xn,
+        s_qb, s_qc, s_qn, s_xb, s_xc, s_xn, s_ob, s_oc, s_on,
         STORE_LSE: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
-        BLOCK_QK: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_C2: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_QK: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        COPY_C: tl.constexpr, COPY_T: tl.constexpr,
     ):
-        i_b = tl.program_id(0).to(tl.int64)
-        i_m = tl.program_id(1)
-        p_qb = p_qkv + i_b * s_qb
-        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-        o_qk = tl.arange(0, BLOCK_QK)
-        o_pd = tl.arange(0, BLOCK_PD)
-        b_q = _load_tile(p_qb, o_qk, o_m, QK, N, s_qc, s_qn).to(DOT)  # [BLOCK_QK, BLOCK_M]
-        b_qt = tl.trans(b_q)  # [BLOCK_M, BLOCK_QK]
-        b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
-        b_acc = tl.zeros([BLOCK_PD, BLOCK_M], dtype=tl.float32)  # [BLOCK_PD, BLOCK_M]
-        for n0 in range(0, N, BLOCK_N):
-            o_n = n0 + tl.arange(0, BLOCK_N)
-            b_k = _load_tile(p_qb + QK * s_qc, o_qk, o_n, QK, N, s_qc, s_qn).to(DOT)  # [BLOCK_QK, BLOCK_N]
-            b_v = _load_tile(p_qb + 2 * QK * s_qc, o_pd, o_n, PD, N, s_qc, s_qn).to(DOT)  # [BLOCK_PD, BLOCK_N]
-            b_s = tl.dot(b_qt, b_k, input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
-            b_s = tl.where((o_n < N)[None, :], b_s, float("-inf"))
-            b_mn = tl.maximum(b_m, tl.max(b_s, axis=1))
-            b_p = tl.exp(b_s - b_mn[:, None])  # [BLOCK_M, BLOCK_N]
-            b_alpha = tl.exp(b_m - b_mn)
-            b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-            b_acc = b_acc * b_alpha[None, :] + tl.dot(
-                b_v, tl.trans(b_p.to(DOT)), input_precision=PRECISION
-            )  # [BLOCK_PD, BLOCK_M]
-            b_m = b_mn
-        b_o = b_acc / b_l[None, :]
-        m_n = o_m < N
-        CO = PD + C2
-        p_ob = p_out + i_b * CO * N
-        m_o = (o_pd < PD)[:, None] & m_n[None, :]
-        tl.store(p_ob + o_pd[:, None] * N + o_m[None, :], tl.maximum(b_o, 0.0).to(p_out.dtype.element_ty), mask=m_o)
-        if STORE_LSE:
-            tl.store(p_lse + i_b * N + o_m, b_m + tl.log(b_l), mask=m_n)
-        # the untouched channels: out[:, PD:] = ReLU(x2) for this program's tokens
-        p_xb = p_x2 + i_b * s_xb
-        for c0 in range(0, C2, BLOCK_C2):
-            o_c = c0 + tl.arange(0, BLOCK_C2)
-            m_x = (o_c < C2)[:, None] & m_n[None, :]
-            b_x = tl.load(p_xb + o_c[:, None] * s_xc + o_m[None, :] * s_xn, mask=m_x, other=0.0).to(tl.float32)
-            b_x = tl.maximum(b_x, 0.0).to(p_out.dtype.element_ty)
-            tl.store(p_ob + (PD + o_c[:, None]) * N + o_m[None, :], b_x, mask=m_x)
+        """Program (query tile, pdim chunk) of one image: online softmax over key tiles."""
+        pid = tl.program_id(0)
+        i_b = tl.program_id(1).to(tl.int64)
+        n_pc = tl.cdiv(PD, BLOCK_PD)
+        n_att = tl.cdiv(N, BLOCK_M) * n_pc
+        p_ob = p_out + i_b * s_ob
+        if pid >= n_att:
+            p_xb = p_x2 + i_b * s_xb
+            relu_copy_tile(pid - n_att, p_xb, p_xb, p_ob + PD * s_oc, C2, N, s_xc, s_xn, s_xc, s_xn, s_oc, s_on,
+                           SAME=True, BLOCK_C=COPY_C, BLOCK_T=COPY_T)
+        else:
+            i_m = pid // n_pc
+            i_c = pid % n_pc
+            p_qb = p_qkv + i_b * s_qb
+            o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            o_qk = tl.arange(0, BLOCK_QK)
+            o_pd = i_c * BLOCK_PD + tl.arange(0, BLOCK_PD)
+            b_q = load_tile(p_qb, o_m, o_qk, N, QK, s_qn, s_qc).to(DOT)  # [BLOCK_M, BLOCK_QK]
+            b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+            b_acc = tl.zeros([BLOCK_M, BLOCK_PD], dtype=tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                o_n = n0 + tl.arange(0, BLOCK_N)
+                b_k = load_tile(p_qb + QK * s_qc, o_qk, o_n, QK, N, s_qc, s_qn).to(DOT)  # [BLOCK_QK, BLOCK_N]
+                b_v = load_tile(p_qb + 2 * QK * s_qc, o_n, o_pd, N, PD, s_qn, s_qc).to(DOT)  # [BLOCK_N, BLOCK_PD]
+                b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
+                b_s = tl.where((o_n < N)[None, :], b_s, float("-inf"))
+                b_mn = tl.maximum(b_m, tl.max(b_s, axis=1))
+                b_p = tl.exp(b_s - b_mn[:, None])
+                b_alpha = tl.exp(b_m - b_mn)
+                b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+                b_acc = tl.dot(b_p.to(DOT), b_v, b_acc * b_alpha[:, None], input_precision=PRECISION)
+                b_m = b_mn
+            b_o = tl.maximum(b_acc / b_l[:, None], 0.0)
+            m_o = (o_m < N)[:, None] & (o_pd < PD)[None, :]
+            tl.store(p_ob + o_m[:, None] * s_on + o_pd[None, :] * s_oc, b_o.to(p_out.dtype.element_ty), mask=m_o)
+            if STORE_LSE and i_c == 0:
+                tl.store(p_lse + i_b * N + o_m, b_m + tl.log(b_l), mask=o_m < N)
 
     @triton.jit
     def _shsa_attn_bwd_pre_kernel(
-        p_dout, p_out, p_dx2, p_delta,
-        N, PD, C2, s_db, s_dc, s_dn,
-        BLOCK_PD: tl.constexpr, BLOCK_C2: tl.constexpr, BLOCK_M: tl.constexpr,
+        p_dout, p_out, p_dom, p_dx2, p_delta,
+        N, PD, C2, s_db, s_dc, s_dn, s_ob, s_oc, s_on, s_xb, s_xc, s_xn,
+        BLOCK_PD: tl.constexpr, BLOCK_M: tl.constexpr, COPY_C: tl.constexpr, COPY_T: tl.constexpr,
     ):
-        """delta[i] = sum_c dO[c, i] * O[c, i] (dO masked by the ReLU) and dx2 = dout * (out > 0)."""
-        i_b = tl.program_id(0).to(tl.int64)
-        i_m = tl.program_id(1)
-        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_n = o_m < N
-        CO = PD + C2
+        """dOm = dout * (out > 0) on the attention channels, token-major (B, N, PD), with
+        delta[i] = sum_c dOm[i, c] * out[c, i]; the other programs write dx2 = dout * (out > 0)."""
+        pid = tl.program_id(0)
+        i_b = tl.program_id(1).to(tl.int64)
+        n_m = tl.cdiv(N, BLOCK_M)
         p_db = p_dout + i_b * s_db
-        p_ob = p_out + i_b * CO * N
-        o_pd = tl.arange(0, BLOCK_PD)
-        m_o = (o_pd < PD)[:, None] & m_n[None, :]
-        b_do = tl.load(p_db + o_pd[:, None] * s_dc + o_m[None, :] * s_dn, mask=m_o, other=0.0).to(tl.float32)
-        b_o = tl.load(p_ob + o_pd[:, None] * N + o_m[None, :], mask=m_o, other=0.0).to(tl.float32)
-        # out = ReLU(O): where O <= 0 the masked dO is 0, elsewhere O == out
-        b_delta = tl.sum(tl.where(b_o > 0, b_do * b_o, 0.0), axis=0)  # [BLOCK_M]
-        tl.store(p_delta + i_b * N + o_m, b_delta, mask=m_n)
-        p_xb = p_dx2 + i_b * C2 * N
-        for c0 in range(0, C2, BLOCK_C2):
-            o_c = c0 + tl.arange(0, BLOCK_C2)
-            m_x = (o_c < C2)[:, None] & m_n[None, :]
-            b_d = tl.load(p_db + (PD + o_c[:, None]) * s_dc + o_m[None, :] * s_dn, mask=m_x, other=0.0).to(tl.float32)
-            b_y = tl.load(p_ob + (PD + o_c[:, None]) * N + o_m[None, :], mask=m_x, other=0.0).to(tl.float32)
-            b_dx = tl.where(b_y > 0, b_d, 0.0).to(p_dx2.dtype.element_ty)
-            tl.store(p_xb + o_c[:, None] * N + o_m[None, :], b_dx, mask=m_x)
+        p_ob = p_out + i_b * s_ob
+        if pid >= n_m:
+            relu_copy_tile(pid - n_m, p_db + PD * s_dc, p_ob + PD * s_oc, p_dx2 + i_b * s_xb, C2, N,
+                           s_dc, s_dn, s_oc, s_on, s_xc, s_xn, SAME=False, BLOCK_C=COPY_C, BLOCK_T=COPY_T)
+        else:
+            o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+            b_delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for c0 in range(0, PD, BLOCK_PD):
+                o_c = c0 + tl.arange(0, BLOCK_PD)
+                b_do = load_tile(p_db, o_m, o_c, N, PD, s_dn, s_dc).to(tl.float32)  # [BLOCK_M, BLOCK_PD]
+                b_o = load_tile(p_ob, o_m, o_c, N, PD, s_on, s_oc).to(tl.float32)
+                b_do = tl.where(b_o > 0, b_do, 0.0)  # out = ReLU(O): where O > 0, out == O
+                b_delta += tl.sum(b_do * b_o, axis=1)
+                m = (o_m < N)[:, None] & (o_c < PD)[None, :]
+                tl.store(p_dom + i_b * N * PD + o_m[:, None] * PD + o_c[None, :],
+                         b_do.to(p_dom.dtype.element_ty), mask=m)
+            tl.store(p_delta + i_b * N + o_m, b_delta, mask=o_m < N)
 
     @triton.jit
     def _shsa_attn_bwd_dkdv_kernel(
-        p_qkv, p_dout, p_out, p_lse, p_delta, p_dqkv,
-        N, QK, PD, C2, scale,
-        s_qb, s_qc, s_qn, s_db, s_dc, s_dn,
+        p_qkv, p_dom, p_lse, p_delta, p_dqkv,
+        N, QK, PD, scale,
+        s_qb, s_qc, s_qn, s_gb, s_gc, s_gn,
         PRECISION: tl.constexpr, DOT: tl.constexpr,
         BLOCK_QK: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        i_b = tl.program_id(0).to(tl.int64)
-        i_n = tl.program_id(1)
+        """Program (key tile, j) of one image: dv of pdim chunk j, or dk for j = #chunks.
+        Probabilities are recomputed from the saved log-sum-exp, transposed (keys x queries)."""
+        i_n = tl.program_id(0)
+        i_j = tl.program_id(1)
+        i_b = tl.program_id(2).to(tl.int64)
+        n_pc = tl.cdiv(PD, BLOCK_PD)
         p_qb = p_qkv + i_b * s_qb
-        p_db = p_dout + i_b * s_db
-        p_ob = p_out + i_b * (PD + C2) * N
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # keys of this program
+        p_dob = p_dom + i_b * N * PD
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
         o_qk = tl.arange(0, BLOCK_QK)
-        o_pd = tl.arange(0, BLOCK_PD)
-        b_k = _load_tile(p_qb + QK * s_qc, o_qk, o_n, QK, N, s_qc, s_qn).to(DOT)  # [BLOCK_QK, BLOCK_N]
-        b_v = _load_tile(p_qb + 2 * QK * s_qc, o_pd, o_n, PD, N, s_qc, s_qn).to(DOT)  # [BLOCK_PD, BLOCK_N]
-        b_dk = tl.zeros([BLOCK_QK, BLOCK_N], dtype=tl.float32)
-        b_dv = tl.zeros([BLOCK_PD, BLOCK_N], dtype=tl.float32)
-        for m0 in range(0, N, BLOCK_M):
-            o_m = m0 + tl.arange(0, BLOCK_M)
-            m_m = o_m < N
-            b_q = _load_tile(p_qb, o_qk, o_m, QK, N, s_qc, s_qn).to(DOT)  # [BLOCK_QK, BLOCK_M]
-            m_o = (o_pd < PD)[:, None] & m_m[None, :]
-            b_do = tl.load(p_db + o_pd[:, None] * s_dc + o_m[None, :] * s_dn, mask=m_o, other=0.0).to(tl.float32)
-            b_o = tl.load(p_ob + o_pd[:, None] * N + o_m[None, :], mask=m_o, other=0.0).to(tl.float32)
-            b_do = tl.where(b_o > 0, b_do, 0.0).to(DOT)  # [BLOCK_PD, BLOCK_M]
-            b_lse = tl.load(p_lse + i_b * N + o_m, mask=m_m, other=0.0)
-            b_delta = tl.load(p_delta + i_b * N + o_m, mask=m_m, other=0.0)
-            b_s = tl.dot(tl.trans(b_q), b_k, input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
-            b_p = tl.exp(b_s - b_lse[:, None])
-            b_p = tl.where(m_m[:, None] & (o_n < N)[None, :], b_p, 0.0)
-            b_dv += tl.dot(b_do, b_p.to(DOT), input_precision=PRECISION)  # [BLOCK_PD, BLOCK_N]
-            b_dp = tl.dot(tl.trans(b_do), b_v, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-            b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dk += tl.dot(b_q, b_ds.to(DOT), input_precision=PRECISION)  # [BLOCK_QK, BLOCK_N]
-        p_gb = p_dqkv + i_b * (2 * QK + PD) * N
-        m_k = (o_qk < QK)[:, None] & (o_n < N)[None, :]
-        tl.store(p_gb + (QK + o_qk[:, None]) * N + o_n[None, :], (b_dk * scale).to(p_dqkv.dtype.element_ty), mask=m_k)
-        m_v = (o_pd < PD)[:, None] & (o_n < N)[None, :]
-        tl.store(p_gb + (2 * QK + o_pd[:, None]) * N + o_n[None, :], b_dv.to(p_dqkv.dtype.element_ty), mask=m_v)
+        b_k = load_tile(p_qb + QK * s_qc, o_n, o_qk, N, QK, s_qn, s_qc).to(DOT)  # [BLOCK_N, BLOCK_QK]
+        p_gb = p_dqkv + i_b * s_gb
+        if i_j < n_pc:
+            o_pd = i_j * BLOCK_PD + tl.arange(0, BLOCK_PD)
+            b_dv = tl.zeros([BLOCK_N, BLOCK_PD], dtype=tl.float32)
+            for m0 in range(0, N, BLOCK_M):
+                o_m = m0 + tl.arange(0, BLOCK_M)
+                m_m = o_m < N
+                b_qt = load_tile(p_qb, o_qk, o_m, QK, N, s_qc, s_qn).to(DOT)  # [BLOCK_QK, BLOCK_M]
+                b_lse = tl.load(p_lse + i_b * N + o_m, mask=m_m, other=0.0)
+                b_pt = tl.exp(tl.dot(b_k, b_qt, input_precision=PRECISION) * scale - b_lse[None, :])
+                b_pt = tl.where(m_n[:, None] & m_m[None, :], b_pt, 0.0)  # [BLOCK_N, BLOCK_M]
+                b_do = load_tile(p_dob, o_m, o_pd, N, PD, PD, 1).to(DOT)  # [BLOCK_M, BLOCK_PD]
+                b_dv = tl.dot(b_pt.to(DOT), b_do, b_dv, input_precision=PRECISION)
+            m_v = m_n[:, None] & (o_pd < PD)[None, :]
+            tl.store(p_gb + o_n[:, None] * s_gn + (2 * QK + o_pd[None, :]) * s_gc,
+                     b_dv.to(p_dqkv.dtype.element_ty), mask=m_v)
+        else:
+            b_dk = tl.zeros([BLOCK_N, BLOCK_QK], dtype=tl.float32)
+            for m0 in range(0, N, BLOCK_M):
+                o_m = m0 + tl.arange(0, BLOCK_M)
+                m_m = o_m < N
+                b_qt = load_tile(p_qb, o_qk, o_m, QK, N, s_qc, s_qn).to(DOT)  # [BLOCK_QK, BLOCK_M]
+                b_lse = tl.load(p_lse + i_b * N + o_m, mask=m_m, other=0.0)
+                b_delta = tl.load(p_delta + i_b * N + o_m, mask=m_m, other=0.0)
+                b_pt = tl.exp(tl.dot(b_k, b_qt, input_precision=PRECISION) * scale - b_lse[None, :])
+                b_pt = tl.where(m_n[:, None] & m_m[None, :], b_pt, 0.0)  # [BLOCK_N, BLOCK_M]
+                b_dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for c0 in range(0, PD, BLOCK_PD):
+                    o_c = c0 + tl.arange(0, BLOCK_PD)
+                    b_v = load_tile(p_qb + 2 * QK * s_qc, o_n, o_c, N, PD, s_qn, s_qc).to(DOT)  # [BLOCK_N, BLOCK_PD]
+                    b_dot = load_tile(p_dob, o_c, o_m, PD, N, 1, PD).to(DOT)  # [BLOCK_PD, BLOCK_M]
+                    b_dpt = tl.dot(b_v, b_dot, b_dpt, input_precision=PRECISION)
+                b_dst = b_pt * (b_dpt - b_delta[None, :])
+                b_dk = tl.dot(b_dst.to(DOT), tl.trans(b_qt), b_dk, input_precision=PRECISION)
+            m_k = m_n[:, None] & (o_qk < QK)[None, :]
+            tl.store(p_gb + o_n[:, None] * s_gn + (QK + o_qk[None, :]) * s_gc,
+                     (b_dk * scale).to(p_dqkv.dtype.element_ty), mask=m_k)
 
     @triton.jit
     def _shsa_attn_bwd_dq_kernel(
-        p_qkv, p_dout, p_out, p_lse, p_delta, p_dqkv,
-        N, QK, PD, C2, scale,
-        s_qb, s_qc, s_qn, s_db, s_dc, s_dn,
+        p_qkv, p_dom, p_lse, p_delta, p_dqkv,
+        N, QK, PD, scale,
+        s_qb, s_qc, s_qn, s_gb, s_gc, s_gn,
         PRECISION: tl.constexpr, DOT: tl.constexpr,
         BLOCK_QK: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        i_b = tl.program_id(0).to(tl.int64)
-        i_m = tl.program_id(1)
+        """Program (query tile) of one image: dq over all key tiles."""
+        i_m = tl.program_id(0)
+        i_b = tl.program_id(1).to(tl.int64)
         p_qb = p_qkv + i_b * s_qb
-        p_db = p_dout + i_b * s_db
-        p_ob = p_out + i_b * (PD + C2) * N
-        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # queries of this program
+        p_dob = p_dom + i_b * N * PD
+        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_m = o_m < N
         o_qk = tl.arange(0, BLOCK_QK)
-        o_pd = tl.arange(0, BLOCK_PD)
-        b_q = _load_tile(p_qb, o_qk, o_m, QK, N, s_qc, s_qn).to(DOT)  # [BLOCK_QK, BLOCK_M]
-        b_qt = tl.trans(b_q)  # [BLOCK_M, BLOCK_QK]
-        m_o = (o_pd < PD)[:, None] & m_m[None, :]
-        b_do = tl.load(p_db + o_pd[:, None] * s_dc + o_m[None, :] * s_dn, mask=m_o, other=0.0).to(tl.float32)
-        b_o = tl.load(p_ob + o_pd[:, None] * N + o_m[None, :], mask=m_o, other=0.0).to(tl.float32)
-        b_dot = tl.trans(tl.where(b_o > 0, b_do, 0.0).to(DOT))  # [BLOCK_M, BLOCK_PD]
+        b_q = load_tile(p_qb, o_m, o_qk, N, QK, s_qn, s_qc).to(DOT)  # [BLOCK_M, BLOCK_QK]
         b_lse = tl.load(p_lse + i_b * N + o_m, mask=m_m, other=0.0)
         b_delta = tl.load(p_delta + i_b * N + o_m, mask=m_m, other=0.0)
         b_dq = tl.zeros([BLOCK_M, BLOCK_QK], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             o_n = n0 + tl.arange(0, BLOCK_N)
-            b_k = _load_tile(p_qb + QK * s_qc, o_qk, o_n, QK, N, s_qc, s_qn).to(DOT)  # [BLOCK_QK, BLOCK_N]
-            b_v = _load_tile(p_qb + 2 * QK * s_qc, o_pd, o_n, PD, N, s_qc, s_qn).to(DOT)  # [BLOCK_PD, BLOCK_N]
-            b_s = tl.dot(b_qt, b_k, input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
-            b_p = tl.exp(b_s - b_lse[:, None])
-            b_p = tl.where(m_m[:, None] & (o_n < N)[None, :], b_p, 0.0)
-            b_dp = tl.dot(b_dot, b_v, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+            m_n = o_n < N
+            b_kt = load_tile(p_qb + QK * s_qc, o_qk, o_n, QK, N, s_qc, s_qn).to(DOT)  # [BLOCK_QK, BLOCK_N]
+            b_p = tl.exp(tl.dot(b_q, b_kt, input_precision=PRECISION) * scale - b_lse[:, None])
+            b_p = tl.where(m_m[:, None] & m_n[None, :], b_p, 0.0)  # [BLOCK_M, BLOCK_N]
+            b_dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for c0 in range(0, PD, BLOCK_PD):
+                o_c = c0 + tl.arange(0, BLOCK_PD)
+                b_do = load_tile(p_dob, o_m, o_c, N, PD, PD, 1).to(DOT)  # [BLOCK_M, BLOCK_PD]
+                b_vt = load_tile(p_qb + 2 * QK * s_qc, o_c, o_n, PD, N, s_qc, s_qn).to(DOT)  # [BLOCK_PD, BLOCK_N]
+                b_dp = tl.dot(b_do, b_vt, b_dp, input_precision=PRECISION)
             b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dq += tl.dot(b_ds.to(DOT), tl.trans(b_k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_QK]
-        p_gb = p_dqkv + i_b * (2 * QK + PD) * N
-        m_q = (o_qk < QK)[None, :] & m_m[:, None]
-        tl.store(p_gb + o_qk[None, :] * N + o_m[:, None], (b_dq * scale).to(p_dqkv.dtype.element_ty), mask=m_q)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep fp32 products (as eager matmul does by default); half inputs use tensor cores
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _dot_dtype(dtype: torch.dtype):
-    """tl.dot operand type: fp16 stays fp16; bf16 is widened to fp32 (TF32 products on the GPU,
-    at least bf16's precision; Triton's interpreter also mis-evaluates bf16 dots)."""
-    return tl.float16 if dtype == torch.float16 else tl.float32
-
-
-# Elementwise work is done in float32 after each load (Triton's interpreter cannot do
-# arithmetic on bfloat16 values, and the GPU does it in float32 anyway).
-
-
-def _tiles(N: int, PD: int) -> tuple[int, int]:
-    """Query and key tile sizes (powers of two, at least 16 for tl.dot)."""
-    block_m = min(next_pow2(N), 64)
-    block_n = min(next_pow2(N), 64 if PD <= 64 else 32)
-    return block_m, block_n
+            b_dq = tl.dot(b_ds.to(DOT), tl.trans(b_kt), b_dq, input_precision=PRECISION)
+        m_q = m_m[:, None] & (o_qk < QK)[None, :]
+        tl.store(p_dqkv + i_b * s_gb + o_m[:, None] * s_gn + o_qk[None, :] * s_gc,
+                 (b_dq * scale).to(p_dqkv.dtype.element_ty), mask=m_q)
 
 
 # ------------------------------------------------------------------------- launchers
+# key tile of the forward: float32 dots hold twice the registers of half ones
+KEY_BLOCK = {tl.float32: 32, tl.float16: 64, tl.bfloat16: 64} if triton is not None else {}
+
+
 def shsa_attn_fwd_triton(qkv: Tensor, x2: Tensor, qk_dim: int, scale: float, store_lse: bool = True):
     B, CQ, H, W = qkv.shape
     N, PD, C2 = H * W, CQ - 2 * qk_dim, x2.shape[1]
     qkv, (sqb, sqc, sqn) = as_bcn(qkv)
     x2, (sxb, sxc, sxn) = as_bcn(x2)
-    out_dtype = torch.promote_types(qkv.dtype, x2.dtype)
-    out = torch.empty((B, PD + C2, H, W), device=qkv.device, dtype=out_dtype)
+    out = new_output(qkv, (B, PD + C2, H, W), torch.promote_types(qkv.dtype, x2.dtype))
     lse = torch.empty((B, N), device=qkv.device, dtype=torch.float32)
     if B > 0 and N > 0:
-        block_m, block_n = _tiles(N, PD)
-        grid = (B, triton.cdiv(N, block_m))
+        sob, soc, son = bcn_strides(out)
+        bpd = pd_block(PD)
+        n_pc = triton.cdiv(PD, bpd)
+        block_m = query_block(B, N, n_pc)
+        copy_c, copy_t = copy_blocks(is_token_major(x2))
+        dot = dot_dtype(qkv.dtype)
+        grid = (triton.cdiv(N, block_m) * n_pc + copy_tiles(C2, N, is_token_major(x2)), B)
         _shsa_attn_fwd_kernel[grid](
             qkv, x2, out, lse,
             N, qk_dim, PD, C2, scale,
-            sqb, sqc, sqn, sxb, sxc, sxn,
-            STORE_LSE=store_lse, PRECISION=_precision(qkv.dtype), DOT=_dot_dtype(qkv.dtype),
-            BLOCK_QK=next_pow2(qk_dim), BLOCK_PD=next_pow2(PD), BLOCK_C2=min(next_pow2(C2, 1), 32),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+            sqb, sqc, sqn, sxb, sxc, sxn, sob, soc, son,
+            STORE_LSE=store_lse, PRECISION=precision(), DOT=dot,
+            BLOCK_QK=next_pow2(qk_dim), BLOCK_PD=bpd, BLOCK_M=block_m, BLOCK_N=min(next_pow2(N), KEY_BLOCK[dot]),
+            COPY_C=copy_c, COPY_T=copy_t, num_warps=4, num_stages=1,
         )
     return out, lse
 
@@ -253,22 +252,30 @@ def shsa_attn_bwd_triton(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, qk
     C2 = out.shape[1] - PD
     qkv, (sqb, sqc, sqn) = as_bcn(qkv)
     dout, (sdb, sdc, sdn) = as_bcn(dout)
-    out = out.contiguous()
-    dqkv = torch.empty((B, CQ, H, W), device=qkv.device, dtype=qkv.dtype)
-    dx2 = torch.empty((B, C2, H, W), device=qkv.device, dtype=out.dtype)
+    out, (sob, soc, son) = as_bcn(out)
+    dqkv = new_output(qkv, (B, CQ, H, W))
+    dx2 = new_output(out, (B, C2, H, W))
     if B == 0 or N == 0:
         return dqkv, dx2
+    sgb, sgc, sgn = bcn_strides(dqkv)
+    sxb, sxc, sxn = bcn_strides(dx2)
+    dom = torch.empty((B, N, PD), device=qkv.device, dtype=qkv.dtype)
     delta = torch.empty((B, N), device=qkv.device, dtype=torch.float32)
-    block_m, block_n = _tiles(N, PD)
-    bqk, bpd = next_pow2(qk_dim), next_pow2(PD)
-    _shsa_attn_bwd_pre_kernel[(B, triton.cdiv(N, block_m))](
-        dout, out, dx2, delta, N, PD, C2, sdb, sdc, sdn,
-        BLOCK_PD=bpd, BLOCK_C2=min(next_pow2(C2, 1), 32), BLOCK_M=block_m, num_warps=4,
+    bpd = pd_block(PD)
+    n_pc = triton.cdiv(PD, bpd)
+    block_m = min(next_pow2(N), 32)
+    copy_c, copy_t = copy_blocks(is_token_major(out))
+    _shsa_attn_bwd_pre_kernel[(triton.cdiv(N, block_m) + copy_tiles(C2, N, is_token_major(out)), B)](
+        dout, out, dom, dx2, delta, N, PD, C2, sdb, sdc, sdn, sob, soc, son, sxb, sxc, sxn,
+        BLOCK_PD=bpd, BLOCK_M=block_m, COPY_C=copy_c, COPY_T=copy_t, num_warps=4,
     )
-    args = (qkv, dout, out, lse, delta, dqkv, N, qk_dim, PD, C2, scale, sqb, sqc, sqn, sdb, sdc, sdn)
-    meta = dict(PRECISION=_precision(qkv.dtype), DOT=_dot_dtype(qkv.dtype), BLOCK_QK=bqk, BLOCK_PD=bpd, BLOCK_M=block_m, BLOCK_N=block_n)
-    _shsa_attn_bwd_dkdv_kernel[(B, triton.cdiv(N, block_n))](*args, **meta, num_warps=4)
-    _shsa_attn_bwd_dq_kernel[(B, triton.cdiv(N, block_m))](*args, **meta, num_warps=4)
+    args = (qkv, dom, lse, delta, dqkv, N, qk_dim, PD, scale, sqb, sqc, sqn, sgb, sgc, sgn)
+    dot = dot_dtype(qkv.dtype)
+    tiles = min(next_pow2(N), 16 if dot == tl.float32 else 32)
+    meta = dict(PRECISION=precision(), DOT=dot, BLOCK_QK=next_pow2(qk_dim), BLOCK_PD=bpd,
+                BLOCK_M=tiles, BLOCK_N=tiles, num_warps=4, num_stages=1)
+    _shsa_attn_bwd_dkdv_kernel[(triton.cdiv(N, tiles), n_pc + 1, B)](*args, **meta)
+    _shsa_attn_bwd_dq_kernel[(triton.cdiv(N, tiles), B)](*args, **meta)
     return dqkv, dx2
 
 
@@ -310,11 +317,6 @@ def shsa_attn_fwd(qkv: Tensor, x2: Tensor, qk_dim: int, scale: float) -> tuple[T
     return backend.pick(qkv, shsa_attn_fwd_triton, shsa_attn_fwd_torch, "shsa_attn_fwd")(qkv, x2, qk_dim, scale)
 
 
-@shsa_attn_fwd.register_kernel("cuda")
-def _(qkv, x2, qk_dim, scale):
-    return shsa_attn_fwd_triton(qkv, x2, qk_dim, scale)
-
-
 @shsa_attn_fwd.register_fake
 def _(qkv, x2, qk_dim, scale):
     B, CQ, H, W = qkv.shape
@@ -329,11 +331,6 @@ def shsa_attn_bwd(
 ) -> tuple[Tensor, Tensor]:
     fn = backend.pick(qkv, shsa_attn_bwd_triton, shsa_attn_bwd_torch, "shsa_attn_bwd")
     return fn(dout, qkv, out, lse, qk_dim, scale)
-
-
-@shsa_attn_bwd.register_kernel("cuda")
-def _(dout, qkv, out, lse, qk_dim, scale):
-    return shsa_attn_bwd_triton(dout, qkv, out, lse, qk_dim, scale)
 
 
 @shsa_attn_bwd.register_fake

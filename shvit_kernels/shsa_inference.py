@@ -16,9 +16,13 @@ import torch
 from torch import Tensor
 
 from . import backend, pointwise
-from ._utils import as_bcn, check_4d, check_same_device, next_pow2
+from ._triton import (
+    copy_blocks, copy_tiles, dot_dtype, is_token_major, load_tile, new_output, pd_block, precision, query_block,
+    relu_copy_tile,
+)
+from ._utils import as_bcn, bcn_strides, check_4d, check_same_device, next_pow2
 from .group_norm import gn_partial_fwd_triton
-from .shsa_attention import _precision, shsa_attn_fwd_triton
+from .shsa_attention import shsa_attn_fwd_triton
 
 try:
     import triton
@@ -42,80 +46,104 @@ if triton is not None:
     @triton.jit
     def _shsa_infer_kernel(
         p_x, p_w, p_b, p_out,
-        N, PD, QK, C2, s_xb, s_xc, s_xn, inv_cnt, eps,
-        PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_QK: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C2: tl.constexpr,
+        N, PD, QK, C2, s_xb, s_xc, s_xn, s_ob, s_oc, s_on, inv_cnt, eps,
+        PRECISION: tl.constexpr, DOT: tl.constexpr, BLOCK_QK: tl.constexpr, BLOCK_PD: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        COPY_C: tl.constexpr, COPY_T: tl.constexpr,
     ):
-        i_b = tl.program_id(0).to(tl.int64)
+        """Program (query tile, pdim chunk) of one image with N <= BLOCK_N tokens: GroupNorm
+        statistics, q of its queries, k and its chunk of v for every token, softmax, output.
+        The programs past the attention tiles copy ReLU(x2)."""
+        pid = tl.program_id(0)
+        i_b = tl.program_id(1).to(tl.int64)
+        n_pc = tl.cdiv(PD, BLOCK_PD)
+        n_att = tl.cdiv(N, BLOCK_M) * n_pc
         p_xb = p_x + i_b * s_xb
-        o_n = tl.arange(0, BLOCK_N)
-        m_n = o_n < N
-        o_pd = tl.arange(0, BLOCK_PD)
-        o_qk = tl.arange(0, BLOCK_QK)
-        m_pd = o_pd < PD
-        m_x = m_pd[:, None] & m_n[None, :]
-        b_x = tl.load(p_xb + o_pd[:, None] * s_xc + o_n[None, :] * s_xn, mask=m_x, other=0.0).to(tl.float32)
-        mean = tl.sum(b_x) * inv_cnt
-        b_xc = tl.where(m_x, b_x - mean, 0.0)  # [BLOCK_PD, BLOCK_N]
-        rstd = 1.0 / tl.sqrt(tl.sum(b_xc * b_xc) * inv_cnt + eps)
-        b_xh = b_xc * rstd
-        # q and k (GroupNorm affine, BatchNorm and scale folded into W', b')
-        m_wq = (o_qk < QK)[:, None] & m_pd[None, :]
-        b_wq = tl.load(p_w + o_qk[:, None] * PD + o_pd[None, :], mask=m_wq, other=0.0).to(tl.float32)
-        b_wk = tl.load(p_w + (QK + o_qk[:, None]) * PD + o_pd[None, :], mask=m_wq, other=0.0).to(tl.float32)
-        b_bq = tl.load(p_b + o_qk, mask=o_qk < QK, other=0.0).to(tl.float32)
-        b_bk = tl.load(p_b + QK + o_qk, mask=o_qk < QK, other=0.0).to(tl.float32)
-        b_q = tl.dot(b_wq, b_xh, input_precision=PRECISION) + b_bq[:, None]  # [BLOCK_QK, BLOCK_N]
-        b_k = tl.dot(b_wk, b_xh, input_precision=PRECISION) + b_bk[:, None]  # [BLOCK_QK, BLOCK_N]
-        # softmax attention over the keys of this image
-        b_s = tl.dot(tl.trans(b_q), b_k, input_precision=PRECISION)  # [BLOCK_N, BLOCK_N]
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        b_p = tl.exp(b_s - tl.max(b_s, axis=1)[:, None])
-        b_pt = tl.trans(b_p / tl.sum(b_p, axis=1)[:, None])  # [BLOCK_N (keys), BLOCK_N (queries)]
-        # v and the output, BLOCK_R channels at a time (keeps W'_v out of registers)
-        CO = PD + C2
-        p_ob = p_out + i_b * CO * N
-        for r0 in range(0, PD, BLOCK_R):
-            o_r = r0 + tl.arange(0, BLOCK_R)
-            m_r = o_r < PD
-            b_wv = tl.load(p_w + (2 * QK + o_r[:, None]) * PD + o_pd[None, :], mask=m_r[:, None] & m_pd[None, :], other=0.0)
-            b_bv = tl.load(p_b + 2 * QK + o_r, mask=m_r, other=0.0).to(tl.float32)
-            b_v = tl.dot(b_wv.to(tl.float32), b_xh, input_precision=PRECISION) + b_bv[:, None]  # [BLOCK_R, BLOCK_N]
-            b_o = tl.dot(b_v, b_pt, input_precision=PRECISION)  # [BLOCK_R, BLOCK_N]
-            m_o = m_r[:, None] & m_n[None, :]
-            tl.store(p_ob + o_r[:, None] * N + o_n[None, :], tl.maximum(b_o, 0.0).to(p_out.dtype.element_ty), mask=m_o)
-        for c0 in range(0, C2, BLOCK_C2):
-            o_c = c0 + tl.arange(0, BLOCK_C2)
-            m_c = (o_c < C2)[:, None] & m_n[None, :]
-            b_x2 = tl.load(p_xb + (PD + o_c[:, None]) * s_xc + o_n[None, :] * s_xn, mask=m_c, other=0.0).to(tl.float32)
-            tl.store(p_ob + (PD + o_c[:, None]) * N + o_n[None, :], tl.maximum(b_x2, 0.0).to(p_out.dtype.element_ty), mask=m_c)
+        p_ob = p_out + i_b * s_ob
+        if pid >= n_att:
+            relu_copy_tile(pid - n_att, p_xb + PD * s_xc, p_xb + PD * s_xc, p_ob + PD * s_oc, C2, N,
+                           s_xc, s_xn, s_xc, s_xn, s_oc, s_on, SAME=True, BLOCK_C=COPY_C, BLOCK_T=COPY_T)
+        else:
+            i_m = pid // n_pc
+            i_c = pid % n_pc
+            o_n = tl.arange(0, BLOCK_N)
+            m_n = o_n < N
+            o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            o_qk = tl.arange(0, BLOCK_QK)
+            m_qk = o_qk < QK
+            o_pd = i_c * BLOCK_PD + tl.arange(0, BLOCK_PD)
+            m_pd = o_pd < PD
+            # GroupNorm statistics over (pdim, N), two passes (no cancellation)
+            b_sum = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, PD, BLOCK_K):
+                b_sum += load_tile(p_xb, k0 + tl.arange(0, BLOCK_K), o_n, PD, N, s_xc, s_xn).to(tl.float32)
+            mean = tl.sum(b_sum) * inv_cnt
+            b_sum = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, PD, BLOCK_K):
+                o_k = k0 + tl.arange(0, BLOCK_K)
+                b_x = load_tile(p_xb, o_k, o_n, PD, N, s_xc, s_xn).to(tl.float32)
+                b_d = tl.where((o_k < PD)[:, None] & m_n[None, :], b_x - mean, 0.0)
+                b_sum += b_d * b_d
+            rstd = 1.0 / tl.sqrt(tl.sum(b_sum) * inv_cnt + eps)
+            # q (this tile's queries), k and v (chunk i_c) of every token: W' @ xhat + b'
+            # (GroupNorm affine, qkv BatchNorm and the attention scale folded into W', b')
+            b_q = tl.zeros([BLOCK_M, BLOCK_QK], dtype=tl.float32)
+            b_kt = tl.zeros([BLOCK_QK, BLOCK_N], dtype=tl.float32)
+            b_v = tl.zeros([BLOCK_N, BLOCK_PD], dtype=tl.float32)
+            for k0 in range(0, PD, BLOCK_K):
+                o_k = k0 + tl.arange(0, BLOCK_K)
+                m_k = o_k < PD
+                b_x = load_tile(p_xb, o_k, o_n, PD, N, s_xc, s_xn).to(tl.float32)
+                b_xh = tl.where(m_k[:, None] & m_n[None, :], (b_x - mean) * rstd, 0.0).to(DOT)  # [BLOCK_K, BLOCK_N]
+                b_xm = load_tile(p_xb, o_m, o_k, N, PD, s_xn, s_xc).to(tl.float32)
+                b_xhm = tl.where((o_m < N)[:, None] & m_k[None, :], (b_xm - mean) * rstd, 0.0).to(DOT)
+                b_wqt = load_tile(p_w, o_k, o_qk, PD, QK, 1, PD).to(DOT)  # [BLOCK_K, BLOCK_QK]
+                b_wk = load_tile(p_w + QK * PD, o_qk, o_k, QK, PD, PD, 1).to(DOT)  # [BLOCK_QK, BLOCK_K]
+                b_wvt = load_tile(p_w + 2 * QK * PD, o_k, o_pd, PD, PD, 1, PD).to(DOT)  # [BLOCK_K, BLOCK_PD]
+                b_q = tl.dot(b_xhm, b_wqt, b_q, input_precision=PRECISION)
+                b_kt = tl.dot(b_wk, b_xh, b_kt, input_precision=PRECISION)
+                b_v = tl.dot(tl.trans(b_xh), b_wvt, b_v, input_precision=PRECISION)
+            b_q += tl.load(p_b + o_qk, mask=m_qk, other=0.0).to(tl.float32)[None, :]
+            b_kt += tl.load(p_b + QK + o_qk, mask=m_qk, other=0.0).to(tl.float32)[:, None]
+            b_v += tl.load(p_b + 2 * QK + o_pd, mask=m_pd, other=0.0).to(tl.float32)[None, :]
+            # softmax attention over the image's keys
+            b_s = tl.dot(b_q.to(DOT), b_kt.to(DOT), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+            b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+            b_p = tl.exp(b_s - tl.max(b_s, axis=1)[:, None])
+            b_p = b_p / tl.sum(b_p, axis=1)[:, None]
+            b_o = tl.dot(b_p.to(DOT), b_v.to(DOT), input_precision=PRECISION)  # [BLOCK_M, BLOCK_PD]
+            m_o = (o_m < N)[:, None] & m_pd[None, :]
+            tl.store(p_ob + o_m[:, None] * s_on + o_pd[None, :] * s_oc,
+                     tl.maximum(b_o, 0.0).to(p_out.dtype.element_ty), mask=m_o)
 
     @triton.jit
     def _shsa_norm_proj_kernel(
         p_x, p_mean, p_rstd, p_w, p_b, p_qkv,
-        N, PD, CQ, s_xb, s_xc, s_xn,
-        PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_N: tl.constexpr,
+        N, PD, CQ, s_xb, s_xc, s_xn, s_qb, s_qc, s_qn,
+        PRECISION: tl.constexpr, DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
-        """qkv[:, :, tile] = W' @ ((x1 - mean) * rstd) + b' for one token tile."""
-        i_b = tl.program_id(0).to(tl.int64)
-        i_n = tl.program_id(1)
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        """qkv[rows, tokens] = W' @ ((x1 - mean) * rstd) + b' for one (row tile, token tile)."""
+        pid = tl.program_id(0)
+        i_b = tl.program_id(1).to(tl.int64)
+        n_r = tl.cdiv(CQ, BLOCK_R)
+        o_r = (pid % n_r) * BLOCK_R + tl.arange(0, BLOCK_R)
+        o_n = (pid // n_r) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < N
-        o_pd = tl.arange(0, BLOCK_PD)
-        m_pd = o_pd < PD
-        m_x = m_pd[:, None] & m_n[None, :]
         mean = tl.load(p_mean + i_b)
         rstd = tl.load(p_rstd + i_b)
-        b_x = tl.load(p_x + i_b * s_xb + o_pd[:, None] * s_xc + o_n[None, :] * s_xn, mask=m_x, other=0.0)
-        b_xh = tl.where(m_x, (b_x.to(tl.float32) - mean) * rstd, 0.0)  # [BLOCK_PD, BLOCK_N]
-        p_qb = p_qkv + i_b * CQ * N
-        for r0 in range(0, CQ, BLOCK_R):
-            o_r = r0 + tl.arange(0, BLOCK_R)
-            m_r = o_r < CQ
-            b_w = tl.load(p_w + o_r[:, None] * PD + o_pd[None, :], mask=m_r[:, None] & m_pd[None, :], other=0.0)
-            b_bias = tl.load(p_b + o_r, mask=m_r, other=0.0).to(tl.float32)
-            b_y = tl.dot(b_w.to(tl.float32), b_xh, input_precision=PRECISION) + b_bias[:, None]  # [BLOCK_R, BLOCK_N]
-            tl.store(p_qb + o_r[:, None] * N + o_n[None, :], b_y.to(p_qkv.dtype.element_ty), mask=m_r[:, None] & m_n[None, :])
+        p_xb = p_x + i_b * s_xb
+        b_y = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, PD, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            b_x = load_tile(p_xb, o_k, o_n, PD, N, s_xc, s_xn).to(tl.float32)
+            b_xh = tl.where((o_k < PD)[:, None] & m_n[None, :], (b_x - mean) * rstd, 0.0).to(DOT)
+            b_w = load_tile(p_w, o_r, o_k, CQ, PD, PD, 1).to(DOT)  # [BLOCK_R, BLOCK_K]
+            b_y = tl.dot(b_w, b_xh, b_y, input_precision=PRECISION)
+        b_y += tl.load(p_b + o_r, mask=o_r < CQ, other=0.0).to(tl.float32)[:, None]
+        m = (o_r < CQ)[:, None] & m_n[None, :]
+        tl.store(p_qkv + i_b * s_qb + o_r[:, None] * s_qc + o_n[None, :] * s_qn,
+                 b_y.to(p_qkv.dtype.element_ty), mask=m)
 
 
 def shsa_infer_triton(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim: int, eps: float) -> Tensor:
@@ -124,25 +152,30 @@ def shsa_infer_triton(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim
     x, (sb, sc, sn) = as_bcn(x)
     weight, bias = weight.contiguous(), bias.contiguous()
     if B == 0 or N == 0:
-        return torch.empty((B, C, H, W), device=x.device, dtype=x.dtype)
-    prec = _precision(x.dtype)
+        return new_output(x, (B, C, H, W))
+    dot = dot_dtype(x.dtype)
     if N <= ONE_PASS_MAX_N:
-        out = torch.empty((B, C, H, W), device=x.device, dtype=x.dtype)
-        _shsa_infer_kernel[(B,)](
+        out = new_output(x, (B, C, H, W))
+        bpd = pd_block(pdim)
+        n_pc = triton.cdiv(pdim, bpd)
+        block_m = 16 if dot == tl.float32 else query_block(B, N, n_pc)  # float32: 32 spills
+        copy_c, copy_t = copy_blocks(is_token_major(x))
+        grid = (triton.cdiv(N, block_m) * n_pc + copy_tiles(C2, N, is_token_major(x)), B)
+        _shsa_infer_kernel[grid](
             x, weight, bias, out,
-            N, pdim, qk_dim, C2, sb, sc, sn, 1.0 / (pdim * N), eps,
-            PRECISION=prec, BLOCK_R=32, BLOCK_QK=next_pow2(qk_dim), BLOCK_PD=next_pow2(pdim),
-            BLOCK_N=next_pow2(N), BLOCK_C2=min(next_pow2(C2, 1), 32), num_warps=4,
+            N, pdim, qk_dim, C2, sb, sc, sn, *bcn_strides(out), 1.0 / (pdim * N), eps,
+            PRECISION=precision(), DOT=dot, BLOCK_QK=next_pow2(qk_dim), BLOCK_PD=bpd, BLOCK_K=16,
+            BLOCK_M=block_m, BLOCK_N=next_pow2(N), COPY_C=copy_c, COPY_T=copy_t, num_warps=4, num_stages=1,
         )
         return out
     _, mean, rstd = gn_partial_fwd_triton(x[:, :pdim], None, None, eps, write_y=False)
     CQ = 2 * qk_dim + pdim
-    qkv = torch.empty((B, CQ, H, W), device=x.device, dtype=x.dtype)
-    block_n = 64
-    _shsa_norm_proj_kernel[(B, triton.cdiv(N, block_n))](
+    qkv = new_output(x, (B, CQ, H, W))
+    block_r, block_n = 32, 64
+    _shsa_norm_proj_kernel[(triton.cdiv(CQ, block_r) * triton.cdiv(N, block_n), B)](
         x, mean, rstd, weight, bias, qkv,
-        N, pdim, CQ, sb, sc, sn,
-        PRECISION=prec, BLOCK_R=32, BLOCK_PD=next_pow2(pdim), BLOCK_N=block_n, num_warps=4,
+        N, pdim, CQ, sb, sc, sn, *bcn_strides(qkv),
+        PRECISION=precision(), DOT=dot, BLOCK_R=block_r, BLOCK_K=16, BLOCK_N=block_n, num_warps=4,
     )
     # the scale is already folded into W'
     out, _ = shsa_attn_fwd_triton(qkv, x[:, pdim:], qk_dim, 1.0, store_lse=False)
@@ -164,11 +197,6 @@ def shsa_infer_torch(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim:
 @torch.library.custom_op("shvit::shsa_infer", mutates_args=())
 def shsa_infer(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim: int, eps: float) -> Tensor:
     return backend.pick(x, shsa_infer_triton, shsa_infer_torch, "shsa_infer")(x, weight, bias, pdim, qk_dim, eps)
-
-
-@shsa_infer.register_kernel("cuda")
-def _(x, weight, bias, pdim, qk_dim, eps):
-    return shsa_infer_triton(x, weight, bias, pdim, qk_dim, eps)
 
 
 @shsa_infer.register_fake

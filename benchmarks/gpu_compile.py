@@ -13,8 +13,9 @@ follows from each architecture's limits. Every config an autotuner can pick is c
 The table, per kernel x arch x dtype x layout x shape: registers, spill stores/loads, shared
 memory, resident CTAs per SM, grid size at batch 1 and 256, and the pdim padding waste. It is
 written to ``benchmarks/results/gpu_compile.{json,md}`` (``--out``). The exit status is 1 when
-a kernel fails to compile, needs more shared memory than a block may have, spills, or has
-fewer than 2 resident CTAs per SM at the paper's shapes.
+a kernel fails to compile, needs more shared memory than a block may have, spills, pads pdim
+by more than 1.34x, or, at the paper's shapes, has fewer than 2 resident CTAs per SM or (the
+inference op at batch 1) fewer than 8 programs.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, stat
 import torch  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+MAX_PAD = 1.34  # pdim padding allowed at SHViT's pdims
+MIN_GRID_B1 = 8  # programs of the inference op at batch 1 (the paper's shapes)
 
 
 # ------------------------------------------------------------------ architecture limits
@@ -302,6 +305,10 @@ def failures(rows: list[dict]) -> list[str]:
             bad.append(f"{where}: spills {r['spill_stores']} B stores / {r['spill_loads']} B loads")
         if r["paper"] and r["ctas_per_sm"] < 2:
             bad.append(f"{where}: {r['ctas_per_sm']} resident CTA per SM")
+        if r["pad"] > MAX_PAD:
+            bad.append(f"{where}: pdim padded {r['pad']}x")
+        if r["path"] == "infer" and r["paper"] and r["batch"] == 1 and r["grid"] < MIN_GRID_B1:
+            bad.append(f"{where}: {r['grid']} programs at batch 1")
     return bad
 
 
@@ -316,7 +323,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         " padded to the kernel's channel tile over pdim.",
         "",
         f"**{len(rows)} compiles, {len(failures(rows))} failures** (compile error, shared memory over the block"
-        " limit, any spill, or fewer than 2 CTAs per SM at the paper's shapes).",
+        " limit, any spill, pdim padded over 1.34x; at the paper's shapes fewer than 2 CTAs per SM, or fewer than"
+        " 8 programs of the inference op at batch 1).",
         "",
         "| kernel | path | arch | dtype | layout | variant@px | stage | tokens | pdim | batch | regs | spill st/ld B |"
         " smem B | warps | CTAs/SM | grid | pad | config |",

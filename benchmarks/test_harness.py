@@ -3,7 +3,11 @@ tiny settings (so that the README's main job cannot break unnoticed)."""
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import platform
+import subprocess
+import sys
 import time
 
 import pytest
@@ -79,3 +83,19 @@ def test_bench_model_writes_results(tmp_path):
     assert data["machine"]["allocator"]
     providers = {(r.get("kind", "inference"), r["provider"]) for r in rows}
     assert {("inference", "eager"), ("inference", "fused+fuse"), ("train-step", "fused")} <= providers
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """The lent-GPU script end to end on CPU (``--dry-run``): every step runs and passes, and
+    each result file lands under $OUT, so a GPU session is not spent on a broken script."""
+    pytest.importorskip("triton.backends.nvidia")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "all steps passed" in (tmp_path / "status.txt").read_text()
+    for name in ["env.txt", "gpu_compile.json", "gpu_compile.md", "tests.log", "shsa_cuda.json", "model_cuda.json"]:
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert json.loads((tmp_path / "gpu_compile.json").read_text())["rows"]

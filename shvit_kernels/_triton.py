@@ -8,8 +8,9 @@ SM on sm_80 and sm_90a at SHViT's shapes):
   two, at least 16 for ``tl.dot``) that pad pdim by at most ``MAX_PAD``, e.g. 72 -> 3 x 32,
   66 -> 5 x 16, 48 -> 1 x 64; forward programs take one chunk each (the scores are recomputed
   per chunk: qk_dim = 16 deep, cheaper than idle SMs), the backward loops over them.
-- query tiles of 16 tokens while the grid would otherwise have fewer than ``FEW_PROGRAMS``
-  programs (batch 1 still spreads over the GPU), else 32 (64 spills in float32).
+- forward programs take 32 queries (64 spill in float32), or 16 queries and 16 channels
+  where the grid would otherwise have fewer than ``FEW_PROGRAMS`` programs, so that batch 1
+  still spreads over the GPU (``forward_tiles``).
 """
 from __future__ import annotations
 
@@ -38,10 +39,13 @@ def pd_block(pdim: int) -> int:
     return bp
 
 
-def query_block(B: int, N: int, programs_per_tile: int) -> int:
-    """Query tile: 32 tokens (at most the padded N), or 16 where that leaves the GPU idle."""
-    big = min(32, next_pow2(N))
-    return 16 if B * programs_per_tile * triton.cdiv(N, big) < FEW_PROGRAMS else big
+def forward_tiles(B: int, N: int, pdim: int) -> tuple[int, int]:
+    """(query tile, pdim chunk) of the forward kernels: 32 queries (at most the padded N) and
+    ``pd_block`` chunks, or 16 and 16 where that grid would leave the GPU idle."""
+    block_m, block_pd = min(32, next_pow2(N)), pd_block(pdim)
+    if B * triton.cdiv(N, block_m) * triton.cdiv(pdim, block_pd) >= FEW_PROGRAMS:
+        return block_m, block_pd
+    return 16, 16
 
 
 def copy_blocks(token_major: bool) -> tuple[int, int]:

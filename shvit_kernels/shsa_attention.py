@@ -21,8 +21,8 @@ from torch import Tensor
 
 from . import backend
 from ._triton import (
-    copy_blocks, copy_tiles, dot_dtype, is_token_major, load_tile, new_output, pd_block, precision, query_block,
-    relu_copy_tile,
+    copy_blocks, copy_tiles, dot_dtype, is_token_major, forward_tiles, load_tile, new_output, pd_block,
+    precision, relu_copy_tile,
 )
 from ._utils import as_bcn, bcn_strides, check_4d, check_same_device, next_pow2
 
@@ -229,9 +229,8 @@ def shsa_attn_fwd_triton(qkv: Tensor, x2: Tensor, qk_dim: int, scale: float, sto
     lse = torch.empty((B, N), device=qkv.device, dtype=torch.float32)
     if B > 0 and N > 0:
         sob, soc, son = bcn_strides(out)
-        bpd = pd_block(PD)
+        block_m, bpd = forward_tiles(B, N, PD)
         n_pc = triton.cdiv(PD, bpd)
-        block_m = query_block(B, N, n_pc)
         copy_c, copy_t = copy_blocks(is_token_major(x2))
         dot = dot_dtype(qkv.dtype)
         grid = (triton.cdiv(N, block_m) * n_pc + copy_tiles(C2, N, is_token_major(x2)), B)

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from . import backend, pointwise
 from ._triton import (
-    copy_blocks, copy_tiles, dot_dtype, is_token_major, load_tile, new_output, pd_block, precision, query_block,
-    relu_copy_tile,
+    copy_blocks, copy_tiles, dot_dtype, is_token_major, forward_tiles, load_tile, new_output,
+    precision, relu_copy_tile,
 )
 from ._utils import as_bcn, bcn_strides, check_4d, check_same_device, next_pow2
 from .group_norm import gn_partial_fwd_triton
@@ -156,16 +156,17 @@ def shsa_infer_triton(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim
     dot = dot_dtype(x.dtype)
     if N <= ONE_PASS_MAX_N:
         out = new_output(x, (B, C, H, W))
-        bpd = pd_block(pdim)
+        block_m, bpd = forward_tiles(B, N, pdim)
+        block_m = 16 if dot == tl.float32 else block_m  # float32: 32 queries spill here
         n_pc = triton.cdiv(pdim, bpd)
-        block_m = 16 if dot == tl.float32 else query_block(B, N, n_pc)  # float32: 32 spills
         copy_c, copy_t = copy_blocks(is_token_major(x))
         grid = (triton.cdiv(N, block_m) * n_pc + copy_tiles(C2, N, is_token_major(x)), B)
         _shsa_infer_kernel[grid](
             x, weight, bias, out,
             N, pdim, qk_dim, C2, sb, sc, sn, *bcn_strides(out), 1.0 / (pdim * N), eps,
             PRECISION=precision(), DOT=dot, BLOCK_QK=next_pow2(qk_dim), BLOCK_PD=bpd, BLOCK_K=16,
-            BLOCK_M=block_m, BLOCK_N=next_pow2(N), COPY_C=copy_c, COPY_T=copy_t, num_warps=4, num_stages=1,
+            BLOCK_M=block_m, BLOCK_N=next_pow2(N), COPY_C=copy_c, COPY_T=copy_t,
+            num_warps=8 if dot == tl.float32 else 4, num_stages=1,
         )
         return out
     _, mean, rstd = gn_partial_fwd_triton(x[:, :pdim], None, None, eps, write_y=False)

@@ -52,9 +52,13 @@ def test_dot_operands(monkeypatch):
     assert _triton.dot_dtype(torch.float32) == tl.float32
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _triton.dot_dtype(torch.bfloat16) == tl.float32  # widened for the interpreter only
-    for allow, expected in [(False, "ieee"), (True, "tf32")]:
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow)
-        assert _triton.precision() == expected
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow, expected in [(False, "ieee"), (True, "tf32")]:
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            assert _triton.precision() == expected
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @pytest.mark.parametrize("pdim", [48, 66, 68, 72, 75, 96])

@@ -312,7 +312,23 @@ def failures(rows: list[dict]) -> list[str]:
     return bad
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+# HBM bandwidth (bytes/s) of the data-sheet parts: A100 SXM 80 GB, H100 SXM
+PEAK_BW = {"A100": 2.039e12, "H100": 3.35e12}
+
+
+def memory_floor(shapes, batch: int = 256, elt: int = 2) -> list[dict]:
+    """The least time the inference op can take: read x once, write the output once
+    (float16, weights negligible), at each GPU's peak memory bandwidth. The GPU check's
+    ``bench_shsa`` measures the achieved rate against a device copy."""
+    out = []
+    for s in shapes:
+        nbytes = 2 * batch * s["dim"] * s["h"] * s["h"] * elt
+        out.append(dict(variant=s["variant"], res=s["res"], stage=s["stage"], tokens=f"{s['h']}x{s['h']}",
+                        MB=nbytes / 1e6, **{f"{g}_us": nbytes / bw * 1e6 for g, bw in PEAK_BW.items()}))
+    return out
+
+
+def markdown(rows: list[dict], meta: dict, floors: list[dict]) -> str:
     lines = [
         "# Triton kernels compiled for GPU targets",
         "",
@@ -325,6 +341,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"**{len(rows)} compiles, {len(failures(rows))} failures** (compile error, shared memory over the block"
         " limit, any spill, pdim padded over 1.34x; at the paper's shapes fewer than 2 CTAs per SM, or fewer than"
         " 8 programs of the inference op at batch 1).",
+        "",
+        "## Memory floor of the inference op (batch 256, float16: x read once, output written once)",
+        "",
+        "| variant@px | stage | tokens | MB | A100 us (2.04 TB/s) | H100 us (3.35 TB/s) |",
+        "|---|---|---|---|---|---|",
+        *[f"| {f['variant']}@{f['res']} | {f['stage']} | {f['tokens']} | {f['MB']:.1f} | {f['A100_us']:.1f} |"
+          f" {f['H100_us']:.1f} |" for f in floors],
+        "",
+        "## Compiles",
         "",
         "| kernel | path | arch | dtype | layout | variant@px | stage | tokens | pdim | batch | regs | spill st/ld B |"
         " smem B | warps | CTAs/SM | grid | pad | config |",
@@ -375,7 +400,8 @@ def main(argv=None) -> int:
     import triton
 
     t0 = time.perf_counter()
-    rows = run(shsa_shapes(args.subset), args.arch, [getattr(torch, d) for d in args.dtype], args.layout, args.batch,
+    shapes = shsa_shapes(args.subset)
+    rows = run(shapes, args.arch, [getattr(torch, d) for d in args.dtype], args.layout, args.batch,
                args.kernel)
     bad = failures(rows)
     meta = dict(triton=triton.__version__, torch=torch.__version__, subset=args.subset,
@@ -387,8 +413,10 @@ def main(argv=None) -> int:
     if args.out:
         out = pathlib.Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, failures=bad, rows=rows), indent=1) + "\n")
-        out.with_suffix(".md").write_text(markdown(rows, meta))
+        floors = memory_floor(shapes)
+        out.with_suffix(".json").write_text(
+            json.dumps(dict(meta=meta, failures=bad, memory_floor=floors, rows=rows), indent=1) + "\n")
+        out.with_suffix(".md").write_text(markdown(rows, meta, floors))
     return 1 if bad else 0
 
 

@@ -7,7 +7,8 @@ SM on sm_80 and sm_90a at SHViT's shapes):
 - pdim is cut into channel chunks of ``pd_block(pdim)``: the fewest chunks (of one power of
   two, at least 16 for ``tl.dot``) that pad pdim by at most ``MAX_PAD``, e.g. 72 -> 3 x 32,
   66 -> 5 x 16, 48 -> 1 x 64; forward programs take one chunk each (the scores are recomputed
-  per chunk: qk_dim = 16 deep, cheaper than idle SMs), the backward loops over them.
+  per chunk: qk_dim = 16 deep, cheaper than idle SMs), the backward loops over chunks of at
+  most 32 (wider ones spill with Triton 3.6).
 - forward programs take 32 queries (64 spill in float32), or 16 queries and 16 channels
   where the grid would otherwise have fewer than ``FEW_PROGRAMS`` programs, so that batch 1
   still spreads over the GPU (``forward_tiles``).
@@ -31,9 +32,10 @@ MAX_PAD = 1.34  # the most pdim may be padded by its channel tiling
 FEW_PROGRAMS = 264  # two programs per SM of an H100 (132 SMs)
 
 
-def pd_block(pdim: int) -> int:
-    """Channel tile for pdim: the fewest chunks of one power of two (>= 16) within MAX_PAD."""
-    bp = next_pow2(pdim)
+def pd_block(pdim: int, largest: int = 128) -> int:
+    """Channel tile for pdim: the fewest chunks of one power of two (16 ... ``largest``)
+    within MAX_PAD."""
+    bp = min(next_pow2(pdim), largest)
     while bp > 16 and math.ceil(pdim / bp) * bp > MAX_PAD * pdim:
         bp //= 2
     return bp

@@ -260,7 +260,7 @@ def shsa_attn_bwd_triton(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, qk
     sxb, sxc, sxn = bcn_strides(dx2)
     dom = torch.empty((B, N, PD), device=qkv.device, dtype=qkv.dtype)
     delta = torch.empty((B, N), device=qkv.device, dtype=torch.float32)
-    bpd = pd_block(PD)
+    bpd = pd_block(PD, 32)
     n_pc = triton.cdiv(PD, bpd)
     block_m = min(next_pow2(N), 32)
     copy_c, copy_t = copy_blocks(is_token_major(out))

@@ -18,7 +18,7 @@ from torch import Tensor
 from . import backend, pointwise
 from ._triton import (
     copy_blocks, copy_tiles, dot_dtype, is_token_major, forward_tiles, load_tile, new_output,
-    precision, relu_copy_tile,
+    pd_block, precision, relu_copy_tile,
 )
 from ._utils import as_bcn, bcn_strides, check_4d, check_same_device, next_pow2
 from .group_norm import gn_partial_fwd_triton
@@ -157,7 +157,8 @@ def shsa_infer_triton(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim
     if N <= ONE_PASS_MAX_N:
         out = new_output(x, (B, C, H, W))
         block_m, bpd = forward_tiles(B, N, pdim)
-        block_m = 16 if dot == tl.float32 else block_m  # float32: 32 queries spill here
+        if dot == tl.float32:  # float32: 32 queries or 128 channels spill here
+            block_m, bpd = 16, min(bpd, pd_block(pdim, 64))
         n_pc = triton.cdiv(pdim, bpd)
         copy_c, copy_t = copy_blocks(is_token_major(x))
         grid = (triton.cdiv(N, block_m) * n_pc + copy_tiles(C2, N, is_token_major(x)), B)

@@ -5,8 +5,8 @@ Layers: Triton kernels -> launchers -> ``torch.library`` ops (``shvit::gn_partia
 
 ``y = (x1 - mean) * rstd * weight + bias`` with one float32 mean / rstd per image over
 (pdim, H, W). ``x1`` may be a channel slice of a larger NCHW or channels_last tensor: the
-kernels read it through its strides, no copy. ``y`` is a new contiguous NCHW tensor in
-x1's dtype; the weight and bias gradients are reduced from per-image partial sums
+kernels read it through its strides, no copy. ``y`` is a new tensor in x1's dtype (on
+Triton in x1's layout, NCHW or channels_last); the weight and bias gradients are reduced from per-image partial sums
 (deterministic, no atomics).
 """
 from __future__ import annotations
@@ -247,7 +247,7 @@ gn_partial_fwd.register_autograd(_backward, setup_context=_setup_context)
 def group_norm_partial(x1: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     """GroupNorm(1, C) of ``x1`` (B, C, H, W), typically the channel slice ``x[:, :pdim]``
     of a larger tensor: the kernels read it through its strides, without a copy.
-    Returns a new contiguous (B, C, H, W) tensor."""
+    Returns a new (B, C, H, W) tensor."""
     check_4d("x1", x1)
     C = x1.shape[1]
     if weight.shape != (C,) or bias.shape != (C,):

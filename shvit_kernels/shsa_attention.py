@@ -260,7 +260,8 @@ def shsa_attn_bwd_triton(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, qk
     sxb, sxc, sxn = bcn_strides(dx2)
     dom = torch.empty((B, N, PD), device=qkv.device, dtype=qkv.dtype)
     delta = torch.empty((B, N), device=qkv.device, dtype=torch.float32)
-    bpd = pd_block(PD, 32)
+    dot = dot_dtype(qkv.dtype)
+    bpd = pd_block(PD, 16 if dot == tl.float32 else 32)  # float32 (FMA dots): wider chunks spill
     n_pc = triton.cdiv(PD, bpd)
     block_m = min(next_pow2(N), 32)
     copy_c, copy_t = copy_blocks(is_token_major(out))
@@ -269,7 +270,6 @@ def shsa_attn_bwd_triton(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, qk
         BLOCK_PD=bpd, BLOCK_M=block_m, COPY_C=copy_c, COPY_T=copy_t, num_warps=4,
     )
     args = (qkv, dom, lse, delta, dqkv, N, qk_dim, PD, scale, sqb, sqc, sqn, sgb, sgc, sgn)
-    dot = dot_dtype(qkv.dtype)
     tiles = min(next_pow2(N), 16 if dot == tl.float32 else 32)
     meta = dict(PRECISION=precision(), DOT=dot, BLOCK_QK=next_pow2(qk_dim), BLOCK_PD=bpd,
                 BLOCK_M=tiles, BLOCK_N=tiles, num_warps=4, num_stages=1)

@@ -157,7 +157,7 @@ def shsa_infer_triton(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim
     if N <= ONE_PASS_MAX_N:
         out = new_output(x, (B, C, H, W))
         block_m, bpd = forward_tiles(B, N, pdim)
-        if dot == tl.float32:  # float32: 32 queries or 128 channels spill here
+        if dot == tl.float32:  # float32 (FMA dots): 32 queries or 128 channels spill here
             block_m, bpd = 16, min(bpd, pd_block(pdim, 64))
         n_pc = triton.cdiv(pdim, bpd)
         copy_c, copy_t = copy_blocks(is_token_major(x))

@@ -342,6 +342,8 @@ def markdown(rows: list[dict], meta: dict, floors: list[dict]) -> str:
         " limit, any spill, pdim padded over 1.34x; at the paper's shapes fewer than 2 CTAs per SM, or fewer than"
         " 8 programs of the inference op at batch 1).",
         "",
+        summary(rows),
+        "",
         "## Memory floor of the inference op (batch 256, float16: x read once, output written once)",
         "",
         "| variant@px | stage | tokens | MB | A100 us (2.04 TB/s) | H100 us (3.35 TB/s) |",
@@ -372,17 +374,18 @@ def markdown(rows: list[dict], meta: dict, floors: list[dict]) -> str:
 
 
 def summary(rows: list[dict]) -> str:
-    ok = [r for r in rows if not r["error"]]
+    """Per kernel over every compile: the worst of each column, as a markdown table."""
     by_kernel: dict[str, list[dict]] = {}
-    for r in ok:
-        by_kernel.setdefault(r["kernel"], []).append(r)
-    out = [f"{'kernel':<22} {'compiles':>8} {'max regs':>8} {'max spill':>9} {'max smem':>9} {'min CTAs/SM':>11}"
-           f" {'min grid b1':>11} {'max pad':>7}"]
+    for r in rows:
+        if not r["error"]:
+            by_kernel.setdefault(r["kernel"], []).append(r)
+    out = ["| kernel | compiles | max regs | max spill B | max smem B | min CTAs/SM | min grid at batch 1 | max pad |",
+           "|---|---|---|---|---|---|---|---|"]
     for k, rs in by_kernel.items():
         out.append(
-            f"{k:<22} {len(rs):>8} {max(r['regs'] for r in rs):>8} {max(r['spill_stores'] for r in rs):>9}"
-            f" {max(r['smem'] for r in rs):>9} {min(r['ctas_per_sm'] for r in rs):>11}"
-            f" {min(r['grid'] for r in rs if r['batch'] == 1):>11} {max(r['pad'] for r in rs):>7}"
+            f"| {k} | {len(rs)} | {max(r['regs'] for r in rs)} | {max(r['spill_stores'] for r in rs)} |"
+            f" {max(r['smem'] for r in rs)} | {min(r['ctas_per_sm'] for r in rs)} |"
+            f" {min((r['grid'] for r in rs if r['batch'] == 1), default='')} | {max(r['pad'] for r in rs)} |"
         )
     return "\n".join(out)
 

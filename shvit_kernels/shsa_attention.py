@@ -119,6 +119,17 @@ if triton is not None:
             tl.store(p_delta + i_b * N + o_m, b_delta, mask=o_m < N)
 
     @triton.jit
+    def _probs_t(p_qb, p_lse_b, b_k, o_qk, o_m, m_n, QK, N, s_qc, s_qn, scale,
+                 PRECISION: tl.constexpr, DOT: tl.constexpr):
+        """q^T of the queries o_m, [BLOCK_QK, BLOCK_M], and the probabilities P^T of the key
+        tile b_k, [BLOCK_N, BLOCK_M], recomputed from the saved log-sum-exp (zero outside N)."""
+        m_m = o_m < N
+        b_qt = load_tile(p_qb, o_qk, o_m, QK, N, s_qc, s_qn).to(DOT)
+        b_lse = tl.load(p_lse_b + o_m, mask=m_m, other=0.0)
+        b_pt = tl.exp(tl.dot(b_k, b_qt, input_precision=PRECISION) * scale - b_lse[None, :])
+        return b_qt, tl.where(m_n[:, None] & m_m[None, :], b_pt, 0.0)
+
+    @triton.jit
     def _shsa_attn_bwd_dkdv_kernel(
         p_qkv, p_dom, p_lse, p_delta, p_dqkv,
         N, QK, PD, scale,
@@ -144,11 +155,8 @@ if triton is not None:
             b_dv = tl.zeros([BLOCK_N, BLOCK_PD], dtype=tl.float32)
             for m0 in range(0, N, BLOCK_M):
                 o_m = m0 + tl.arange(0, BLOCK_M)
-                m_m = o_m < N
-                b_qt = load_tile(p_qb, o_qk, o_m, QK, N, s_qc, s_qn).to(DOT)  # [BLOCK_QK, BLOCK_M]
-                b_lse = tl.load(p_lse + i_b * N + o_m, mask=m_m, other=0.0)
-                b_pt = tl.exp(tl.dot(b_k, b_qt, input_precision=PRECISION) * scale - b_lse[None, :])
-                b_pt = tl.where(m_n[:, None] & m_m[None, :], b_pt, 0.0)  # [BLOCK_N, BLOCK_M]
+                b_qt, b_pt = _probs_t(p_qb, p_lse + i_b * N, b_k, o_qk, o_m, m_n, QK, N, s_qc, s_qn, scale,
+                                      PRECISION, DOT)
                 b_do = load_tile(p_dob, o_m, o_pd, N, PD, PD, 1).to(DOT)  # [BLOCK_M, BLOCK_PD]
                 b_dv = tl.dot(b_pt.to(DOT), b_do, b_dv, input_precision=PRECISION)
             m_v = m_n[:, None] & (o_pd < PD)[None, :]
@@ -158,12 +166,9 @@ if triton is not None:
             b_dk = tl.zeros([BLOCK_N, BLOCK_QK], dtype=tl.float32)
             for m0 in range(0, N, BLOCK_M):
                 o_m = m0 + tl.arange(0, BLOCK_M)
-                m_m = o_m < N
-                b_qt = load_tile(p_qb, o_qk, o_m, QK, N, s_qc, s_qn).to(DOT)  # [BLOCK_QK, BLOCK_M]
-                b_lse = tl.load(p_lse + i_b * N + o_m, mask=m_m, other=0.0)
-                b_delta = tl.load(p_delta + i_b * N + o_m, mask=m_m, other=0.0)
-                b_pt = tl.exp(tl.dot(b_k, b_qt, input_precision=PRECISION) * scale - b_lse[None, :])
-                b_pt = tl.where(m_n[:, None] & m_m[None, :], b_pt, 0.0)  # [BLOCK_N, BLOCK_M]
+                b_qt, b_pt = _probs_t(p_qb, p_lse + i_b * N, b_k, o_qk, o_m, m_n, QK, N, s_qc, s_qn, scale,
+                                      PRECISION, DOT)
+                b_delta = tl.load(p_delta + i_b * N + o_m, mask=o_m < N, other=0.0)
                 b_dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
                 for c0 in range(0, PD, BLOCK_PD):
                     o_c = c0 + tl.arange(0, BLOCK_PD)

@@ -398,12 +398,13 @@ def main(argv=None) -> int:
     p.add_argument("--layout", nargs="+", default=["contiguous", "channels_last"])
     p.add_argument("--kernel", nargs="+", help="only kernels whose name contains one of these")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--shape", nargs="+", help="only these variant@px, e.g. shvit_s1@384")
     p.add_argument("--out", default=str(RESULTS / "gpu_compile"), help="results path without suffix ('' for none)")
     args = p.parse_args(argv)
     import triton
 
     t0 = time.perf_counter()
-    shapes = shsa_shapes(args.subset)
+    shapes = [s for s in shsa_shapes(args.subset) if not args.shape or f"{s['variant']}@{s['res']}" in args.shape]
     rows = run(shapes, args.arch, [getattr(torch, d) for d in args.dtype], args.layout, args.batch,
                args.kernel)
     bad = failures(rows)

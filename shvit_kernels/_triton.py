@@ -9,7 +9,8 @@ SM on sm_80 and sm_90a at SHViT's shapes):
   66 -> 5 x 16, 48 -> 1 x 64; forward programs take one chunk each (the scores are recomputed
   per chunk: qk_dim = 16 deep, cheaper than idle SMs), the backward loops over chunks of at
   most 32 (wider ones spill with Triton 3.6).
-- forward programs take 32 queries (64 spill in float32), or 16 queries and 16 channels
+- forward programs take 32 queries (64 spill in float32) and at most 64 channels (32 in
+  float32), or 16 queries and 16 channels
   where the grid would otherwise have fewer than ``FEW_PROGRAMS`` programs, so that batch 1
   still spreads over the GPU (``forward_tiles``).
 """
@@ -41,18 +42,20 @@ def pd_block(pdim: int, largest: int = 128) -> int:
     return bp
 
 
-def forward_tiles(B: int, N: int, pdim: int) -> tuple[int, int]:
+def forward_tiles(B: int, N: int, pdim: int, dot) -> tuple[int, int]:
     """(query tile, pdim chunk) of the forward kernels: 32 queries (at most the padded N) and
-    ``pd_block`` chunks, or 16 and 16 where that grid would leave the GPU idle."""
-    block_m, block_pd = min(32, next_pow2(N)), pd_block(pdim)
+    ``pd_block`` chunks of at most 64 channels (32 for float32 FMA dots; wider ones spill), or
+    16 and 16 where that grid would leave the GPU idle."""
+    block_m, block_pd = min(32, next_pow2(N)), pd_block(pdim, 32 if dot == tl.float32 else 64)
     if B * triton.cdiv(N, block_m) * triton.cdiv(pdim, block_pd) >= FEW_PROGRAMS:
         return block_m, block_pd
     return 16, 16
 
 
 def copy_blocks(token_major: bool) -> tuple[int, int]:
-    """(channels, tokens) of a pass-through tile: 128 contiguous elements, 2048 in all."""
-    return (128, 16) if token_major else (16, 128)
+    """(channels, tokens) of a pass-through tile: rows of 128 contiguous elements, 1024 in all
+    (8 per thread of 4 warps: larger tiles spill their pointer tensors in float32)."""
+    return (128, 8) if token_major else (8, 128)
 
 
 def is_token_major(t: torch.Tensor) -> bool:

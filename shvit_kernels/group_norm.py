@@ -138,7 +138,7 @@ def gn_partial_fwd_triton(x1: Tensor, weight: Tensor, bias: Tensor, eps: float, 
     mean = torch.empty(B, device=x1.device, dtype=torch.float32)
     rstd = torch.empty(B, device=x1.device, dtype=torch.float32)
     if B > 0 and N > 0:
-        block_c, block_n = _blocks(C, N, 2048)  # 16 values per thread
+        block_c, block_n = _blocks(C, N, 1024)  # 8 values per thread
         _gn_partial_fwd_kernel[(B,)](  # without write_y, x1 stands in for the unused pointers
             x1, weight if write_y else x1, bias if write_y else x1, y if write_y else x1, mean, rstd,
             C, N, sb, sc, sn, *(bcn_strides(y) if write_y else (0, 0, 0)), 1.0 / (C * N), eps,

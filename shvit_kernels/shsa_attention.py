@@ -234,10 +234,10 @@ def shsa_attn_fwd_triton(qkv: Tensor, x2: Tensor, qk_dim: int, scale: float, sto
     lse = torch.empty((B, N), device=qkv.device, dtype=torch.float32)
     if B > 0 and N > 0:
         sob, soc, son = bcn_strides(out)
-        block_m, bpd = forward_tiles(B, N, PD)
+        dot = dot_dtype(qkv.dtype)
+        block_m, bpd = forward_tiles(B, N, PD, dot)
         n_pc = triton.cdiv(PD, bpd)
         copy_c, copy_t = copy_blocks(is_token_major(x2))
-        dot = dot_dtype(qkv.dtype)
         grid = (triton.cdiv(N, block_m) * n_pc + copy_tiles(C2, N, is_token_major(x2)), B)
         _shsa_attn_fwd_kernel[grid](
             qkv, x2, out, lse,

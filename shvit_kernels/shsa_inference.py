@@ -156,9 +156,9 @@ def shsa_infer_triton(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim
     dot = dot_dtype(x.dtype)
     if N <= ONE_PASS_MAX_N:
         out = new_output(x, (B, C, H, W))
-        block_m, bpd = forward_tiles(B, N, pdim)
-        if dot == tl.float32:  # float32 (FMA dots): 32 queries or 128 channels spill here
-            block_m, bpd = 16, min(bpd, pd_block(pdim, 64))
+        block_m, bpd = forward_tiles(B, N, pdim, dot)
+        if dot == tl.float32:  # float32 (FMA dots): 16 queries x up to 64 channels, 8 warps
+            block_m, bpd = 16, 16 if bpd == 16 else pd_block(pdim, 64)
         n_pc = triton.cdiv(pdim, bpd)
         copy_c, copy_t = copy_blocks(is_token_major(x))
         grid = (triton.cdiv(N, block_m) * n_pc + copy_tiles(C2, N, is_token_major(x)), B)

@@ -1,6 +1,7 @@
 """Build script: pip install --no-build-isolation -e .  (reuses the installed torch).
 
-Compiles the CPU kernels in csrc/ into shvit_kernels._C with torch's cpp_extension (ninja).
+Compiles the CPU kernels in csrc/ (every .cpp below it: gemm/, attention/, ops/, inference/,
+register.cpp) into shvit_kernels._C with torch's cpp_extension (ninja).
 Set SHVIT_KERNELS_NO_CPP=1 to skip the build; the package then runs without them (the
 `cpp` backend falls back to the eager composition with a warning).
 
@@ -46,7 +47,8 @@ if os.environ.get("SHVIT_KERNELS_NO_CPP", "0") != "1":
     ext_modules.append(
         CppExtension(
             "shvit_kernels._C",
-            sorted(glob.glob("csrc/*.cpp")),
+            sorted(glob.glob("csrc/**/*.cpp", recursive=True)),
+            include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
             extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"] + _arch_flags()},
             extra_link_args=["-fopenmp"],
         )

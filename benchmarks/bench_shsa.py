@@ -111,8 +111,7 @@ def eager_region(m: shvit.SHSA, x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_train_region(m: shvit.SHSA, x: torch.Tensor) -> torch.Tensor:
-    # the fused module's path (on the cpp backend in float32/float64: one region op)
-    return m.fused_mixer(x)
+    return m.fused_mixer(x)  # the fused module's path
 
 
 def bench_case(name, dim, pdim, H, W, args, run) -> list[dict]:

@@ -1,10 +1,10 @@
-"""Render the committed benchmark results as Markdown tables, and refresh them in README.md.
+"""Render the committed benchmark results as Markdown tables, and refresh them in the docs.
 
     python -m benchmarks.report            # print the tables
-    python -m benchmarks.report --readme   # replace the blocks between the markers in README.md
+    python -m benchmarks.report --readme   # replace the marked blocks in README.md and docs/*.md
 
-README blocks are delimited by ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``, where
-NAME is a result file under benchmarks/results/ without ``.json``.
+Blocks are delimited by ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``, where NAME is
+a result file under benchmarks/results/ without ``.json``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import re
 
 from benchmarks.common import RESULTS, machine_line
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -24,26 +25,42 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+PROVIDERS = ["eager", "eager+fuse", "compile", "fused"]  # fused: fused=True, in inference + fuse()
+
+
 def model_table(data: dict) -> str:
-    rows = [
-        [r.get("kind", "inference"), r["variant"], str(r["resolution"]), str(r["batch"]), str(r.get("threads") or ""),
-         r["provider"], f"{r['images_per_s']:.1f}", f"{r['median_ms']:.1f}", f"{r['speedup_vs_eager']:.2f}×",
-         f"{r['speedup_vs_eager_fuse']:.2f}×" if r.get("speedup_vs_eager_fuse") else "",
-         f"{r['compile_s']:.0f}" if r.get("compile_s") else ""]
-        for r in data["rows"]
-    ]
-    return _table(["kind", "model", "px", "batch", "threads", "provider", "images/s", "ms / batch", "vs eager",
-                   "vs eager+fuse", "compile s"], rows)
+    """One row per (kind, model, batch, threads): images/s of each provider, and the fused
+    model against the best uncompiled baseline (eager+fuse in inference, eager in training)."""
+    groups: dict[tuple, dict] = {}
+    for r in data["rows"]:
+        key = (r.get("kind", "inference"), r["variant"], r["resolution"], r["batch"], r.get("threads") or "")
+        groups.setdefault(key, {})[r["provider"].replace("fused+fuse", "fused")] = r
+    cols = [p for p in PROVIDERS if any(p in g for g in groups.values())]
+    rows = []
+    for (kind, variant, res, batch, threads), g in groups.items():
+        fused = g.get("fused")
+        base = g.get("eager+fuse") or g.get("eager")
+        cells = []
+        for p in cols:
+            r = g.get(p)
+            cell = f"{r['images_per_s']:.1f}" if r else ""
+            if r and r.get("compile_s"):
+                cell += f" ({r['compile_s']:.0f} s)"
+            cells.append(cell)
+        gain = f"{fused['images_per_s'] / base['images_per_s']:.2f}×" if fused and base else ""
+        rows.append([kind, variant.removeprefix("shvit_").upper(), str(res), str(batch), str(threads), *cells, gain])
+    return _table(["kind", "model", "px", "batch", "threads", *cols, "fused vs baseline"], rows)
 
 
 def shsa_table(data: dict) -> str:
-    rows = []
+    """One row per mode, one column per case: eager ms / fused ms (speedup)."""
+    cases = list(dict.fromkeys(r["case"] for r in data["rows"]))
+    heads = {r["case"]: f"{r['case']} ({r['dim']}/{r['pdim']}, N={r['tokens']})" for r in data["rows"]}
+    cells: dict[str, dict] = {}
     for r in data["rows"]:
-        rows.append([
-            r["case"], f"{r['dim']}/{r['pdim']}", str(r["tokens"]), r["mode"], f"{r['eager_ms']:.3f}",
-            f"{r['fused_ms']:.3f}", f"{r['speedup']:.2f}×",
-        ])
-    return _table(["case", "dim/pdim", "N", "mode", "eager ms", "fused ms", "speedup"], rows)
+        cells.setdefault(r["mode"], {})[r["case"]] = f"{r['eager_ms']:.3f} / {r['fused_ms']:.3f} ({r['speedup']:.2f}×)"
+    rows = [[mode, *(by.get(c, "") for c in cases)] for mode, by in cells.items()]
+    return _table(["mode: eager ms / fused ms", *(heads[c] for c in cases)], rows)
 
 
 RENDER = {
@@ -77,13 +94,14 @@ def main() -> None:
         for n in names:
             print(f"## {n}\n\n{render(n)}\n")
         return
-    text = README.read_text()
-    for n in names:
-        pattern = re.compile(rf"(<!-- results:{n} -->\n)(?:.*?\n)?(<!-- /results:{n} -->)", re.S)
-        text, count = pattern.subn(lambda m: m.group(1) + render(n) + "\n" + m.group(2), text)
-        if count:
-            print(f"README: refreshed {n}")
-    README.write_text(text)
+    for doc in DOCS:
+        text = doc.read_text()
+        for n in names:
+            pattern = re.compile(rf"(<!-- results:{n} -->\n)(?:.*?\n)?(<!-- /results:{n} -->)", re.S)
+            text, count = pattern.subn(lambda m: m.group(1) + render(n) + "\n" + m.group(2), text)
+            if count:
+                print(f"{doc.relative_to(ROOT)}: refreshed {n}")
+        doc.write_text(text)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,6 @@ from torch import nn
 
 import shvit_kernels
 from shvit_kernels._utils import check_4d
-from shvit_kernels.shsa_train import (
-    block_train_applies,
-    bn_train,
-    bn_train_applies,
-    conv1x1_train,
-    conv1x1_train_applies,
-    region_train_applies,
-    shsa_block_train,
-    shsa_region_train,
-)
 
 __all__ = [
     "Conv2d_BN",
@@ -122,8 +112,6 @@ class Residual(nn.Module):
         self.m = m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.m, SHSA) and self.m.fused:
-            return self.m.forward_residual(x)  # one op for the whole block in C++ training
         return x + self.m(x)
 
     @torch.no_grad()
@@ -244,7 +232,7 @@ class SHSA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            return self._forward_fused(x)
+            return self.proj[1](self.fused_mixer(x))  # the fused ops applied proj's ReLU
         B, C, H, W = x.shape
         x1, x2 = torch.split(x, [self.pdim, self.dim - self.pdim], dim=1)
         x1 = self.pre_norm(x1)
@@ -256,47 +244,13 @@ class SHSA(nn.Module):
         x1 = (v @ attn.transpose(-2, -1)).reshape(B, self.pdim, H, W)
         return self.proj(torch.cat([x1, x2], dim=1))
 
-    def forward_residual(self, x: torch.Tensor) -> torch.Tensor:
-        """``x + self(x)``. A fused SHSA whose BatchNorms train, on the cpp backend, runs the
-        whole block as one C++ op (``shsa_block_train``): the residual add is summed where the
-        projection's BatchNorm writes its output, and its gradient where the backward writes
-        ``dx``, with the results of the separate ops."""
-        if self.fused:
-            check_4d("x", x, self.dim)
-            qkv, proj = self.qkv, self.proj[1]
-            if (
-                isinstance(qkv, Conv2d_BN)
-                and isinstance(proj, Conv2d_BN)
-                and block_train_applies(x, qkv.bn, proj.c, proj.bn)
-            ):
-                norm = self.pre_norm
-                return shsa_block_train(
-                    x, norm.weight, norm.bias, norm.eps, qkv.c.weight, qkv.bn, proj.c.weight, proj.bn, self.pdim,
-                    self.qk_dim, self.scale,
-                )
-        return x + self(x)
-
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        check_4d("x", x, self.dim)
-        z = self.fused_mixer(x)  # the kernels applied proj's ReLU
-        proj = self.proj[1]
-        if isinstance(proj, Conv2d_BN) and conv1x1_train_applies(z, proj.c):
-            # the conv on the packed GEMM, forward and backward, then the C++ training BatchNorm
-            y = conv1x1_train(z, proj.c.weight)
-            return bn_train(y, proj.bn) if bn_train_applies(y, proj.bn) else proj.bn(y)
-        return proj(z)
-
     def fused_mixer(self, x: torch.Tensor) -> torch.Tensor:
-        """ReLU(concat(attention, x2)) of the fused path: everything before the projection conv."""
-        norm = self.pre_norm
-        if self.training and isinstance(self.qkv, Conv2d_BN) and region_train_applies(x, self.qkv.bn):
-            # the whole region (norm, qkv conv + BatchNorm, attention) in one C++ op
-            return shsa_region_train(
-                x, norm.weight, norm.bias, norm.eps, self.qkv.c.weight, self.qkv.bn, self.pdim, self.qk_dim,
-                self.scale,
-            )
+        """ReLU(concat(attention, x2)) by the fused ops (``shvit_kernels``, whose backend
+        dispatch picks the kernels): everything before the projection conv."""
+        check_4d("x", x, self.dim)
         # views, no copies; one split (not two slices) so the backward writes dx in one pass
         x1, x2 = torch.split(x, [self.pdim, self.dim - self.pdim], dim=1)
+        norm = self.pre_norm
         y = shvit_kernels.group_norm_partial(x1, norm.weight, norm.bias, norm.eps)
         qkv = self.qkv(y)  # Conv2d_BN by PyTorch: its BatchNorm needs batch statistics in training
         return shvit_kernels.shsa_attention(qkv, x2, self.qk_dim, self.scale)

@@ -1,11 +1,11 @@
 // Channel-major float32 SHSA attention (see attention_cm.h).
-#include "attention_cm.h"
+#include "attention/attention_cm.h"
 
 #include <algorithm>
 
-#include "attention_core.h"
+#include "attention/attention_core.h"
 #include "common.h"
-#include "gemm.h"
+#include "gemm/gemm.h"
 
 namespace shvit_cpu {
 

@@ -10,9 +10,9 @@
 // large N.
 #include <torch/library.h>
 
-#include "attention_core.h"
+#include "attention/attention_core.h"
 #include "common.h"
-#include "gemm.h"
+#include "gemm/gemm.h"
 
 namespace shvit_cpu {
 

@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "gemm.h"
+#include "gemm/gemm.h"
 
 namespace shvit_cpu {
 

@@ -6,7 +6,7 @@
 #include <torch/library.h>
 
 #include "common.h"
-#include "gemm.h"
+#include "gemm/gemm.h"
 
 namespace shvit_cpu {
 
@@ -172,9 +172,5 @@ TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) {
   m.impl("ffn_block", &ffn_block);
 }
 
-TORCH_LIBRARY_FRAGMENT(shvit_cpp, m) {
-  m.def("gemm_available() -> bool", &gemm_available);
-  m.def("gemm_isa(str request='') -> str", &gemm_isa);
-}
 
 }  // namespace shvit_cpu

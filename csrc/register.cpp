@@ -1,10 +1,18 @@
-// Schemas of the CPU ops and the Python module that loads them (shvit_kernels._C).
+// Schemas of every CPU op and the Python module that loads them (shvit_kernels._C); the
+// kernels register their implementations in their own files (TORCH_LIBRARY_IMPL).
 //
 // The public ops live in the `shvit` namespace (defined in Python, shvit_kernels/*.py);
 // their CPU implementation calls these `shvit_cpp` ops when the backend is `cpp`, so that
 // SHVIT_KERNELS_BACKEND can still route CPU tensors to Triton's interpreter or to torch.
 #include <Python.h>
 #include <torch/library.h>
+
+#include <string>
+
+namespace shvit_cpu {  // inference/conv_infer.cpp: which packed-GEMM kernels run
+bool gemm_available();
+std::string gemm_isa(const std::string& request);
+}  // namespace shvit_cpu
 
 extern "C" {
 // Importing shvit_kernels._C runs the static registrations below; the module is empty.
@@ -28,4 +36,9 @@ TORCH_LIBRARY(shvit_cpp, m) {
   m.def("stem_conv3x3(Tensor x, Tensor weight, Tensor bias, int stride, bool relu) -> Tensor");
   m.def("dw_conv3x3(Tensor x, Tensor weight, Tensor bias, int stride, bool relu) -> Tensor");
   m.def("ffn_block(Tensor x, Tensor w1_packed, Tensor b1, Tensor w2_packed, Tensor b2) -> Tensor");
+  // with C++ autograd (ops/autograd.cpp): forward and backward without Python
+  m.def("group_norm_partial(Tensor x1, Tensor weight, Tensor bias, float eps) -> Tensor");
+  m.def("shsa_attention(Tensor qkv, Tensor x2, int qk_dim, float scale) -> Tensor");
+  m.def("gemm_available() -> bool", &shvit_cpu::gemm_available);
+  m.def("gemm_isa(str request='') -> str", &shvit_cpu::gemm_isa);
 }

@@ -11,7 +11,7 @@
 // 6 x 32 and 12 x 16 for the last panels; gemm_avx512 below), about 1.5x the AVX2 kernel's rate;
 // SHVIT_KERNELS_GEMM_ISA=avx2 or gemm_isa("avx2") keeps AVX2. Both accumulate every output in
 // the same k order, so their results are identical.
-#include "gemm.h"
+#include "gemm/gemm.h"
 
 #include <algorithm>
 #include <atomic>
@@ -604,37 +604,6 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
   }
 }
 
-void gemm_packed_segmented(int64_t m, int64_t n, int64_t segs, int64_t seg_k, const float* a, int64_t lda,
-                           int64_t lds, const float* wp, float* c, int64_t ldc, const Epilogue& epi) {
-#ifdef SHVIT_GEMM_X86
-  if (available() && m > 0 && n > 0 && segs > 0 && seg_k > 0) {
-    if (current_isa() == Isa::kAvx512) {
-      gemm_avx512(m, n, segs, seg_k, a, lda, lds, wp, kPanel, segs * seg_k * kPanel, c, ldc, epi);
-    } else {
-      gemm_avx2(m, n, segs, seg_k, a, lda, lds, wp, kPanel, segs * seg_k * kPanel, c, ldc, epi);
-    }
-    return;
-  }
-#endif
-  // portable: one segment at a time, accumulating through the residual
-  if (segs <= 0 || seg_k <= 0) {
-    gemm_packed(m, n, 0, a, lda, wp, c, ldc, epi);
-    return;
-  }
-  const int64_t k = segs * seg_k;
-  std::vector<float> part(static_cast<size_t>(m * n));
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < n; ++j) {
-      const float* panel = wp + (j / kPanel) * k * kPanel + j % kPanel;
-      float s = (epi.bias ? epi.bias[j] : 0.f) + (epi.row_bias ? epi.row_bias[i] : 0.f) +
-                (epi.residual ? epi.residual[i * epi.ldr + j] : 0.f);
-      for (int64_t kk = 0; kk < k; ++kk) s += a[(kk / seg_k) * lds + i * lda + kk % seg_k] * panel[kk * kPanel];
-      part[i * n + j] = epi.relu && s < 0.f ? 0.f : s;
-    }
-  }
-  for (int64_t i = 0; i < m; ++i) std::copy(part.begin() + i * n, part.begin() + (i + 1) * n, c + i * ldc);
-}
-
 void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                int64_t ldc, const Epilogue& epi) {
   if (m <= 0 || n <= 0) return;
@@ -656,19 +625,6 @@ void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
       c[i * ldc + j] = epi.relu && s < 0.f ? 0.f : s;
     }
   }
-}
-
-void gemm_image_panels(int64_t m, int64_t nb, int64_t k, const float* a, int64_t lda, const float* x, int64_t xs,
-                       float* c, int64_t cs, const Epilogue& epi) {
-  if (m <= 0 || nb <= 0) return;
-#ifdef SHVIT_GEMM_X86
-  if (available() && k > 0 && current_isa() == Isa::kAvx512) {
-    // the images' panels side by side: 6 x 64 tiles over four images at a time
-    gemm_avx512(m, nb * kPanel, 1, k, a, lda, 0, x, kPanel, xs, c, kPanel, epi, cs);
-    return;
-  }
-#endif
-  for (int64_t b = 0; b < nb; ++b) gemm_rows(m, kPanel, k, a, lda, x + b * xs, kPanel, c + b * cs, kPanel, epi);
 }
 
 void gemm_token_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* a_packed,

@@ -6,10 +6,10 @@
 
 #include <vector>
 
-#include "attention_cm.h"
-#include "attention_core.h"
+#include "attention/attention_cm.h"
+#include "attention/attention_core.h"
 #include "common.h"
-#include "gemm.h"
+#include "gemm/gemm.h"
 
 namespace shvit_cpu {
 

@@ -58,12 +58,6 @@ void pack_weight_cols(const float* w, int64_t n, int64_t k, int64_t ldw, float* 
 void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, float* c,
                  int64_t ldc, const Epilogue& epi);
 
-// The same with k = segs * seg_k and A stored in segments: columns [s * seg_k, (s + 1) * seg_k)
-// of A's row i at a + s * lds + i * lda (for example one image of a (B, rows, N) tensor per
-// segment). The packed weight has k = segs * seg_k.
-void gemm_packed_segmented(int64_t m, int64_t n, int64_t segs, int64_t seg_k, const float* a, int64_t lda,
-                           int64_t lds, const float* wp, float* c, int64_t ldc, const Epilogue& epi);
-
 // The same product with B (k, n; row stride ldb) read in place, row-major: C = epi(A @ B), so
 // B is the packed form's transpose, B[kk, j] = W[j, kk]. The kernels stream B's rows as
 // 16-column panels (a channel-major activation needs no packing; rows of whole cache lines run
@@ -72,14 +66,6 @@ void gemm_packed_segmented(int64_t m, int64_t n, int64_t segs, int64_t seg_k, co
 // two give identical results. C must not alias A or B.
 void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                int64_t ldc, const Epilogue& epi);
-
-// C_b (m, 16) = epi(A (m, k) @ X_b) for nb images of 16 tokens: X_b (k, 16) at x + b * xs and
-// C_b at c + b * cs, both with rows of 16 contiguous floats (an NCHW image of 16 tokens is one
-// token panel as it is). The AVX-512 kernels run the images' panels side by side (6 x 64 tiles
-// over four images instead of 12 x 16 tiles per image). epi: row_bias and relu only (no column
-// bias or residual). The same results as gemm_rows per image.
-void gemm_image_panels(int64_t m, int64_t nb, int64_t k, const float* a, int64_t lda, const float* x, int64_t xs,
-                       float* c, int64_t cs, const Epilogue& epi);
 
 // C (m, n) = epi(A (m, k) @ B) for B (k, n) in token panels (the packed form of B^T: a
 // channel-major product such as W @ x_b), as gemm_packed. A last partial panel of at most 8

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "common.h"
-#include "gemm.h"
+#include "gemm/gemm.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>

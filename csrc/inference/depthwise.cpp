@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include "common.h"
-#include "gemm.h"
+#include "gemm/gemm.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define SHVIT_DW_X86 1

@@ -78,11 +78,6 @@ Tensor shsa_attention(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, doubl
 }
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(shvit_cpp, m) {
-  m.def("group_norm_partial(Tensor x1, Tensor weight, Tensor bias, float eps) -> Tensor");
-  m.def("shsa_attention(Tensor qkv, Tensor x2, int qk_dim, float scale) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(shvit_cpp, CompositeImplicitAutograd, m) {
   m.impl("group_norm_partial", &group_norm_partial);
   m.impl("shsa_attention", &shsa_attention);

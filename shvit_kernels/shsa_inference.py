@@ -157,8 +157,8 @@ def shsa_infer_triton(x: Tensor, weight: Tensor, bias: Tensor, pdim: int, qk_dim
     if N <= ONE_PASS_MAX_N:
         out = new_output(x, (B, C, H, W))
         block_m, bpd = forward_tiles(B, N, pdim, dot)
-        if dot == tl.float32:  # float32 (FMA dots): 16 queries x up to 64 channels, 8 warps
-            block_m, bpd = 16, 16 if bpd == 16 else pd_block(pdim, 64)
+        if dot == tl.float32:  # float32 (FMA dots): 16 x 16 tiles on 8 warps (larger ones spill)
+            block_m, bpd = 16, 16
         n_pc = triton.cdiv(pdim, bpd)
         copy_c, copy_t = copy_blocks(is_token_major(x))
         grid = (triton.cdiv(N, block_m) * n_pc + copy_tiles(C2, N, is_token_major(x)), B)

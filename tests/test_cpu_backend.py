@@ -8,7 +8,7 @@ import torch
 
 import shvit
 import shvit_kernels
-from conftest import assert_rel_close, load_golden, use_backend
+from conftest import assert_rel_close, load_golden, use_backend, with_threads
 from shvit_kernels import backend
 
 # every test once per packed-GEMM kernel family this CPU runs (conftest.each_gemm_isa)
@@ -40,18 +40,6 @@ def test_gradcheck_shsa_attention(monkeypatch):
     assert torch.autograd.gradcheck(_attn, (qkv, x2))
 
 
-def _with_threads(fn):
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(fn())
-    finally:
-        torch.set_num_threads(before)
-    return results
-
-
 def test_ops_one_and_two_threads_agree(monkeypatch):
     """float32, SHViT-S4 stage-2 shape: every output and gradient of the fused ops within 1e-6."""
     use_backend(monkeypatch, "cpp", "cpu")
@@ -71,7 +59,7 @@ def test_ops_one_and_two_threads_agree(monkeypatch):
             inf = shvit_kernels.shsa_inference(x, wi, bi, 72, 16)
         return y.detach(), out.detach(), inf, xg.grad, wg.grad, bg.grad, qg.grad
 
-    for a, b_ in zip(*_with_threads(run)):
+    for a, b_ in zip(*with_threads(run)):
         assert_rel_close(a, b_, 1e-6, "1 vs 2 threads")
 
 
@@ -97,7 +85,7 @@ def test_model_one_and_two_threads_agree(mode, monkeypatch):
         model.zero_grad()
         return (out.detach(),) + grads
 
-    for a, b in zip(*_with_threads(run)):
+    for a, b in zip(*with_threads(run)):
         assert_rel_close(a, b, 1e-12, f"{mode}: 1 vs 2 threads")
 
 

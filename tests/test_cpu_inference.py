@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 import shvit
 import shvit_kernels
-from conftest import assert_rel_close, gemm_isas, load_golden, randomize_bn, use_backend
+from conftest import assert_rel_close, gemm_isas, load_golden, randomize_bn, use_backend, with_threads
 from shvit.layers import ConvAct, FFNInference, PatchMergingInference
 from shvit_kernels import backend, pointwise
+from shvit_kernels.shsa_inference import shsa_infer_torch
 
 # every test once per packed-GEMM kernel family this CPU runs (conftest.each_gemm_isa)
 pytestmark = [
@@ -125,7 +126,7 @@ def test_shsa_block_packed_gemms_match(shape, channels_last):
     ops = torch.ops.shvit_cpp
     plain = ops.shsa_block_infer(x, wq, bq, wp.view(C, C), bp, pdim, qk, 1e-5)
     packed = ops.shsa_block_infer(x, wq, bq, wp.view(C, C), bp, pdim, qk, 1e-5, ops.pack_weight(wq), ops.pack_weight(wp))
-    z = shvit_kernels.shsa_inference(x.double(), wq.double(), bq.double(), pdim, qk)
+    z = shsa_infer_torch(x.double(), wq.double(), bq.double(), pdim, qk, 1e-5)
     ref = x.double() + F.conv2d(z, wp.double(), bp.double())
     assert_rel_close(plain, ref, TOL, "block op, ATen GEMMs")
     assert_rel_close(packed, ref, TOL, "block op, packed GEMMs")
@@ -174,6 +175,7 @@ GEMM_K = [1, 5, 72, 200, 400]
 
 
 @needs_gemm
+@pytest.mark.isa_independent  # runs every family itself
 @pytest.mark.parametrize("cout", GEMM_N)
 @pytest.mark.parametrize("cin", GEMM_K)
 @pytest.mark.parametrize("tokens", [(2, 13), (1, 19)], ids=["m26", "m19"])  # rows: 12 + 12 + 2, 12 + 7
@@ -395,22 +397,13 @@ def test_golden_through_the_fast_path(golden, monkeypatch):
         assert_rel_close(model(golden["input"]), golden["eval_logits"], 1e-4, "golden logits, folded fused")
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_same_result_with_one_and_two_threads(threads):
+def test_same_result_with_one_and_two_threads():
     _, fused = _pair("shvit_s1")
     fused.fuse()
     x = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(3))
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        with torch.no_grad():
-            one = fused(x)
-        torch.set_num_threads(threads)
-        with torch.no_grad():
-            other = fused(x)
-    finally:
-        torch.set_num_threads(old)
-    assert_rel_close(other, one, 1e-6, f"{threads} threads vs 1")
+    with torch.no_grad():
+        one, two = with_threads(lambda: fused(x))
+    assert_rel_close(two, one, 1e-6, "2 threads vs 1")
 
 
 def test_training_path_unaffected_and_fuse_keeps_reference_names():
@@ -535,14 +528,7 @@ def test_nchw_float32_region_and_block(shape, view, monkeypatch):
 def test_nchw_float32_paths_same_with_one_and_two_threads():
     """Images are independent work items: the same bits with one and two threads."""
     x, wq, bq, wp, bp = _cm_inputs(CM_SHAPES[2], 1)
-    outs = []
-    prev = torch.get_num_threads()
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            with torch.no_grad():
-                outs.append((torch.ops.shvit_cpp.shsa_infer(x, wq, bq, 24, 24, 1e-5),
-                             torch.ops.shvit_cpp.shsa_block_infer(x, wq, bq, wp, bp, 24, 24, 1e-5, None, None)))
-    finally:
-        torch.set_num_threads(prev)
+    with torch.no_grad():
+        outs = with_threads(lambda: (torch.ops.shvit_cpp.shsa_infer(x, wq, bq, 24, 24, 1e-5),
+                                     torch.ops.shvit_cpp.shsa_block_infer(x, wq, bq, wp, bp, 24, 24, 1e-5, None, None)))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

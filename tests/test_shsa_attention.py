@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import BACKEND_DEVICES, DTYPE_IDS, KERNEL_TOL, assert_rel_close, rel_err, tol_vs_eager, use_backend
+from conftest import BACKEND_DEVICES, DTYPE_IDS, KERNEL_TOL, assert_close_to_exact, assert_rel_close, use_backend
 from shvit_kernels import shsa_attention
 from shvit_kernels.shsa_attention import shsa_attention_torch
 
@@ -53,10 +53,11 @@ def test_shsa_attention(backend, device, case, dtype, layout, monkeypatch, nan_o
     ref = shsa_attention_torch(rq, rx, qk, qk ** -0.5)
     ref.backward(dout.double())
     eq, ex = (t.detach().clone().requires_grad_() for t in (qkv, x2))
-    shsa_attention_torch(eq, ex, qk, qk ** -0.5).backward(dout)  # eager in the same dtype
-    assert_rel_close(out, ref, KERNEL_TOL[dtype], "out")
-    assert_rel_close(qkv.grad, rq.grad, tol_vs_eager(dtype, rel_err(eq.grad, rq.grad)), "dqkv")
-    assert_rel_close(x2.grad, rx.grad, KERNEL_TOL[dtype], "dx2")
+    eager = shsa_attention_torch(eq, ex, qk, qk ** -0.5)  # the composition in the same dtype
+    eager.backward(dout)
+    assert_close_to_exact(out, ref, eager, "out")
+    assert_close_to_exact(qkv.grad, rq.grad, eq.grad, "dqkv")
+    assert_close_to_exact(x2.grad, rx.grad, ex.grad, "dx2")
 
 
 def test_shsa_attention_mixed_dtypes_promote(monkeypatch):

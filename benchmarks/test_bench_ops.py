@@ -108,8 +108,9 @@ def test_op(benchmark, op, shape, provider, mode):
             out.backward(grad)
             _sync()
         benchmark.pedantic(run, setup=setup, rounds=20, warmup_rounds=2)
-    out = fwd()
-    assert torch.isfinite(out).all()
+    if provider != "eager":  # the timed provider computes what eager computes
+        eager_fwd, _ = _case(op, shape, "eager")
+        torch.testing.assert_close(fwd(), eager_fwd(), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -136,4 +137,5 @@ def test_inference_region(benchmark, shape, provider):
 
     with torch.inference_mode():
         benchmark(run)
-        torch.testing.assert_close(fns[provider](), eager_region(folded, x), rtol=1e-3, atol=1e-3)
+        if provider != "eager":  # the timed provider computes what eager computes
+            torch.testing.assert_close(fns[provider](), fns["eager"](), rtol=1e-3, atol=1e-3)

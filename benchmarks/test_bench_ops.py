@@ -14,7 +14,6 @@ import copy
 import pytest
 import torch
 
-import shvit
 import shvit_kernels
 from benchmarks.bench_shsa import eager_region, fused_train_region, make_module
 from shvit_kernels.shsa_attention import shsa_attention_torch

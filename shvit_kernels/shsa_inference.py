@@ -18,7 +18,7 @@ from torch import Tensor
 from . import backend, pointwise
 from ._triton import (
     copy_blocks, copy_tiles, dot_dtype, is_token_major, forward_tiles, load_tile, new_output,
-    pd_block, precision, relu_copy_tile,
+    precision, relu_copy_tile,
 )
 from ._utils import as_bcn, bcn_strides, check_4d, check_same_device, next_pow2
 from .group_norm import gn_partial_fwd_triton

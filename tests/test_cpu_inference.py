@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import shvit
 import shvit_kernels
-from conftest import assert_rel_close, gemm_isas, load_golden, randomize_bn, use_backend, with_threads
+from conftest import assert_rel_close, gemm_isas, randomize_bn, use_backend, with_threads
 from shvit.layers import ConvAct, FFNInference, PatchMergingInference
 from shvit_kernels import backend, pointwise
 from shvit_kernels.shsa_inference import shsa_infer_torch

@@ -117,18 +117,15 @@ namespace {
 // acc (6 x 16, the tile's running sum) += A[rows, k-block] @ panel[k-block, 0:16], with the
 // six rows of A at a[r] (already offset to the block) and the panel's k-block at b, its row kk
 // (16 floats) at b + kk * ldb (ldb = 16 in a packed weight; the row stride of a row-major B
-// read in place, see gemm_rows). The block is nseg segments of kc columns; segment s of row r
-// is at a[r] + s * lds.
-SHVIT_AVX2 inline void micro6(int64_t kc, int64_t nseg, int64_t lds, const float* const* a, const float* b,
-                              int64_t ldb, float* acc) {
+// read in place, see gemm_rows).
+SHVIT_AVX2 inline void micro6(int64_t kc, const float* const* a, const float* b, int64_t ldb, float* acc) {
   __m256 c00 = _mm256_load_ps(acc + 0), c01 = _mm256_load_ps(acc + 8);
   __m256 c10 = _mm256_load_ps(acc + 16), c11 = _mm256_load_ps(acc + 24);
   __m256 c20 = _mm256_load_ps(acc + 32), c21 = _mm256_load_ps(acc + 40);
   __m256 c30 = _mm256_load_ps(acc + 48), c31 = _mm256_load_ps(acc + 56);
   __m256 c40 = _mm256_load_ps(acc + 64), c41 = _mm256_load_ps(acc + 72);
   __m256 c50 = _mm256_load_ps(acc + 80), c51 = _mm256_load_ps(acc + 88);
-  for (int64_t sg = 0; sg < nseg; ++sg, b += kc * ldb) {
-#define SHVIT_ROW_PTR(r) const float* a##r = a[r] + sg * lds;
+#define SHVIT_ROW_PTR(r) const float* a##r = a[r];
   SHVIT_ROWS6(SHVIT_ROW_PTR)
 #undef SHVIT_ROW_PTR
 #pragma GCC unroll 4
@@ -144,7 +141,6 @@ SHVIT_AVX2 inline void micro6(int64_t kc, int64_t nseg, int64_t lds, const float
     SHVIT_ROWS6(SHVIT_FMA_ROW)
 #undef SHVIT_FMA_ROW
   }
-  }
 #define SHVIT_STORE_ACC(r)                          \
   _mm256_store_ps(acc + r * 2 * 8, c##r##0);        \
   _mm256_store_ps(acc + r * 2 * 8 + 8, c##r##1);
@@ -154,12 +150,10 @@ SHVIT_AVX2 inline void micro6(int64_t kc, int64_t nseg, int64_t lds, const float
 
 // The same for the first 8 columns of the panel only (a tile of at most 8 valid columns: the
 // last panel of an operand whose width is not a multiple of 16): half the FMAs of micro6.
-SHVIT_AVX2 inline void micro6_8(int64_t kc, int64_t nseg, int64_t lds, const float* const* a, const float* b,
-                                int64_t ldb, float* acc) {
+SHVIT_AVX2 inline void micro6_8(int64_t kc, const float* const* a, const float* b, int64_t ldb, float* acc) {
   __m256 c00 = _mm256_load_ps(acc + 0), c10 = _mm256_load_ps(acc + 16), c20 = _mm256_load_ps(acc + 32);
   __m256 c30 = _mm256_load_ps(acc + 48), c40 = _mm256_load_ps(acc + 64), c50 = _mm256_load_ps(acc + 80);
-  for (int64_t sg = 0; sg < nseg; ++sg, b += kc * ldb) {
-#define SHVIT_ROW_PTR(r) const float* a##r = a[r] + sg * lds;
+#define SHVIT_ROW_PTR(r) const float* a##r = a[r];
   SHVIT_ROWS6(SHVIT_ROW_PTR)
 #undef SHVIT_ROW_PTR
 #pragma GCC unroll 4
@@ -168,7 +162,6 @@ SHVIT_AVX2 inline void micro6_8(int64_t kc, int64_t nseg, int64_t lds, const flo
 #define SHVIT_FMA_ROW(r) c##r##0 = _mm256_fmadd_ps(_mm256_broadcast_ss(a##r + kk), b0, c##r##0);
     SHVIT_ROWS6(SHVIT_FMA_ROW)
 #undef SHVIT_FMA_ROW
-  }
   }
 #define SHVIT_STORE_ACC(r) _mm256_store_ps(acc + r * 2 * 8, c##r##0);
   SHVIT_ROWS6(SHVIT_STORE_ACC)
@@ -179,7 +172,7 @@ SHVIT_AVX2 inline void micro6_8(int64_t kc, int64_t nseg, int64_t lds, const flo
 // [k0, k0 + kc); a points at the tile's first row of A (row stride lda), b at the k-block of
 // its panel. The first k-block starts from bias + residual, the last applies the ReLU. Short
 // tiles repeat their last row of A (the extra results are not stored).
-SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t lds, const float* a, int64_t lda,
+SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, const float* a, int64_t lda,
                      const float* b, int64_t ldb, float* c, int64_t ldc, bool first, bool last, const float* bias,
                      const float* rbias, const float* res, int64_t ldr, bool relu, float* cmax) {
   alignas(32) float acc[6 * kPanel];
@@ -207,7 +200,7 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t
       _mm256_store_ps(acc + r * kPanel, v0);
       _mm256_store_ps(acc + r * kPanel + 8, v1);
     }
-    micro6(kc, nseg, lds, ar, b, ldb, acc);
+    micro6(kc, ar, b, ldb, acc);
     const __m256 z = _mm256_setzero_ps();
     __m256 m0 = _mm256_setzero_ps(), m1 = m0;
     if (last && cmax) {
@@ -244,9 +237,9 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t
     }
   }
   if (nv <= 8) {
-    micro6_8(kc, nseg, lds, ar, b, ldb, acc);
+    micro6_8(kc, ar, b, ldb, acc);
   } else {
-    micro6(kc, nseg, lds, ar, b, ldb, acc);
+    micro6(kc, ar, b, ldb, acc);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float* t = acc + r * kPanel;
@@ -258,42 +251,29 @@ SHVIT_AVX2 void tile(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t
   }
 }
 
-// The blocks of a GEMM with k = segs * seg_k: f(ic, mc, nseg, kc, k0, first, last, as) for row
-// block [ic, ic + mc) (kMc rows) and the k-block of nseg segments of kc columns starting at
-// column k0 of A's row block (as: its first column), first / last whether it starts / ends
-// the sum. k-blocks of at most kc_max: whole segments when they fit (the tile's sums stay in
-// registers across the segments of a block), else balanced parts of one segment.
+// The blocks of a GEMM: f(ic, mc, kc, k0, first, last) for row block [ic, ic + mc) (kMc rows)
+// and the k-block [k0, k0 + kc), first / last whether it starts / ends the sum: the whole k
+// when it is at most kc_max, else balanced parts (multiples of 8).
 template <typename F>
-inline void for_each_block(int64_t m, int64_t segs, int64_t seg_k, int64_t kc_max, const float* a, int64_t lds,
-                           const F& f) {
-  const int64_t k = segs * seg_k;
-  int64_t kcs = seg_k, group = 1;  // per block: group segments of kcs columns (group > 1 only with kcs == seg_k)
-  if (seg_k > kc_max) {
-    const int64_t nk = (seg_k + kc_max - 1) / kc_max;
-    kcs = ((seg_k + nk - 1) / nk + 7) / 8 * 8;
-  } else {
-    group = std::max<int64_t>(1, kc_max / seg_k);
-  }
+inline void for_each_block(int64_t m, int64_t k, int64_t kc_max, const F& f) {
+  const int64_t nk = std::max<int64_t>(1, (k + kc_max - 1) / kc_max);
+  const int64_t kcs = nk == 1 ? k : ((k + nk - 1) / nk + 7) / 8 * 8;
   for (int64_t ic = 0; ic < m; ic += kMc) {
     const int64_t mc = std::min(kMc, m - ic);
-    for (int64_t s = 0; s < segs; s += group) {
-      const int64_t nseg = std::min(group, segs - s);
-      for (int64_t o = 0; o < seg_k; o += kcs) {
-        const int64_t kc = std::min(kcs, seg_k - o), k0 = s * seg_k + o;
-        f(ic, mc, nseg, kc, k0, k0 == 0, k0 + (nseg - 1) * seg_k + kc >= k, a + s * lds + o);
-      }
+    for (int64_t k0 = 0; k0 < k; k0 += kcs) {
+      const int64_t kc = std::min(kcs, k - k0);
+      f(ic, mc, kc, k0, k0 == 0, k0 + kc >= k);
     }
   }
 }
 
-// C rows [0, m) = epi(A @ W^T) with k = segs * seg_k, A's segment s at a + s * lds, in the
-// blocks of for_each_block (k-blocks of at most kKcMax).
-SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t segs, int64_t seg_k, const float* a, int64_t lda,
-                          int64_t lds, const float* wp, int64_t ldb, int64_t bps, float* c, int64_t ldc,
-                          const Epilogue& epi) {
+// C rows [0, m) = epi(A @ W^T), in the blocks of for_each_block (k-blocks of at most kKcMax);
+// panel p of W at wp + p * bps, its rows ldb apart.
+SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp, int64_t ldb,
+                          int64_t bps, float* c, int64_t ldc, const Epilogue& epi) {
   const int64_t np = (n + kPanel - 1) / kPanel;
-  const auto block = [&](int64_t ic, int64_t mc, int64_t nseg, int64_t kc, int64_t k0, bool first, bool last,
-                         const float* as) {
+  const auto block = [&](int64_t ic, int64_t mc, int64_t kc, int64_t k0, bool first, bool last) {
+    const float* as = a + k0;
     for (int64_t jp = 0; jp < np; ++jp) {
       const int64_t col = jp * kPanel;
       const int64_t nv = std::min(kPanel, n - col);
@@ -304,12 +284,12 @@ SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t segs, int64_t seg_k, con
         const int64_t row = ic + ir;
         const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
         const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
-        tile(std::min<int64_t>(6, mc - ir), nv, kc, nseg, lds, as + row * lda, lda, b, ldb, c + row * ldc + col,
+        tile(std::min<int64_t>(6, mc - ir), nv, kc, as + row * lda, lda, b, ldb, c + row * ldc + col,
              ldc, first, last, bias, rbias, res, epi.ldr, epi.relu, cmax);
       }
     }
   };
-  for_each_block(m, segs, seg_k, kKcMax, a, lds, block);
+  for_each_block(m, k, kKcMax, block);
 }
 
 // AVX-512 variant (x86-64 CPUs with AVX-512F): a zmm register holds a whole 16-column panel row,
@@ -337,12 +317,11 @@ thread_local PrefetchRanges tl_prefetch;
 // A tile of C: rows (<= R) x nv (<= 16 P) entries at c over one k-block, as tile() does, with
 // the R * P accumulators in zmm registers from the first load to the last store (no round trip
 // through memory: the tiles of the k = 16 score GEMM spent about a third of their time there).
-// Panel p at b + p * bps, rows ldb apart; segments as in micro6. Short tiles repeat their last
-// row of A (the extra results are not stored).
+// Panel p at b + p * bps, rows ldb apart. Short tiles repeat their last row of A (the extra
+// results are not stored).
 template <int R, int P, bool PF = false>
-SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int64_t lds, const float* a,
-                         int64_t lda, const float* b, int64_t bps, int64_t ldb, float* c, int64_t ldc, int64_t cps,
-                         bool first, bool last, const float* bias, const float* rbias, const float* res, int64_t ldr,
+SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, const float* a, int64_t lda, const float* b,
+                         int64_t bps, int64_t ldb, float* c, int64_t ldc, bool first, bool last, const float* bias, const float* rbias, const float* res, int64_t ldr,
                          bool relu, float* cmax) {
   const float* ar[R];
 #pragma GCC unroll 12
@@ -363,9 +342,9 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
         if (first) {
           if (bias) v = _mm512_maskz_loadu_ps(mk[p], bias + p * kPanel);
           if (rbias) v = _mm512_add_ps(v, _mm512_set1_ps(rbias[r]));
-          if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk[p], res + r * ldr + p * cps));
+          if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk[p], res + r * ldr + p * kPanel));
         } else {
-          v = _mm512_maskz_loadu_ps(mk[p], c + r * ldc + p * cps);
+          v = _mm512_maskz_loadu_ps(mk[p], c + r * ldc + p * kPanel);
         }
       }
       acc[r * P + p] = v;
@@ -384,25 +363,20 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
       pend = pr.end[pr.cur];
     }
   }
-  for (int64_t sg = 0; sg < nseg; ++sg, b += kc * ldb) {
-    const float* as[R];
-#pragma GCC unroll 12
-    for (int r = 0; r < R; ++r) as[r] = ar[r] + sg * lds;
 #pragma GCC unroll 2
-    for (int64_t kk = 0; kk < kc; ++kk) {
-      if (PF && pf < pend) {
-        _mm_prefetch(pf, _MM_HINT_T1);
-        pf += 64;
-      }
-      __m512 bv[P];
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    if (PF && pf < pend) {
+      _mm_prefetch(pf, _MM_HINT_T1);
+      pf += 64;
+    }
+    __m512 bv[P];
 #pragma GCC unroll 4
-      for (int p = 0; p < P; ++p) bv[p] = _mm512_loadu_ps(b + p * bps + kk * ldb);
+    for (int p = 0; p < P; ++p) bv[p] = _mm512_loadu_ps(b + p * bps + kk * ldb);
 #pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        const __m512 av = _mm512_set1_ps(as[r][kk]);
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(ar[r][kk]);
 #pragma GCC unroll 4
-        for (int p = 0; p < P; ++p) acc[r * P + p] = _mm512_fmadd_ps(av, bv[p], acc[r * P + p]);
-      }
+      for (int p = 0; p < P; ++p) acc[r * P + p] = _mm512_fmadd_ps(av, bv[p], acc[r * P + p]);
     }
   }
   if (PF && pf != nullptr) pr.p[pr.cur] = pf;
@@ -414,7 +388,7 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
     for (int p = 0; p < P; ++p) {
       __m512 v = acc[r * P + p];
       if (last && relu) v = _mm512_max_ps(z, v);  // max(0, v): NaN stays NaN, as in torch.relu
-      _mm512_mask_storeu_ps(c + r * ldc + p * cps, mk[p], v);
+      _mm512_mask_storeu_ps(c + r * ldc + p * kPanel, mk[p], v);
     }
   }
   if (last && cmax) {
@@ -433,19 +407,17 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, int64_t nseg, int
 }
 
 // gemm_avx2's loops with the AVX-512 tiles: panels in fours, then pairs.
-SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t segs, int64_t seg_k, const float* a, int64_t lda,
-                              int64_t lds, const float* wp, int64_t ldb, int64_t bps, float* c, int64_t ldc,
-                              const Epilogue& epi, int64_t cps = kPanel) {
+SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp,
+                              int64_t ldb, int64_t bps, float* c, int64_t ldc, const Epilogue& epi) {
   const int64_t np = (n + kPanel - 1) / kPanel;
-  const auto block = [&](int64_t ic, int64_t mc, int64_t nseg, int64_t kc, int64_t k0, bool first, bool last,
-                         const float* as) {
+  const auto block = [&](int64_t ic, int64_t mc, int64_t kc, int64_t k0, bool first, bool last) {
+    const float* as = a + k0;
     for (int64_t jp = 0; jp < np; jp += (jp + 3 < np ? 4 : 2)) {
       const int64_t col = jp * kPanel;
       const int64_t nv = std::min(2 * kPanel, n - col);
       const float* b = wp + jp * bps + k0 * ldb;
       const float* bias = epi.bias ? epi.bias + col : nullptr;
       float* cmax = epi.col_max ? epi.col_max + col : nullptr;
-      const int64_t cc = jp * cps;  // the panel's first column of C and of the residual
       // four panels: 6 x 64 tiles; a pair: 6 x 32; a lone last panel: 12 x 16 tiles (6 x 16
       // for its last rows when at most six are left)
       const bool pair = jp + 1 < np, quad = jp + 3 < np;
@@ -453,29 +425,29 @@ SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t segs, int64_t seg_k,
       for (int64_t ir = 0; ir < mc;) {
         const int64_t row = ic + ir, left = mc - ir;
         const int64_t step = pair || left <= 6 ? 6 : 12, rows = std::min(step, left);
-        const float* res = epi.residual ? epi.residual + row * epi.ldr + cc : nullptr;
+        const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
         const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
         const bool pf = tl_prefetch.cur < tl_prefetch.n;
         if (quad) {
-          (pf ? tile_z<6, 4, true> : tile_z<6, 4>)(rows, nvq, kc, nseg, lds, as + row * lda, lda, b, bps, ldb,
-                                                   c + row * ldc + cc, ldc, cps, first, last, bias, rbias, res,
+          (pf ? tile_z<6, 4, true> : tile_z<6, 4>)(rows, nvq, kc, as + row * lda, lda, b, bps, ldb,
+                                                   c + row * ldc + col, ldc, first, last, bias, rbias, res,
                                                    epi.ldr, epi.relu, cmax);
         } else if (pair) {
-          (pf ? tile_z<6, 2, true> : tile_z<6, 2>)(rows, nv, kc, nseg, lds, as + row * lda, lda, b, bps, ldb,
-                                                   c + row * ldc + cc, ldc, cps, first, last, bias, rbias, res,
+          (pf ? tile_z<6, 2, true> : tile_z<6, 2>)(rows, nv, kc, as + row * lda, lda, b, bps, ldb,
+                                                   c + row * ldc + col, ldc, first, last, bias, rbias, res,
                                                    epi.ldr, epi.relu, cmax);
         } else if (step == 12) {
-          tile_z<12, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, ldb, c + row * ldc + cc, ldc, cps, first,
+          tile_z<12, 1>(rows, nv, kc, as + row * lda, lda, b, 0, ldb, c + row * ldc + col, ldc, first,
                         last, bias, rbias, res, epi.ldr, epi.relu, cmax);
         } else {
-          tile_z<6, 1>(rows, nv, kc, nseg, lds, as + row * lda, lda, b, 0, ldb, c + row * ldc + cc, ldc, cps, first,
+          tile_z<6, 1>(rows, nv, kc, as + row * lda, lda, b, 0, ldb, c + row * ldc + col, ldc, first,
                        last, bias, rbias, res, epi.ldr, epi.relu, cmax);
         }
         ir += step;
       }
     }
   };
-  for_each_block(m, segs, seg_k, kKcMax512, a, lds, block);
+  for_each_block(m, k, kKcMax512, block);
 }
 
 // 8 x 8 transpose of eight rows in registers.
@@ -584,9 +556,9 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
 #ifdef SHVIT_GEMM_X86
   if (available()) {
     if (current_isa() == Isa::kAvx512) {
-      gemm_avx512(m, n, 1, k, a, lda, 0, wp, kPanel, k * kPanel, c, ldc, epi);
+      gemm_avx512(m, n, k, a, lda, wp, kPanel, k * kPanel, c, ldc, epi);
     } else {
-      gemm_avx2(m, n, 1, k, a, lda, 0, wp, kPanel, k * kPanel, c, ldc, epi);
+      gemm_avx2(m, n, k, a, lda, wp, kPanel, k * kPanel, c, ldc, epi);
     }
     return;
   }
@@ -610,9 +582,9 @@ void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
 #ifdef SHVIT_GEMM_X86
   if (available() && k > 0) {  // panel p at b + 16 p, its rows ldb apart
     if (current_isa() == Isa::kAvx512) {
-      gemm_avx512(m, n, 1, k, a, lda, 0, b, ldb, kPanel, c, ldc, epi);
+      gemm_avx512(m, n, k, a, lda, b, ldb, kPanel, c, ldc, epi);
     } else {
-      gemm_avx2(m, n, 1, k, a, lda, 0, b, ldb, kPanel, c, ldc, epi);
+      gemm_avx2(m, n, k, a, lda, b, ldb, kPanel, c, ldc, epi);
     }
     return;
   }

@@ -82,9 +82,10 @@ def machine_info() -> dict:
         info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
         pass
-    import shvit_kernels.pointwise
+    from shvit_kernels import _cpp
 
-    info["gemm_isa"] = shvit_kernels.pointwise.gemm_isa()  # the C++ ops' packed GEMM kernels
+    # the instruction-set level the C++ kernels run at (cpu_isa.h)
+    info["cpu_isa"] = _cpp.isa() if _cpp.available() else "not built"
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -97,8 +98,8 @@ def machine_line(info: dict) -> str:
         f"torch {info['torch']}, triton {info['triton'] or 'not installed'}, {info['date']}"
         + (f", allocator: {info['allocator']}" if info.get("allocator") else "")
         + (
-            f", CPU kernels: ATen {info['torch_cpu_capability']}, packed GEMM {info['gemm_isa']}"
-            if info.get("torch_cpu_capability") and info.get("gemm_isa")
+            f", CPU kernels: ATen {info['torch_cpu_capability']}, shvit_kernels {info['cpu_isa']}"
+            if info.get("torch_cpu_capability") and info.get("cpu_isa")
             else ""
         )
     )

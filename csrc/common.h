@@ -17,9 +17,7 @@
 #include <utility>
 #include <vector>
 
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
+#include "cpu_isa.h"
 
 namespace shvit_cpu {
 
@@ -200,45 +198,60 @@ inline void batch_channel_moments(const T* x, int64_t B, int64_t N, int64_t sb, 
   for (int64_t c = 0; c < nc; ++c) var[c] = acc[c] * inv_cnt;
 }
 
+#ifdef SHVIT_X86
+// row_dot_sum's eight lanes over the first n / 8 * 8 values in AVX2 registers; returns how many
+// values it took. (GCC's own vectorisation of the two interleaved lane arrays shuffled them
+// about 3x slower on rows of 64 floats.)
+SHVIT_TARGET_AVX2 inline int64_t row_dot_sum_avx2(const float* g, const float* x, int64_t n, float mu, float* lg,
+                                                  float* lgx) {
+  __m256 vg = _mm256_setzero_ps(), vgx = _mm256_setzero_ps();
+  const __m256 vm = _mm256_set1_ps(mu);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    vg = _mm256_add_ps(vg, gv);
+    vgx = _mm256_add_ps(vgx, _mm256_mul_ps(gv, _mm256_sub_ps(_mm256_loadu_ps(x + i), vm)));
+  }
+  _mm256_storeu_ps(lg, vg);
+  _mm256_storeu_ps(lgx, vgx);
+  return i;
+}
+
+// The same for float inputs summed in double: eight double lanes in four registers, widened
+// from one load of eight floats (GCC left this loop scalar: a conversion and two adds per value).
+SHVIT_TARGET_AVX2 inline int64_t row_dot_sum_avx2(const float* g, const float* x, int64_t n, double mu, double* lg,
+                                                  double* lgx) {
+  __m256d g0 = _mm256_setzero_pd(), g1 = g0, d0 = g0, d1 = g0;
+  const __m256d vm = _mm256_set1_pd(mu);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i), xv = _mm256_loadu_ps(x + i);
+    const __m256d ga = _mm256_cvtps_pd(_mm256_castps256_ps128(gv));
+    const __m256d gb = _mm256_cvtps_pd(_mm256_extractf128_ps(gv, 1));
+    const __m256d xa = _mm256_cvtps_pd(_mm256_castps256_ps128(xv));
+    const __m256d xb = _mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1));
+    g0 = _mm256_add_pd(g0, ga);
+    g1 = _mm256_add_pd(g1, gb);
+    d0 = _mm256_fmadd_pd(ga, _mm256_sub_pd(xa, vm), d0);
+    d1 = _mm256_fmadd_pd(gb, _mm256_sub_pd(xb, vm), d1);
+  }
+  _mm256_storeu_pd(lg, g0);
+  _mm256_storeu_pd(lg + 4, g1);
+  _mm256_storeu_pd(lgx, d0);
+  _mm256_storeu_pd(lgx + 4, d1);
+  return i;
+}
+#endif
+
 // (sum(g * (x - mu)), sum(g))
 template <typename T, typename A>
 inline std::pair<A, A> row_dot_sum(const T* g, const T* x, int64_t n, A mu) {
   A lg[8] = {0, 0, 0, 0, 0, 0, 0, 0}, lgx[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
-#ifdef __AVX2__
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
-    // the same eight lanes in two registers: GCC's own vectorisation of the two interleaved
-    // lane arrays shuffled them about 3x slower (rows of 64 floats)
-    __m256 vg = _mm256_setzero_ps(), vgx = _mm256_setzero_ps();
-    const __m256 vm = _mm256_set1_ps(mu);
-    for (; i + 8 <= n; i += 8) {
-      const __m256 gv = _mm256_loadu_ps(g + i);
-      vg = _mm256_add_ps(vg, gv);
-      vgx = _mm256_add_ps(vgx, _mm256_mul_ps(gv, _mm256_sub_ps(_mm256_loadu_ps(x + i), vm)));
-    }
-    _mm256_storeu_ps(lg, vg);
-    _mm256_storeu_ps(lgx, vgx);
-  } else if constexpr (std::is_same_v<T, float> && std::is_same_v<A, double>) {
-    // the eight double lanes in four registers, widened from one load of eight floats (GCC
-    // left this loop scalar: a conversion and two adds per value)
-    __m256d g0 = _mm256_setzero_pd(), g1 = g0, d0 = g0, d1 = g0;
-    const __m256d vm = _mm256_set1_pd(mu);
-    for (; i + 8 <= n; i += 8) {
-      const __m256 gv = _mm256_loadu_ps(g + i), xv = _mm256_loadu_ps(x + i);
-      const __m256d ga = _mm256_cvtps_pd(_mm256_castps256_ps128(gv));
-      const __m256d gb = _mm256_cvtps_pd(_mm256_extractf128_ps(gv, 1));
-      const __m256d xa = _mm256_cvtps_pd(_mm256_castps256_ps128(xv));
-      const __m256d xb = _mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1));
-      g0 = _mm256_add_pd(g0, ga);
-      g1 = _mm256_add_pd(g1, gb);
-      d0 = _mm256_fmadd_pd(ga, _mm256_sub_pd(xa, vm), d0);
-      d1 = _mm256_fmadd_pd(gb, _mm256_sub_pd(xb, vm), d1);
-    }
-    _mm256_storeu_pd(lg, g0);
-    _mm256_storeu_pd(lg + 4, g1);
-    _mm256_storeu_pd(lgx, d0);
-    _mm256_storeu_pd(lgx + 4, d1);
-  } else
+#ifdef SHVIT_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (shvit_isa::at_least(shvit_isa::Isa::kAvx2)) i = row_dot_sum_avx2(g, x, n, mu, lg, lgx);
+  }
 #endif
   for (; i + 8 <= n; i += 8) {
     for (int j = 0; j < 8; ++j) {

@@ -9,10 +9,12 @@
 
 #include <string>
 
-namespace shvit_cpu {  // inference/conv_infer.cpp: which packed-GEMM kernels run
+namespace shvit_cpu {  // inference/conv_infer.cpp: whether the packed-GEMM kernels run
 bool gemm_available();
-std::string gemm_isa(const std::string& request);
 }  // namespace shvit_cpu
+namespace shvit_isa {  // cpu_isa.cpp: the instruction-set level in use
+std::string request(const std::string& level);
+}  // namespace shvit_isa
 
 extern "C" {
 // Importing shvit_kernels._C runs the static registrations below; the module is empty.
@@ -40,5 +42,5 @@ TORCH_LIBRARY(shvit_cpp, m) {
   m.def("group_norm_partial(Tensor x1, Tensor weight, Tensor bias, float eps) -> Tensor");
   m.def("shsa_attention(Tensor qkv, Tensor x2, int qk_dim, float scale) -> Tensor");
   m.def("gemm_available() -> bool", &shvit_cpu::gemm_available);
-  m.def("gemm_isa(str request='') -> str", &shvit_cpu::gemm_isa);
+  m.def("isa(str level='') -> str", &shvit_isa::request);
 }

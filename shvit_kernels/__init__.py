@@ -5,16 +5,21 @@ Ops (``torch.library``, namespace ``shvit``): ``gn_partial_fwd`` / ``gn_partial_
 CPU tensors run the C++ kernels when built, else the eager composition; see
 ``shvit_kernels.backend`` for ``SHVIT_KERNELS_BACKEND``. For the rest of a BN-folded network
 on CPU: ``conv1x1`` / ``ffn_block`` / ``conv_act`` (convolutions with fused epilogues, see
-``shvit_kernels.pointwise``).
+``shvit_kernels.pointwise``). ``cpu_isa()`` reports or sets the instruction-set level of the C++
+kernels (``SHVIT_KERNELS_ISA`` at start-up).
 """
-from . import backend
+from . import _cpp, backend
+from ._cpp import isa as cpu_isa
 from .group_norm import group_norm_partial
 from .pointwise import conv1x1, conv_act, ffn_block
 from .shsa_attention import shsa_attention
 from .shsa_inference import ONE_PASS_MAX_N, fold_shsa_weights, shsa_block_inference, shsa_inference
 
+_cpp.check_torch_version()
+
 __all__ = [
     "backend",
+    "cpu_isa",
     "group_norm_partial",
     "shsa_attention",
     "shsa_inference",

@@ -24,35 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backend
+from . import _cpp, backend
 
-__all__ = ["conv1x1", "ffn_block", "conv_act", "packed_weight", "fast_path_applies", "gemm_available", "gemm_isa"]
+__all__ = ["conv1x1", "ffn_block", "conv_act", "packed_weight", "fast_path_applies", "gemm_available"]
 
 # id(weight) -> (weakref to weight, version, data_ptr, packed); entries go with their weight
 _packed: dict[int, tuple] = {}
-_simd: bool | None = None
 
 
 def gemm_available() -> bool:
-    """Whether the packed GEMM runs on this CPU (x86-64 with AVX2 and FMA)."""
-    global _simd
-    if _simd is None:
-        _simd = bool(torch.ops.shvit_cpp.gemm_available())
-    return _simd
-
-
-def gemm_isa(request: str | None = None) -> str:
-    """The packed GEMM's kernel family: "avx512" (6 x 64 tiles in zmm registers) on CPUs with
-    AVX-512F, else "avx2" (6 x 16 tiles in ymm registers); "none" where the GEMM does not run
-    (or the extension is not built). ``request`` ("avx2", "avx512" or "auto": the widest this
-    CPU runs) switches the family for later calls (not while ops run on other threads); the
-    environment variable ``SHVIT_KERNELS_GEMM_ISA=avx2`` chooses AVX2 from the start. Both
-    families give identical results (each output is accumulated in the same order)."""
-    if not backend.cpp_available() or not gemm_available():
-        if request not in (None, "", "auto"):
-            raise RuntimeError("gemm_isa: the packed GEMM does not run here (needs the C++ extension and AVX2+FMA)")
-        return "none"
-    return str(torch.ops.shvit_cpp.gemm_isa(request or ""))
+    """Whether the packed GEMM runs (the C++ kernels' ISA level is avx2 or higher)."""
+    return _cpp.gemm_available()
 
 
 def _mkldnn_conv_available() -> bool:

@@ -188,49 +188,39 @@ def nan_outputs(monkeypatch):
     monkeypatch.setattr(torch, "empty", nan_empty)
 
 
-def gemm_isas() -> list[str]:
-    """The packed GEMM's kernel families this CPU runs: "avx2", and "avx512" where the CPU has
-    AVX-512F (empty without the C++ extension or without AVX2+FMA)."""
+def isa_levels() -> list[str]:
+    """The instruction-set levels of the C++ kernels this CPU runs, lowest first: "baseline",
+    then "avx2" and "avx512" where the CPU has them (empty without the C++ extension)."""
     from shvit_kernels import _cpp
 
-    if not _cpp.available() or not torch.ops.shvit_cpp.gemm_available():
-        return []
-    ops = torch.ops.shvit_cpp
-    before = ops.gemm_isa("")
-    isas = ["avx2"]
-    try:
-        ops.gemm_isa("avx512")
-        isas.append("avx512")
-    except RuntimeError:  # "this CPU does not run the avx512 kernels"
-        pass
-    finally:
-        ops.gemm_isa(before)
-    return isas
+    return _cpp.levels()
 
 
-@pytest.fixture(params=gemm_isas() or ["no-gemm"])
-def each_gemm_isa(request):
-    """Runs a test once per kernel family of the packed GEMM this CPU has (once, unchanged,
-    where the GEMM does not run), restoring the family in use afterwards."""
-    if request.param == "no-gemm":
+@pytest.fixture(params=isa_levels() or ["no-cpp"])
+def each_isa(request):
+    """Runs a test once per instruction-set level this CPU runs (once, unchanged, without the
+    C++ extension), restoring the level in use afterwards."""
+    if request.param == "no-cpp":
         yield None
         return
-    ops = torch.ops.shvit_cpp
-    before = ops.gemm_isa("")
-    ops.gemm_isa(request.param)
+    from shvit_kernels import _cpp
+
+    before = _cpp.isa()
+    _cpp.isa(request.param)
     try:
         yield request.param
     finally:
-        ops.gemm_isa(before)
+        _cpp.isa(before)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "isa_independent: runs the same code whichever packed-GEMM family is selected")
+    config.addinivalue_line("markers", "needs_gemm: tests the packed GEMM's kernels directly (from the avx2 level up)")
+    config.addinivalue_line("markers", "isa_independent: runs the same code at every instruction-set level of the C++ kernels")
 
 
-def _reads_gemm_isa(item) -> bool:
-    """Whether a test can reach the packed GEMM: the cpp (or default) backend on a CPU tensor
-    in float32, and not marked ``isa_independent``."""
+def _reads_isa(item) -> bool:
+    """Whether a test can reach the ISA-specific C++ kernels: the cpp (or default) backend on a
+    CPU tensor in float32, and not marked ``isa_independent``."""
     if item.get_closest_marker("isa_independent"):
         return False
     params = item.callspec.params if hasattr(item, "callspec") else {}
@@ -242,21 +232,30 @@ def _reads_gemm_isa(item) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Cases with ``device == "cuda"`` are skipped without a GPU; ``each_gemm_isa`` repeats a
-    test for every kernel family but the default only where the test can reach the packed
-    GEMM (``_reads_gemm_isa``)."""
+    """Cases with ``device == "cuda"`` are skipped without a GPU; ``each_isa`` repeats a test
+    at every level but the default only where the test can reach the ISA-specific kernels
+    (``_reads_isa``)."""
     if not torch.cuda.is_available():
         for item in items:
             if hasattr(item, "callspec") and item.callspec.params.get("device") == "cuda":
                 item.add_marker(NO_CUDA)
-    isas = gemm_isas()
+    isas = isa_levels()
+    no_gemm = pytest.mark.skip(reason="the packed GEMM needs the C++ extension on a CPU with AVX2+FMA; "
+                                      "elsewhere the composition runs (tested with the baseline level)")
+    for item in items:
+        if item.get_closest_marker("needs_gemm") and len(isas) < 2:
+            item.add_marker(no_gemm)
     if len(isas) < 2:
         return
     keep, drop = [], []
     for item in items:
         p = item.callspec.params if hasattr(item, "callspec") else {}
-        isa = p.get("each_gemm_isa")
-        (drop if isa is not None and isa != isas[-1] and not _reads_gemm_isa(item) else keep).append(item)
+        isa = p.get("each_isa")
+        repeat = isa is not None and isa != isas[-1]
+        # a needs_gemm test at the baseline level would test the ATen fallback its checks
+        # do not reach; the repeats of the others only where the level matters
+        useless = repeat and (not _reads_isa(item) or (isa == "baseline" and item.get_closest_marker("needs_gemm")))
+        (drop if useless else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

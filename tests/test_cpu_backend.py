@@ -11,8 +11,8 @@ import shvit_kernels
 from conftest import assert_rel_close, load_golden, use_backend, with_threads
 from shvit_kernels import backend
 
-# every test once per packed-GEMM kernel family this CPU runs (conftest.each_gemm_isa)
-pytestmark = pytest.mark.usefixtures("each_gemm_isa")
+# every test once per instruction-set level of the C++ kernels this CPU runs (conftest.each_isa)
+pytestmark = pytest.mark.usefixtures("each_isa")
 
 
 def _gn(x, w, b):

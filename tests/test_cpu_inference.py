@@ -4,6 +4,10 @@ whole network against the reference for every variant."""
 from __future__ import annotations
 
 import copy
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,21 +15,20 @@ import torch.nn.functional as F
 
 import shvit
 import shvit_kernels
-from conftest import assert_rel_close, gemm_isas, randomize_bn, use_backend, with_threads
+from conftest import assert_rel_close, isa_levels, randomize_bn, use_backend, with_threads
 from shvit.layers import ConvAct, FFNInference, PatchMergingInference
-from shvit_kernels import backend, pointwise
+from shvit_kernels import _cpp, backend, pointwise
 from shvit_kernels.shsa_inference import shsa_infer_torch
 
-# every test once per packed-GEMM kernel family this CPU runs (conftest.each_gemm_isa)
+# every test once per instruction-set level of the C++ kernels this CPU runs (conftest.each_isa)
 pytestmark = [
     pytest.mark.skipif(not backend.cpp_available(), reason="needs the C++ extension (its absence is tested in test_cpu_backend.py)"),
-    pytest.mark.usefixtures("each_gemm_isa"),
+    pytest.mark.usefixtures("each_isa"),
 ]
 
-needs_gemm = pytest.mark.skipif(
-    not (backend.cpp_available() and torch.ops.shvit_cpp.gemm_available()),
-    reason="the packed GEMM needs an x86-64 CPU with AVX2+FMA; elsewhere the composition runs (tested below)",
-)
+# the kernels under test run from the avx2 level up (conftest: skipped on CPUs without AVX2+FMA,
+# not repeated at the baseline level, where the composition runs: tested below)
+needs_gemm = pytest.mark.needs_gemm
 
 # float32 GEMMs against a float64 reference from the same inputs
 TOL = 2e-6
@@ -175,13 +178,14 @@ GEMM_K = [1, 5, 72, 200, 400]
 
 
 @needs_gemm
-@pytest.mark.isa_independent  # runs every family itself
+@pytest.mark.isa_independent  # runs every level itself
 @pytest.mark.parametrize("cout", GEMM_N)
 @pytest.mark.parametrize("cin", GEMM_K)
 @pytest.mark.parametrize("tokens", [(2, 13), (1, 19)], ids=["m26", "m19"])  # rows: 12 + 12 + 2, 12 + 7
-def test_gemm_kernel_families_agree(cout, cin, tokens):
-    """Every kernel family this CPU runs against float64, and the families with each other:
-    all accumulate each output in the same k order, so their results are identical."""
+def test_gemm_levels_agree(cout, cin, tokens):
+    """The packed GEMM at every level this CPU runs it (avx2, avx512) against float64, and the
+    levels with each other: all accumulate each output in the same k order, so their results
+    are identical."""
     ops = torch.ops.shvit_cpp
     g = torch.Generator().manual_seed(cout * 1000 + cin)
     B, W = tokens
@@ -189,37 +193,55 @@ def test_gemm_kernel_families_agree(cout, cin, tokens):
     w, b = torch.randn(cout, cin, 1, 1, generator=g), torch.randn(cout, generator=g)
     r = _cl(torch.randn(B, cout, 1, W, generator=g))
     ref = _conv_ref(x, w, b, True, r)
-    before = ops.gemm_isa("")
+    before = _cpp.isa()
     outs = {}
     try:
-        for isa in gemm_isas():
-            ops.gemm_isa(isa)
+        for isa in isa_levels()[1:]:
+            _cpp.isa(isa)
             outs[isa] = ops.pw_conv(x, ops.pack_weight(w), b, True, r)
             assert_rel_close(outs[isa], ref, TOL, f"pw_conv {isa} n={cout} k={cin}")
     finally:
-        ops.gemm_isa(before)
+        _cpp.isa(before)
     first = outs.pop("avx2")
     for isa, out in outs.items():
         assert torch.equal(out, first), f"{isa} differs from avx2: {(out - first).abs().max().item():.3e}"
 
 
-@needs_gemm
-def test_gemm_isa_switch():
-    ops = torch.ops.shvit_cpp
-    before = ops.gemm_isa("")
-    assert before in gemm_isas()
+@pytest.mark.isa_independent
+def test_isa_switch():
+    levels = isa_levels()
+    before = _cpp.isa()
+    assert levels[0] == "baseline" and before == levels[-1]  # the start-up level by default
     try:
-        assert ops.gemm_isa("avx2") == "avx2"
-        assert ops.gemm_isa("") == "avx2"
-        assert ops.gemm_isa("auto") == gemm_isas()[-1]  # the widest
+        assert _cpp.isa("baseline") == "baseline" and _cpp.isa() == "baseline"
+        assert not pointwise.gemm_available()  # the packed GEMM needs avx2
+        assert _cpp.isa("auto") == levels[-1]
+        assert pointwise.gemm_available() == (len(levels) > 1)
         with pytest.raises(RuntimeError, match="expected"):
-            ops.gemm_isa("sse")
-        if "avx512" not in gemm_isas():
-            with pytest.raises(RuntimeError, match="does not run"):
-                ops.gemm_isa("avx512")
+            _cpp.isa("sse")
     finally:
-        ops.gemm_isa(before)
-    assert pointwise.gemm_isa() == before
+        _cpp.isa(before)
+
+
+@pytest.mark.isa_independent
+@pytest.mark.parametrize("env", ["baseline", "avx512", "sse"])
+def test_isa_environment_variable(env):
+    """SHVIT_KERNELS_ISA lowers the start-up level; a level this CPU does not run, or a name
+    that is no level, is a clear error at the extension's first use."""
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("reads the CPU's flags from /proc/cpuinfo (Linux)")
+    flags = set(next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "").split())
+    code = "from shvit_kernels import _cpp; _cpp.available(); print(_cpp.isa(), _cpp.levels())"
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SHVIT_KERNELS_ISA": env},
+                         capture_output=True, text=True)
+    if env == "sse":
+        assert "SHVIT_KERNELS_ISA=sse is not one of" in run.stderr
+    elif env == "baseline" or {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"} <= flags:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split()[0] == env
+    else:
+        assert "this CPU runs at most" in run.stderr
 
 
 @needs_gemm
@@ -445,23 +467,29 @@ def test_nan_propagates_like_the_composition(where, layout, monkeypatch):
     assert_rel_close(z.nan_to_num(), z_ref.nan_to_num(), TOL, "finite entries")
 
 
+@pytest.mark.isa_independent  # sets its own level
 @pytest.mark.parametrize("missing", ["extension", "avx2"])
 def test_folded_fused_model_without_extension_or_avx2(missing, monkeypatch):
-    """Without the C++ build (one warning, then the eager composition) or where the packed GEMM
-    is unavailable (the composition for the convolutions, no packed weights for the SHSA op),
-    the folded fused model still gives the reference's logits."""
+    """Without the C++ build (one warning, then the eager composition) or at the baseline level
+    (a CPU without AVX2: the composition for the convolutions, no packed weights for the SHSA
+    op), the folded fused model still gives the reference's logits."""
     use_backend(monkeypatch, "cpp", "cpu")
     monkeypatch.setattr(backend, "_warned", set())
     if missing == "extension":
         monkeypatch.setattr(backend, "cpp_available", lambda: False)
     else:
-        monkeypatch.setattr(pointwise, "_simd", False)
+        before = _cpp.isa()
+        _cpp.isa("baseline")
     ref, fused = _pair("shvit_s1", seed=2)
     fused.fuse()
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
     ctx = pytest.warns(RuntimeWarning, match="not built") if missing == "extension" else torch.no_grad()
-    with ctx, torch.no_grad():
-        got = fused(x)
+    try:
+        with ctx, torch.no_grad():
+            got = fused(x)
+    finally:
+        if missing == "avx2":
+            _cpp.isa(before)
     with torch.no_grad():
         want = ref.double()(x.double())
     assert_rel_close(got, want, 1e-4, f"folded fused model, {missing} missing")

@@ -8,8 +8,8 @@ import shvit
 from conftest import BACKEND_DEVICES, assert_rel_close, use_backend
 from test_model import TOL, TRAIN_TOL_FP32
 
-# every test once per packed-GEMM kernel family this CPU runs (conftest.each_gemm_isa)
-pytestmark = pytest.mark.usefixtures("each_gemm_isa")
+# every test once per instruction-set level of the C++ kernels this CPU runs (conftest.each_isa)
+pytestmark = pytest.mark.usefixtures("each_isa")
 
 # Triton computes in float32: float64 runs on cpp and torch
 RUNS = [

@@ -8,8 +8,8 @@ from conftest import BACKEND_DEVICES, DTYPE_IDS, KERNEL_TOL, assert_close_to_exa
 from shvit_kernels import shsa_attention
 from shvit_kernels.shsa_attention import shsa_attention_torch
 
-# every test once per packed-GEMM kernel family this CPU runs (conftest.each_gemm_isa)
-pytestmark = pytest.mark.usefixtures("each_gemm_isa")
+# every test once per instruction-set level of the C++ kernels this CPU runs (conftest.each_isa)
+pytestmark = pytest.mark.usefixtures("each_isa")
 
 # (B, qk_dim, pdim, C2, H, W): N from 1 to 130 (several query/key tiles), odd pdims
 CASES = [

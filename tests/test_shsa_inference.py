@@ -11,8 +11,8 @@ import shvit_kernels
 from conftest import BACKEND_DEVICES, DTYPE_IDS, assert_close_to_exact, assert_rel_close, randomize_bn, use_backend
 from shvit_kernels.shsa_attention import shsa_attn_fwd_torch
 
-# every test once per packed-GEMM kernel family this CPU runs (conftest.each_gemm_isa)
-pytestmark = pytest.mark.usefixtures("each_gemm_isa")
+# every test once per instruction-set level of the C++ kernels this CPU runs (conftest.each_isa)
+pytestmark = pytest.mark.usefixtures("each_isa")
 
 # (B, dim, pdim, qk_dim, H, W); N <= 64 runs the one-pass kernel, larger N the tiled path
 CASES = [

@@ -103,6 +103,22 @@ void query_to_key_panels(const float* src, int64_t ps, int64_t ls, int64_t N, in
     }
   }
 }
+#ifdef SHVIT_X86
+// xrow = (orow > 0 ? grow : 0) + arow (arow may be null) over N values, in zmm registers with
+// masked edges (GCC's own vectorisation of the scalar loop moved a register through the stack
+// every 16 values).
+SHVIT_TARGET_AVX512 void relu_grad_row_avx512(const float* orow, const float* grow, const float* arow, float* xrow,
+                                              int64_t N) {
+  for (int64_t n = 0; n < N; n += 16) {
+    const __mmask16 live = N - n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (N - n)) - 1u);
+    const __mmask16 pass =
+        _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, orow + n), _mm512_setzero_ps(), _CMP_GT_OQ);
+    __m512 v = _mm512_maskz_loadu_ps(pass, grow + n);
+    if (arow != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, arow + n));
+    _mm512_mask_storeu_ps(xrow + n, live, v);
+  }
+}
+#endif
 }  // namespace
 
 void attention_cm_image(const float* q, const float* k, const float* v, int64_t ld, int64_t N, int64_t QK,
@@ -290,6 +306,8 @@ void attention_backward_cm(const Tensor& dout, const Tensor& qkv, const Tensor& 
   float* px = dx2.data_ptr<float>();
   const float* pa = dx2_add.defined() ? dx2_add.const_data_ptr<float>() : nullptr;
   const int64_t sab = pa ? dx2_add.stride(0) : 0, sac = pa ? dx2_add.stride(1) : 0;
+  const bool avx512 = shvit_isa::active() == shvit_isa::Isa::kAvx512;
+  (void)avx512;
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     CmBackwardWorkspace ws;
     for (int64_t b = b0; b < b1; ++b) {
@@ -310,19 +328,11 @@ void attention_backward_cm(const Tensor& dout, const Tensor& qkv, const Tensor& 
         const float* orow = ob + (PD + c) * soc;
         const float* grow = gb + (PD + c) * sgc;
         float* xrow = px + b * sxb + c * sxc;
-#ifdef __AVX512F__
-        // the same selects and adds in zmm registers (GCC's own vectorisation of the loops below
-        // moved a register through the stack every 16 values)
-        const float* arow = pa != nullptr ? pa + b * sab + c * sac : nullptr;
-        for (int64_t n = 0; n < N; n += 16) {
-          const __mmask16 live = N - n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (N - n)) - 1u);
-          const __mmask16 pass = _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, orow + n),
-                                                         _mm512_setzero_ps(), _CMP_GT_OQ);
-          __m512 v = _mm512_maskz_loadu_ps(pass, grow + n);
-          if (arow != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, arow + n));
-          _mm512_mask_storeu_ps(xrow + n, live, v);
+#ifdef SHVIT_X86
+        if (avx512) {
+          relu_grad_row_avx512(orow, grow, pa != nullptr ? pa + b * sab + c * sac : nullptr, xrow, N);
+          continue;
         }
-        continue;
 #endif
         if (pa != nullptr) {
           const float* arow = pa + b * sab + c * sac;

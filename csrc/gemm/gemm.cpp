@@ -9,21 +9,15 @@
 // is not a multiple of 16, such as 196 or 49 tokens) runs a 6 x 8 kernel, half the FMAs.
 // On CPUs with AVX-512F the same loops run 6 x 64 tiles (four panels, 24 zmm accumulators;
 // 6 x 32 and 12 x 16 for the last panels; gemm_avx512 below), about 1.5x the AVX2 kernel's rate;
-// SHVIT_KERNELS_GEMM_ISA=avx2 or gemm_isa("avx2") keeps AVX2. Both accumulate every output in
-// the same k order, so their results are identical.
+// SHVIT_KERNELS_ISA=avx2 keeps AVX2 (cpu_isa.h). Both accumulate every output in the same k
+// order, so their results are identical.
 #include "gemm/gemm.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define SHVIT_GEMM_X86 1
-#include <immintrin.h>
-#endif
+#include "cpu_isa.h"
 
 namespace shvit_gemm {
 
@@ -32,57 +26,13 @@ constexpr int64_t kKcMax = 384;
 constexpr int64_t kMc = 144;  // a multiple of the 6-row tile
 }  // namespace
 
-bool available() {
-#ifdef SHVIT_GEMM_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
+bool available() { return shvit_isa::at_least(shvit_isa::Isa::kAvx2); }
 
+#ifdef SHVIT_X86
 namespace {
-bool avx512_supported() {
-#ifdef SHVIT_GEMM_X86
-  static const bool ok = available() && __builtin_cpu_supports("avx512f");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-// The GEMM kernel in use: the widest the CPU has unless SHVIT_KERNELS_GEMM_ISA=avx2 (read at
-// the first GEMM) or set_isa chose otherwise.
-std::atomic<int> g_isa{-1};  // -1: not chosen yet
-
-Isa current_isa() {
-  int v = g_isa.load(std::memory_order_relaxed);
-  if (v < 0) {
-    const char* env = std::getenv("SHVIT_KERNELS_GEMM_ISA");
-    const bool force_avx2 = env != nullptr && std::string(env) == "avx2";
-    v = static_cast<int>(!available() ? Isa::kNone
-                         : (avx512_supported() && !force_avx2) ? Isa::kAvx512
-                                                                : Isa::kAvx2);
-    int expected = -1;
-    g_isa.compare_exchange_strong(expected, v);
-    v = g_isa.load(std::memory_order_relaxed);
-  }
-  return static_cast<Isa>(v);
-}
+bool use_avx512() { return shvit_isa::active() == shvit_isa::Isa::kAvx512; }
 }  // namespace
-
-Isa isa() { return current_isa(); }
-
-bool isa_supported(Isa i) {
-  switch (i) {
-    case Isa::kNone: return true;
-    case Isa::kAvx2: return available();
-    case Isa::kAvx512: return avx512_supported();
-  }
-  return false;
-}
-
-void set_isa(Isa i) { g_isa.store(static_cast<int>(i), std::memory_order_relaxed); }
+#endif
 
 namespace {
 void pack_weight_cols_portable(const float* w, int64_t n, int64_t k, int64_t ldw, float* out, int64_t panel_stride,
@@ -107,10 +57,10 @@ void pack_weight(const float* w, int64_t n, int64_t k, int64_t ldw, float* out) 
   pack_weight_cols(w, n, k, ldw, out, k * kPanel);
 }
 
-#ifdef SHVIT_GEMM_X86
+#ifdef SHVIT_X86
 namespace {
 
-#define SHVIT_AVX2 __attribute__((target("avx2,fma")))
+#define SHVIT_AVX2 SHVIT_TARGET_AVX2
 
 #define SHVIT_ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
 
@@ -300,7 +250,7 @@ SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64
 // stored once. (Blocks of 128, whose four panels stay in L1, ran the 1x1 convolutions of
 // SHViT-S4 2-5% slower on the 2 MiB-L2 benchmark machine, interleaved runs: the B panels
 // stream from L2 at the tile's pace, the C tile's extra round trips did not pay.)
-#define SHVIT_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#define SHVIT_AVX512 SHVIT_TARGET_AVX512
 
 constexpr int64_t kKcMax512 = 512;
 
@@ -526,7 +476,7 @@ SHVIT_AVX2 void transpose_avx2(const float* src, int64_t lds, float* dst, int64_
 void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
   const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
   bool block = false;  // whether the block [0, r8) x [0, c8) is written
-#ifdef SHVIT_GEMM_X86
+#ifdef SHVIT_X86
   if (available() && r8 > 0 && c8 > 0) {
     transpose_avx2(src, lds, dst, ldd, r8, c8);
     block = true;
@@ -553,9 +503,9 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
     }
     return;
   }
-#ifdef SHVIT_GEMM_X86
+#ifdef SHVIT_X86
   if (available()) {
-    if (current_isa() == Isa::kAvx512) {
+    if (use_avx512()) {
       gemm_avx512(m, n, k, a, lda, wp, kPanel, k * kPanel, c, ldc, epi);
     } else {
       gemm_avx2(m, n, k, a, lda, wp, kPanel, k * kPanel, c, ldc, epi);
@@ -579,9 +529,9 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
 void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                int64_t ldc, const Epilogue& epi) {
   if (m <= 0 || n <= 0) return;
-#ifdef SHVIT_GEMM_X86
+#ifdef SHVIT_X86
   if (available() && k > 0) {  // panel p at b + 16 p, its rows ldb apart
-    if (current_isa() == Isa::kAvx512) {
+    if (use_avx512()) {
       gemm_avx512(m, n, k, a, lda, b, ldb, kPanel, c, ldc, epi);
     } else {
       gemm_avx2(m, n, k, a, lda, b, ldb, kPanel, c, ldc, epi);
@@ -622,7 +572,7 @@ void gemm_token_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t 
 void pack_weight_cols(const float* w, int64_t n, int64_t k, int64_t ldw, float* out, int64_t panel_stride) {
   const int64_t full = n / kPanel * kPanel;
   int64_t k0 = 0;
-#ifdef SHVIT_GEMM_X86
+#ifdef SHVIT_X86
   if (available() && full > 0) k0 = pack_weight_cols_avx2(w, full, k, ldw, out, panel_stride);
 #endif
   if (full > 0 && k0 < k) pack_weight_cols_portable(w, full, k, ldw, out, panel_stride, k0);
@@ -644,7 +594,7 @@ void pack_weight_t(const float* v, int64_t n, int64_t k, int64_t ldv, float* out
   }
 }
 
-#ifdef SHVIT_GEMM_X86
+#ifdef SHVIT_X86
 namespace {
 // exp for float32 lanes of the softmax's shifted scores x - max <= 0 (Cephes expf: Cody-Waite
 // reduction by ln 2, degree-5 polynomial; about 1 ulp on [-87, 0]). NaN stays NaN; below -87.3
@@ -815,7 +765,7 @@ SHVIT_AVX512 void softmax_panel_columns_avx512(float* p, int64_t m, float* lse, 
 #endif
 
 void prefetch_during_gemm(const void* p, int64_t bytes, bool first) {
-#ifdef SHVIT_GEMM_X86
+#ifdef SHVIT_X86
   PrefetchRanges& pr = tl_prefetch;
   if (p == nullptr || bytes <= 0) return;
   if (pr.cur > 0) {  // drop the ranges taken
@@ -844,16 +794,16 @@ void prefetch_during_gemm(const void* p, int64_t bytes, bool first) {
 }
 
 void clear_gemm_prefetch() {
-#ifdef SHVIT_GEMM_X86
+#ifdef SHVIT_X86
   tl_prefetch.n = tl_prefetch.cur = 0;
 #endif
 }
 
 void softmax_panel_columns(float* p, int64_t m, float* lse, int64_t ld, const float* col_max) {
   if (m <= 0) return;
-#ifdef SHVIT_GEMM_X86
+#ifdef SHVIT_X86
   if (available()) {
-    if (current_isa() == Isa::kAvx512) {
+    if (use_avx512()) {
       softmax_panel_columns_avx512(p, m, lse, ld, col_max);
     } else {
       softmax_panel_columns_avx2(p, m, lse, ld, col_max);
@@ -880,7 +830,7 @@ void softmax_panel_columns(float* p, int64_t m, float* lse, int64_t ld, const fl
 
 void softmax_rows(float* s, int64_t m, int64_t n, int64_t ld) {
   if (n <= 0) return;
-#ifdef SHVIT_GEMM_X86
+#ifdef SHVIT_X86
   if (available()) {
     softmax_rows_avx2(s, m, n, ld);
     return;

@@ -6,9 +6,7 @@
 // W (N, K) -- a 1x1 conv weight -- is packed once into panels of 16 output channels,
 // K x 16 contiguous floats each (zero past N), so the inner kernel streams one panel from L1
 // while six rows of A are broadcast. Single-threaded; callers split the rows across threads.
-// Runs on x86-64 CPUs with AVX2 and FMA (checked at run time), with 6 x 64 AVX-512 tiles where
-// the CPU has AVX-512F (see isa()); elsewhere available() is false and the callers use ATen's
-// GEMMs.
+// Runs at the AVX2 and AVX-512 levels of cpu_isa.h (see available()).
 #pragma once
 
 #include <cstdint>
@@ -29,18 +27,10 @@ struct Epilogue {
   float* col_max = nullptr;
 };
 
-// Whether this CPU runs the kernel (AVX2 + FMA).
+// Whether the kernels run: the active instruction-set level (cpu_isa.h) is AVX2 or higher.
+// AVX2 runs 6 x 16 tiles in ymm registers, AVX-512 6 x 64 tiles in zmm registers. Where this is
+// false the callers use ATen's GEMMs.
 bool available();
-
-// The micro-kernel family: AVX2 (6 x 16 tiles in ymm registers) or AVX-512 (6 x 64 tiles in
-// zmm registers), chosen at the first GEMM: the widest this CPU runs, unless the environment
-// variable SHVIT_KERNELS_GEMM_ISA=avx2 asks for AVX2. kNone where available() is false.
-enum class Isa : int { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
-Isa isa();
-bool isa_supported(Isa i);
-// Switches the kernel family for later GEMMs (the caller checks isa_supported; not to be called
-// while GEMMs run on other threads).
-void set_isa(Isa i);
 
 // Floats in the packed form of an (n, k) weight.
 inline int64_t packed_size(int64_t n, int64_t k) { return (n + kPanel - 1) / kPanel * kPanel * k; }

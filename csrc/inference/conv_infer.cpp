@@ -49,38 +49,6 @@ Tensor empty_cl(const Tensor& x, int64_t channels) {
 
 bool gemm_available() { return shvit_gemm::available(); }
 
-namespace {
-const char* isa_name(shvit_gemm::Isa i) {
-  switch (i) {
-    case shvit_gemm::Isa::kAvx2: return "avx2";
-    case shvit_gemm::Isa::kAvx512: return "avx512";
-    default: return "none";
-  }
-}
-}  // namespace
-
-// The packed GEMM's kernel family: "" reports it; "avx2", "avx512" or "auto" (the widest this
-// CPU runs) switches to it and reports the one now in use.
-std::string gemm_isa(const std::string& request) {
-  using shvit_gemm::Isa;
-  if (!request.empty()) {
-    TORCH_CHECK(shvit_gemm::available(), "gemm_isa: the packed GEMM does not run on this CPU (needs AVX2 and FMA)");
-    Isa want;
-    if (request == "avx2") {
-      want = Isa::kAvx2;
-    } else if (request == "avx512") {
-      want = Isa::kAvx512;
-    } else if (request == "auto") {
-      want = shvit_gemm::isa_supported(Isa::kAvx512) ? Isa::kAvx512 : Isa::kAvx2;
-    } else {
-      TORCH_CHECK(false, "gemm_isa: expected '', 'avx2', 'avx512' or 'auto', got '", request, "'");
-    }
-    TORCH_CHECK(shvit_gemm::isa_supported(want), "gemm_isa: this CPU does not run the ", request, " kernels");
-    shvit_gemm::set_isa(want);
-  }
-  return isa_name(shvit_gemm::isa());
-}
-
 Tensor pack_weight(const Tensor& w) {
   require_gemm();
   TORCH_CHECK(w.device().is_cpu() && at::isFloatingType(w.scalar_type()), "w must be a floating-point CPU tensor");

@@ -8,12 +8,8 @@
 #include <torch/library.h>
 
 #include "common.h"
-#include "gemm/gemm.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define SHVIT_DW_X86 1
-#include <immintrin.h>
-#endif
+#include "cpu_isa.h"
 
 namespace shvit_cpu {
 
@@ -50,8 +46,8 @@ void pixel_portable(const DwArgs& a, const float* const rows[9], float* o) {
   }
 }
 
-#ifdef SHVIT_DW_X86
-__attribute__((target("avx2,fma"))) void pixel_avx2(const DwArgs& a, const float* const rows[9], float* o) {
+#ifdef SHVIT_X86
+SHVIT_TARGET_AVX2 void pixel_avx2(const DwArgs& a, const float* const rows[9], float* o) {
   const int64_t C = a.C;
   const __m256 z = _mm256_setzero_ps();
   int64_t c = 0;
@@ -113,7 +109,7 @@ Tensor dw_conv3x3(const Tensor& x, const Tensor& weight, const Tensor& bias, int
   const Tensor b = bias.contiguous();
   const DwArgs a{x.const_data_ptr<float>(), w9.const_data_ptr<float>(), b.const_data_ptr<float>(),
                  out.data_ptr<float>(), H, W, C, OH, OW, stride, relu};
-  const bool simd = shvit_gemm::available();  // the same AVX2 + FMA check
+  const bool simd = shvit_isa::at_least(shvit_isa::Isa::kAvx2);
   (void)simd;
   at::parallel_for(0, B * OH, 1, [&](int64_t r0, int64_t r1) {
     const float* rows[9];
@@ -122,7 +118,7 @@ Tensor dw_conv3x3(const Tensor& x, const Tensor& weight, const Tensor& bias, int
       for (int64_t ox = 0; ox < OW; ++ox) {
         tap_rows(a, bb, oy, ox, rows);
         float* o = a.out + (r * OW + ox) * C;
-#ifdef SHVIT_DW_X86
+#ifdef SHVIT_X86
         if (simd) {
           pixel_avx2(a, rows, o);
           continue;

@@ -13,12 +13,8 @@
 #include <vector>
 
 #include "common.h"
-#include "gemm/gemm.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define SHVIT_STEM_X86 1
-#endif
+#include "cpu_isa.h"
 
 namespace shvit_cpu {
 
@@ -33,11 +29,10 @@ struct StemArgs {
   bool relu;
 };
 
-#ifdef SHVIT_STEM_X86
-#define SHVIT_STEM_AVX2 __attribute__((target("avx2,fma")))
+#ifdef SHVIT_X86
 
 // Store one pixel's NV vectors of output channels (masked past Cout).
-SHVIT_STEM_AVX2 inline void store_pixel(const StemArgs& a, float* o, const __m256* v, int nv) {
+SHVIT_TARGET_AVX2 inline void store_pixel(const StemArgs& a, float* o, const __m256* v, int nv) {
   const __m256 z = _mm256_setzero_ps();
   for (int j = 0; j < nv; ++j) {
     __m256 r = a.relu ? _mm256_max_ps(z, v[j]) : v[j];  // max(0, v): NaN stays NaN
@@ -55,7 +50,7 @@ SHVIT_STEM_AVX2 inline void store_pixel(const StemArgs& a, float* o, const __m25
 // One output row with NV vectors (8 channels each) per pixel and 8 / NV pixels per step.
 // rows[ci * 3 + ky] is input row oy * stride - 1 + ky of channel ci, padded: rows[..][ix + 1].
 template <int NV>
-SHVIT_STEM_AVX2 void stem_row(const StemArgs& a, const float* const* rows, float* orow) {
+SHVIT_TARGET_AVX2 void stem_row(const StemArgs& a, const float* const* rows, float* orow) {
   constexpr int PX = 8 / NV;
   constexpr int64_t CoP = 8 * NV;
   const int64_t s = a.stride, nrows = a.Cin * 3;
@@ -111,7 +106,8 @@ SHVIT_STEM_AVX2 void stem_row(const StemArgs& a, const float* const* rows, float
 // Cin * 9 <= 64 and Cout <= 32; the output is channels_last.
 Tensor stem_conv3x3(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t stride, bool relu) {
   check_input(x, "x");
-  TORCH_CHECK(shvit_gemm::available(), "stem_conv3x3 needs an x86-64 CPU with AVX2 and FMA");
+  TORCH_CHECK(shvit_isa::at_least(shvit_isa::Isa::kAvx2),
+              "stem_conv3x3 needs the AVX2 level (an x86-64 CPU with AVX2 and FMA)");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous (NCHW) float32 tensor");
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == Cin && weight.size(2) == 3 && weight.size(3) == 3 &&
@@ -134,7 +130,7 @@ Tensor stem_conv3x3(const Tensor& x, const Tensor& weight, const Tensor& bias, i
   bp.narrow(0, 0, Cout).copy_(bias);
   const StemArgs a{x.const_data_ptr<float>(), wt.const_data_ptr<float>(), bp.const_data_ptr<float>(),
                    out.data_ptr<float>(), Cin, H, W, OH, OW, Cout, CoP, stride, relu};
-#ifdef SHVIT_STEM_X86
+#ifdef SHVIT_X86
   at::parallel_for(0, B * OH, 1, [&](int64_t r0, int64_t r1) {
     const int64_t Wp = W + 2 + 8;  // the taps of a short pixel group may read up to 2 past the row
     std::vector<float> pad(static_cast<size_t>(Cin * 3 * Wp), 0.f);

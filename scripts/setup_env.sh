@@ -23,7 +23,7 @@ fi
 # last one here used the same build settings and torch, and no build input changed since
 # (SHVIT_KERNELS_REBUILD=1 forces it).
 stamp=.venv/.shvit-build
-want="no_cpp=${SHVIT_KERNELS_NO_CPP:-0} portable=${SHVIT_KERNELS_PORTABLE:-0} torch=$("$VPY" -c 'import torch; print(torch.__version__)')"
+want="no_cpp=${SHVIT_KERNELS_NO_CPP:-0} torch=$("$VPY" -c 'import torch; print(torch.__version__)')"
 if [ "${SHVIT_KERNELS_REBUILD:-0}" != 1 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
     && [ -z "$(find csrc setup.py pyproject.toml requirements.txt -newer "$stamp" 2>/dev/null)" ] \
     && "$VPY" -c "import sys, shvit; from shvit_kernels import _cpp

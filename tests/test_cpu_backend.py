@@ -127,3 +127,23 @@ def test_cpp_block_op_any_size(hw, monkeypatch):
         z = shvit_kernels.shsa_inference(xd, w.double(), b.double(), 9, 16)
         expected = xd + torch.nn.functional.conv2d(z, wp.double()[:, :, None, None], bp.double())
     assert_rel_close(out, expected, 1e-5, f"block op at {hw}")
+
+
+@pytest.mark.isa_independent
+@pytest.mark.parametrize("built", ["1.13.1", "2.0.0+cu118"])
+def test_extension_built_for_another_torch(built, monkeypatch):
+    """An extension built against another torch release is a clear ImportError naming both
+    versions (loading it would fail with undefined symbols, or crash); the same release with
+    another local tag ("+cpu", "+cu126") is accepted."""
+    import sys
+    import types
+
+    from shvit_kernels import _cpp
+
+    monkeypatch.setitem(sys.modules, "shvit_kernels._build_info", types.SimpleNamespace(TORCH_VERSION=built))
+    with pytest.raises(ImportError, match=rf"built against torch {built.replace('+', '[+]')}, but torch "
+                                          rf"{torch.__version__.replace('+', '[+]')} is installed"):
+        _cpp.check_torch_version()
+    same = torch.__version__.split("+")[0] + "+cu999"
+    monkeypatch.setitem(sys.modules, "shvit_kernels._build_info", types.SimpleNamespace(TORCH_VERSION=same))
+    _cpp.check_torch_version()

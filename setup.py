@@ -66,5 +66,7 @@ setup(
     # A range, never a pin: an installed torch is reused (an isolated build or a pin
     # would pull a different, multi-GB CUDA build).
     install_requires=["torch>=2.4"],
+    # ONNX export (torch's dynamo exporter needs onnxscript) and the runtimes of the benchmark
+    extras_require={"onnx": ["onnx", "onnxscript", "onnxruntime", "openvino"]},
     license="Apache-2.0",
 )

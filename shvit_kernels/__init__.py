@@ -14,6 +14,7 @@ from .group_norm import group_norm_partial
 from .pointwise import conv1x1, conv_act, ffn_block
 from .shsa_attention import shsa_attention
 from .shsa_inference import ONE_PASS_MAX_N, fold_shsa_weights, shsa_block_inference, shsa_inference
+from . import export  # noqa: E402,F401  (registers the ops' decompositions for exporters)
 
 _cpp.check_torch_version()
 

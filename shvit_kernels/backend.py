@@ -5,6 +5,7 @@ call. ``auto`` picks Triton for CUDA tensors and the C++ kernels for CPU tensors
 unavailable choice falls back to ``torch`` (the eager composition of the reference ops)
 with one warning that says why. ``triton`` on CPU tensors runs the Triton kernels in
 Triton's interpreter and requires ``TRITON_INTERPRET=1`` (that is how CPU-only CI tests them).
+While a model is exported to ONNX every op runs its torch composition.
 """
 from __future__ import annotations
 
@@ -71,9 +72,11 @@ def _fallback(reason: str) -> str:
 
 
 def select(t: torch.Tensor) -> str:
-    """The backend (``triton`` | ``cpp`` | ``torch``) that runs an op whose input is ``t``."""
+    """The backend (``triton`` | ``cpp`` | ``torch``) that runs an op whose input is ``t``.
+    While a model is exported to ONNX the ops run their torch composition, which the ONNX
+    exporters translate into standard operators."""
     choice = requested()
-    if choice == "torch":
+    if choice == "torch" or torch.onnx.is_in_onnx_export():
         return "torch"
     dev = t.device.type
     if dev == "cuda":

@@ -293,7 +293,7 @@ def shsa_attn_fwd_torch(qkv: Tensor, x2: Tensor, qk_dim: int, scale: float):
     lse = torch.logsumexp(s, dim=-1)
     o = (v @ torch.exp(s - lse[..., None]).transpose(-2, -1)).reshape(B, PD, H, W)
     out_dtype = torch.promote_types(qkv.dtype, x2.dtype)
-    out = torch.cat([o.to(out_dtype), x2.to(out_dtype)], dim=1).relu_()
+    out = torch.cat([o.to(out_dtype), x2.to(out_dtype)], dim=1).relu()  # out of place: the composition is also the ops' decomposition
     return out, lse.to(torch.float64 if acc == torch.float64 else torch.float32)
 
 

@@ -6,11 +6,14 @@ The module tree and parameter names are the authors' (``patch_embed``,
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import shvit_kernels
 
 from .checkpoint import timm_to_official
 from .layers import FFN, BasicBlock, BN_Linear, Conv2d_BN, PatchMerging, Residual, fold_fused_inference, fuse_modules
@@ -163,7 +166,37 @@ class SHViT(nn.Module):
         return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        twin = self._float32_twin(x)
+        if twin is not None:
+            return twin(x.float()).to(x.dtype)
         return self.forward_head(self.forward_features(x))
+
+    def _float32_twin(self, x: torch.Tensor) -> "SHViT | None":
+        """For a folded fused bfloat16 model on a CPU without bfloat16 hardware, in inference
+        on the cpp backend: a float32 copy of the model, cached until a parameter changes.
+        There emulated bfloat16 is slower than the float32 kernels, so the model runs those
+        (the input cast to float32, the logits back to bfloat16). ``None`` otherwise."""
+        if (
+            not self.__dict__.get("_folded_fused")
+            or x.dtype is not torch.bfloat16
+            or x.device.type != "cpu"
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or shvit_kernels.onednn.bf16_hardware()
+            or shvit_kernels.backend.select(x) != "cpp"
+        ):
+            return None
+        tensors = [*self.parameters(), *self.buffers()]
+        if any(t.dtype is not torch.bfloat16 for t in tensors):
+            return None
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+        cached = self.__dict__.get("_twin")
+        if cached is None or cached[0] != key:
+            self.__dict__.pop("_twin", None)
+            with torch.no_grad():
+                twin = copy.deepcopy(self).float()
+            self.__dict__["_twin"] = cached = (key, twin)  # not a submodule: no state dict entries
+        return cached[1]
 
     def forward_intermediates(
         self,

@@ -1,6 +1,9 @@
 """Validation and layout helpers shared by the ops."""
 from __future__ import annotations
 
+import weakref
+from typing import Callable, Hashable
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -53,3 +56,24 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     while p < n:
         p *= 2
     return p
+
+
+# (id(weight), tag) -> (weakref to weight, version, data_ptr, derived); entries go with their weight
+_derived: dict[tuple[int, Hashable], tuple] = {}
+
+
+def weight_cache(weight: torch.Tensor, tag: Hashable, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``make(weight)`` (a packed or converted copy), cached per ``tag`` until the weight
+    changes (in place, or is replaced) or is freed."""
+    key = (id(weight), tag)
+    hit = _derived.get(key)
+    # an inference tensor has no version counter (and cannot change outside inference mode)
+    version = -1 if weight.is_inference() else weight._version
+    if hit is not None and hit[0]() is weight and hit[1:3] == (version, weight.data_ptr()):
+        return hit[3]
+    with torch.no_grad():
+        derived = make(weight.detach())
+    if hit is None or hit[0]() is not weight:
+        weakref.finalize(weight, _derived.pop, key, None)
+    _derived[key] = (weakref.ref(weight), version, weight.data_ptr(), derived)
+    return derived

@@ -18,19 +18,14 @@ Outputs of the fast path are channels_last.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _cpp, backend
+from . import _cpp, backend, onednn
+from ._utils import weight_cache
 
 __all__ = ["conv1x1", "ffn_block", "conv_act", "packed_weight", "fast_path_applies", "gemm_available"]
-
-# id(weight) -> (weakref to weight, version, data_ptr, packed); entries go with their weight
-_packed: dict[int, tuple] = {}
-
 
 def gemm_available() -> bool:
     """Whether the packed GEMM runs (the C++ kernels' ISA level is avx2 or higher)."""
@@ -54,16 +49,7 @@ def fast_path_applies(x: Tensor, *params: Tensor | None) -> bool:
 
 def packed_weight(weight: Tensor) -> Tensor:
     """The GEMM's packed form of a (out, in, 1, 1) weight, cached until the weight changes."""
-    key = id(weight)
-    hit = _packed.get(key)
-    if hit is not None and hit[0]() is weight and hit[1:3] == (weight._version, weight.data_ptr()):
-        return hit[3]
-    with torch.no_grad():
-        p = torch.ops.shvit_cpp.pack_weight(weight.detach())
-    if hit is None or hit[0]() is not weight:
-        weakref.finalize(weight, _packed.pop, key, None)
-    _packed[key] = (weakref.ref(weight), weight._version, weight.data_ptr(), p)
-    return p
+    return weight_cache(weight, "packed", torch.ops.shvit_cpp.pack_weight)
 
 
 def _cl(t: Tensor) -> Tensor:
@@ -84,6 +70,8 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False, residua
         raise ValueError(
             f"residual must be {(x.shape[0], weight.shape[0], *x.shape[2:])}, got {tuple(residual.shape)}"
         )
+    if onednn.applies(x, weight, bias, residual):
+        return onednn.conv(x, weight, bias, (0, 0), (1, 1), (1, 1), 1, relu, residual)
     if fast_path_applies(x, weight, bias, residual) and gemm_available():
         return torch.ops.shvit_cpp.pw_conv(
             _cl(x), packed_weight(weight), bias.contiguous(), relu, None if residual is None else _cl(residual)
@@ -101,6 +89,8 @@ def ffn_block(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tens
         raise ValueError(f"w2 must be ({x.shape[1]}, {w1.shape[0]}, 1, 1), got {tuple(w2.shape)}")
     if b2.shape != (x.shape[1],):
         raise ValueError(f"b2 must be ({x.shape[1]},), got {tuple(b2.shape)}")
+    if onednn.applies(x, w1, b1, w2, b2):
+        return onednn.ffn_block(x, w1, b1, w2, b2)
     if fast_path_applies(x, w1, b1, w2, b2) and gemm_available():
         return torch.ops.shvit_cpp.ffn_block(
             _cl(x), packed_weight(w1), b1.contiguous(), packed_weight(w2), b2.contiguous()
@@ -140,6 +130,8 @@ def conv_act(x: Tensor, conv: torch.nn.Conv2d, relu: bool = False) -> Tensor:
         return F.relu(y) if relu else y
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
         return conv1x1(x, conv.weight, conv.bias, relu=relu)
+    if onednn.applies(x, conv.weight, conv.bias):
+        return onednn.conv(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, relu)
     if _is_dw3x3(conv) and fast_path_applies(x, conv.weight, conv.bias):
         return torch.ops.shvit_cpp.dw_conv3x3(_cl(x), conv.weight, conv.bias, conv.stride[0], relu)
     if _is_stem3x3(conv) and x.is_contiguous() and fast_path_applies(x, conv.weight, conv.bias) and gemm_available():

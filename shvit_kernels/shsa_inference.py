@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backend, pointwise
+from . import backend, onednn, pointwise
 from ._triton import (
     copy_blocks, copy_tiles, dot_dtype, is_token_major, forward_tiles, load_tile, new_output,
     precision, relu_copy_tile,
@@ -328,6 +328,8 @@ def shsa_block_inference(
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, weight, bias, proj_weight, proj_bias)
     )
+    if onednn.applies(x, weight, bias, proj_weight, proj_bias):
+        return onednn.shsa_block(x, weight, bias, proj_param, proj_bias, pdim, qk_dim, eps)
     token_major = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     small = x.shape[2] * x.shape[3] <= CPP_BLOCK_MAX_N
     if (

@@ -1,0 +1,147 @@
+"""bfloat16 inference of a folded fused model on CPU: the oneDNN path (bfloat16 hardware) and
+the float32 path a bfloat16 model takes on CPUs without it, as ``model.to(torch.bfloat16)``
+and under ``torch.autocast("cpu", torch.bfloat16)``, against the float64 reference within
+twice the error of the eager model computed the same way, element-wise."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import shvit
+from conftest import assert_close_to_exact, load_golden, randomize_bn, use_backend
+from shvit_kernels import backend, onednn
+
+pytestmark = pytest.mark.skipif(not backend.cpp_available(), reason="needs the C++ extension")
+
+BF16 = torch.bfloat16
+# the oneDNN path runs wherever oneDNN computes bfloat16 (natively with AMX/AVX512-BF16,
+# emulated on other AVX-512 CPUs, where the model would not choose it): forced in the tests
+ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+PATHS = ["onednn", "float32"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Which path bfloat16 inference takes, and a record of the oneDNN ops it called."""
+    if request.param == "onednn" and not ONEDNN_BF16:
+        pytest.skip("oneDNN has no bfloat16 support on this CPU (needs AVX-512)")
+    use_backend(monkeypatch, "cpp", "cpu")
+    monkeypatch.setattr(onednn, "_hardware", request.param == "onednn")
+    calls = []
+    for name in ("conv", "ffn_block", "shsa_block"):
+        real = getattr(onednn, name)
+        monkeypatch.setattr(onednn, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return request.param, calls
+
+
+def _models(config: dict, state: dict):
+    ref = shvit.SHViT(**config).eval()
+    ref.load_state_dict(state)
+    fused = shvit.SHViT(**config, fused=True).eval()
+    fused.load_state_dict(state)
+    return ref, fused.fuse()
+
+
+def _check_path(path, calls, out):
+    name, calls = path
+    assert out.dtype == BF16
+    if name == "onednn":
+        assert {"conv", "ffn_block", "shsa_block"} <= set(calls), "every kind of layer ran on oneDNN"
+    else:
+        assert not calls, "CPUs without bfloat16 hardware run the float32 kernels"
+
+
+@pytest.mark.parametrize("name", ["tiny_a", "tiny_b"])
+def test_golden_bf16_model(name, path):
+    """``model.to(torch.bfloat16)`` on the golden batch: logits within twice eager bfloat16's
+    error (eager: the folded reference model in bfloat16, channels_last)."""
+    g = load_golden(name)
+    ref, fused = _models(g["config"], g["state_dict_official"])
+    exact = g["eval_logits"]
+    x = g["input"].to(BF16)
+    eager = copy.deepcopy(ref).fuse().to(BF16).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = eager(x.contiguous(memory_format=torch.channels_last))
+        got = fused.to(BF16)(x)
+    _check_path(path, path[1], got)
+    assert_close_to_exact(got, exact, want, f"{name} bfloat16 logits ({path[0]} path)")
+
+
+def test_golden_autocast(path):
+    """A float32 folded fused model under CPU bfloat16 autocast, against the float32 reference
+    model under the same autocast."""
+    g = load_golden("tiny_b")
+    ref, fused = _models(g["config"], g["state_dict_official"])
+    x = g["input"].float()
+    with torch.inference_mode(), torch.autocast("cpu", BF16):
+        want = ref(x)
+        got = fused(x)
+    if path[0] == "onednn":
+        _check_path(path, path[1], got)
+    assert_close_to_exact(got, g["eval_logits"], want, "autocast logits", dtype=BF16)
+
+
+@pytest.mark.parametrize("variant", sorted(shvit.VARIANTS))
+def test_variants_bf16(variant, path):
+    """Every variant with non-trivial BatchNorms, batch 3 at 80x112 px (5x7, 3x4 and 2x2 token
+    grids), against the float64 reference."""
+    ref = randomize_bn(shvit.create_model(variant), seed=2).eval()
+    fused = shvit.create_model(variant, fused=True).eval()
+    fused.load_state_dict(ref.state_dict())
+    fused.fuse().to(BF16)
+    x = torch.randn(3, 3, 80, 112, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        exact = ref.double()(x.double())
+        eager = copy.deepcopy(ref).fuse().to(BF16).to(memory_format=torch.channels_last)
+        want = eager(x.to(BF16).contiguous(memory_format=torch.channels_last))
+        got = fused(x.to(BF16))
+    _check_path(path, path[1], got)
+    assert_close_to_exact(got, exact, want, f"{variant} bfloat16 logits ({path[0]} path)")
+
+
+def test_weight_changes_reach_the_cached_weights(path):
+    """Packed (oneDNN) and float32 (fallback) copies of the weights follow in-place updates."""
+    g = load_golden("tiny_a")
+    _, fused = _models(g["config"], g["state_dict_official"])
+    fused.to(BF16)
+    x = g["input"].to(BF16)
+    with torch.no_grad():
+        before = fused(x)
+        for p in fused.parameters():
+            p.mul_(0.5)
+        after = fused(x)
+        want = copy.deepcopy(fused)(x)  # new tensors: nothing cached
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, want, rtol=0, atol=0)
+
+
+def test_conditions(path):
+    """The oneDNN path is for bfloat16 (or float32 under bfloat16 autocast) CPU inference only."""
+    x = torch.randn(2, 8, 4, 4)
+    w = torch.randn(8, 8, 1, 1)
+    on = path[0] == "onednn"
+    assert onednn.applies(x.to(BF16), w.to(BF16)) == on
+    assert not onednn.applies(x, w)
+    assert not onednn.applies(x.half(), w.half())
+    assert not onednn.applies(x[:0].to(BF16), w.to(BF16))
+    with torch.autocast("cpu", BF16):
+        assert onednn.applies(x, w) == on
+    with torch.enable_grad():
+        assert not onednn.applies(x.to(BF16), w.to(BF16).requires_grad_())
+    with torch.no_grad():
+        assert onednn.applies(x.to(BF16), w.to(BF16).requires_grad_()) == on
+
+
+def test_empty_batch_and_gradients(path):
+    g = load_golden("tiny_a")
+    ref, fused = _models(g["config"], g["state_dict_official"])
+    fused.to(BF16)
+    with torch.no_grad():
+        assert fused(torch.empty(0, 3, 64, 64, dtype=BF16)).shape == (0, g["config"].get("num_classes", 1000))
+    # with a gradient to compute, the model runs the bfloat16 composition (no cached copies)
+    x = g["input"].to(BF16).requires_grad_()
+    fused(x).float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == BF16
+    assert not path[1]

@@ -10,11 +10,11 @@ On CPU, for float32 inputs without a gradient to compute, on the ``cpp`` backend
 ``shvit_kernels._C`` on channels_last tensors (x86-64 with AVX2 and FMA), the depthwise
 3x3 convolutions (stride 1 or 2) as a token-major kernel of ``_C``, the first stem conv by a
 kernel that reads the NCHW image directly (no layout conversion) and writes channels_last,
-and the other stem convolutions as oneDNN convolutions with the ReLU fused
-(``torch.ops.mkldnn``). Everything
-else -- CUDA, other dtypes, autograd, compiled graphs, other CPUs, ``SHVIT_KERNELS_BACKEND=torch``
--- runs the eager composition (``F.conv2d``, ``F.relu``, ``+``), which is the reference.
-Outputs of the fast path are channels_last.
+and the other (dense 3x3) stem convolutions as gathered patches times a packed weight on the
+same GEMM. bfloat16 inference on CPUs with bfloat16 hardware runs on oneDNN
+(``shvit_kernels.onednn``). Everything else -- CUDA, other dtypes, autograd, compiled graphs,
+other CPUs, ``SHVIT_KERNELS_BACKEND=torch`` -- runs the eager composition (``F.conv2d``,
+``F.relu``, ``+``), which is the reference. Outputs of the fast paths are channels_last.
 """
 from __future__ import annotations
 
@@ -30,10 +30,6 @@ __all__ = ["conv1x1", "ffn_block", "conv_act", "packed_weight", "fast_path_appli
 def gemm_available() -> bool:
     """Whether the packed GEMM runs (the C++ kernels' ISA level is avx2 or higher)."""
     return _cpp.gemm_available()
-
-
-def _mkldnn_conv_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
 def fast_path_applies(x: Tensor, *params: Tensor | None) -> bool:
@@ -111,6 +107,16 @@ def _is_stem3x3(conv: torch.nn.Conv2d) -> bool:
     )
 
 
+def _is_conv3x3(conv: torch.nn.Conv2d) -> bool:
+    return (
+        conv.groups == 1
+        and conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.stride in ((1, 1), (2, 2))
+    )
+
+
 def _is_dw3x3(conv: torch.nn.Conv2d) -> bool:
     return (
         conv.groups == conv.in_channels == conv.out_channels
@@ -137,10 +143,10 @@ def conv_act(x: Tensor, conv: torch.nn.Conv2d, relu: bool = False) -> Tensor:
     if _is_stem3x3(conv) and x.is_contiguous() and fast_path_applies(x, conv.weight, conv.bias) and gemm_available():
         # the first stem conv, straight from the NCHW image (no layout conversion), channels_last out
         return torch.ops.shvit_cpp.stem_conv3x3(x, conv.weight, conv.bias, conv.stride[0], relu)
-    if fast_path_applies(x, conv.weight, conv.bias) and _mkldnn_conv_available():
-        return torch.ops.mkldnn._convolution_pointwise(
-            _cl(x), conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-            "relu" if relu else "none", [], "",
-        )
+    if _is_conv3x3(conv) and fast_path_applies(x, conv.weight, conv.bias) and gemm_available():
+        # the other stem convs: gathered 3x3 patches times the packed (Cout, 3, 3, Cin) weight
+        w = weight_cache(conv.weight, "packed3x3",
+                         lambda w: torch.ops.shvit_cpp.pack_weight(w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)))
+        return torch.ops.shvit_cpp.conv3x3(_cl(x), w, conv.bias, conv.stride[0], relu)
     y = conv(x)
     return F.relu(y) if relu else y

@@ -170,6 +170,43 @@ def test_stem_conv3x3_rejects_bad_arguments():
     assert ops.stem_conv3x3(torch.randn(0, 3, 5, 5), w, b, 2, True).shape == (0, 8, 3, 3)
 
 
+def _pack3x3(w):
+    return torch.ops.shvit_cpp.pack_weight(w.permute(0, 2, 3, 1).reshape(w.shape[0], -1))
+
+
+@needs_gemm
+@pytest.mark.parametrize("shape", [(2, 16, 17, 13), (1, 5, 1, 1), (3, 43, 8, 9), (2, 112, 6, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("cout", [7, 32, 56, 130])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv3x3_matches_conv2d(shape, cout, stride):
+    """The dense 3x3 conv on gathered patches: odd sizes (tiles of 96 pixels split across
+    images and rows), one pixel, output channels off the 16-column panels."""
+    B, C, H, W = shape
+    g = torch.Generator().manual_seed(H * W + C + cout)
+    x = _cl(torch.randn(B, C, H, W, generator=g))
+    w, b = torch.randn(cout, C, 3, 3, generator=g) / (3 * C**0.5), torch.randn(cout, generator=g)
+    for relu in (False, True):
+        out = torch.ops.shvit_cpp.conv3x3(x, _pack3x3(w), b, stride, relu)
+        ref = F.conv2d(x.double(), w.double(), b.double(), stride, 1)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert_rel_close(out, F.relu(ref) if relu else ref, TOL, f"conv3x3 {shape} cout {cout} s{stride} relu {relu}")
+
+
+@needs_gemm
+def test_conv3x3_rejects_bad_arguments():
+    ops = torch.ops.shvit_cpp
+    w, b = torch.randn(8, 4, 3, 3), torch.randn(8)
+    x = _cl(torch.randn(1, 4, 5, 5))
+    with pytest.raises(RuntimeError, match="channels_last"):
+        ops.conv3x3(torch.randn(1, 4, 5, 5), _pack3x3(w), b, 2, False)
+    with pytest.raises(RuntimeError, match="packed"):
+        ops.conv3x3(x, ops.pack_weight(w.reshape(8, -1)[:, :9]), b, 2, False)
+    with pytest.raises(RuntimeError, match="stride"):
+        ops.conv3x3(x, _pack3x3(w), b, 3, False)
+    assert ops.conv3x3(_cl(torch.randn(0, 4, 5, 5)), _pack3x3(w), b, 2, True).shape == (0, 8, 3, 3)
+
+
 # n (output channels) around the AVX-512 kernel's 64-column panel quads, 32-column pairs and
 # the lone last panel; k (input channels) below, between and past the k-blocks of both kernel
 # families (128 and 384); m (tokens) off the 6- and 12-row tiles

@@ -1,9 +1,13 @@
-// 1x1 convolutions of the BN-folded network as token-major GEMMs with fused epilogues (CPU
-// kernels of shvit_cpp::pw_conv and shvit_cpp::ffn_block; see shvit_kernels/pointwise.py).
+// Convolutions of the BN-folded network as token-major GEMMs with fused epilogues (CPU
+// kernels of shvit_cpp::pw_conv, shvit_cpp::ffn_block and shvit_cpp::conv3x3; see
+// shvit_kernels/pointwise.py).
 //
 // Activations are channels_last float32 tensors, i.e. (B*H*W, C) row-major token rows; the
 // weights are packed once by shvit_cpp::pack_weight (gemm.h). Rows are split across threads.
 #include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "common.h"
 #include "gemm/gemm.h"
@@ -14,6 +18,8 @@ namespace {
 
 // FFN rows per tile: the hidden tile (rows x 2C floats) stays in L2 between its two GEMMs.
 constexpr int64_t kFfnRows = 96;
+// 3x3 convolution: output pixels per tile, whose gathered patches (rows x 9C floats) stay in L2.
+constexpr int64_t kConvRows = 96;
 
 void require_gemm() {
   TORCH_CHECK(shvit_gemm::available(),
@@ -134,7 +140,56 @@ Tensor ffn_block(const Tensor& x, const Tensor& w1_packed, const Tensor& b1, con
   return out;
 }
 
+// relu?(conv2d(x, weight, bias, stride, padding=1)) for a dense 3x3 kernel, x channels_last.
+// Each tile of output pixels gathers its 3x3 patches (tap-major; a tap's channels are
+// contiguous in channels_last, zero outside the image) into rows of 9C floats, then one
+// packed GEMM against the (Cout, 3, 3, C) weight writes the pixels' rows of the channels_last
+// output, bias and ReLU in its epilogue.
+Tensor conv3x3(const Tensor& x, const Tensor& w_packed, const Tensor& bias, int64_t stride, bool relu) {
+  require_gemm();
+  check_act(x, "x", -1);
+  TORCH_CHECK(stride == 1 || stride == 2, "conv3x3: stride must be 1 or 2, got ", stride);
+  const int64_t B = x.size(0), c = x.size(1), H = x.size(2), W = x.size(3), k = 9 * c;
+  check_packed(w_packed, bias, k, "conv3x3 (weight permuted to (Cout, 3, 3, Cin))");
+  const int64_t n = bias.size(0);
+  const int64_t OH = (H - 1) / stride + 1, OW = (W - 1) / stride + 1;
+  Tensor out = at::empty({B, n, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t m = B * OH * OW;
+  if (m == 0) return out;
+  const float* px = x.const_data_ptr<float>();
+  const float* pw = w_packed.const_data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  shvit_gemm::Epilogue epi;
+  epi.bias = bias.const_data_ptr<float>();
+  epi.relu = relu;
+  const int64_t tiles = (m + kConvRows - 1) / kConvRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> patches(static_cast<size_t>(kConvRows * k));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * kConvRows, rows = std::min(kConvRows, m - r0);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t p = r0 + i, b = p / (OH * OW), oy = p / OW % OH, ox = p % OW;
+        float* dst = patches.data() + i * k;
+        for (int64_t ky = 0; ky < 3; ++ky) {
+          const int64_t iy = oy * stride - 1 + ky;
+          for (int64_t kx = 0; kx < 3; ++kx, dst += c) {
+            const int64_t ix = ox * stride - 1 + kx;
+            if (iy < 0 || iy >= H || ix < 0 || ix >= W) {
+              std::fill_n(dst, c, 0.f);
+            } else {
+              std::copy_n(px + ((b * H + iy) * W + ix) * c, c, dst);
+            }
+          }
+        }
+      }
+      shvit_gemm::gemm_packed(rows, n, k, patches.data(), k, pw, po + r0 * n, n, epi);
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) {
+  m.impl("conv3x3", &conv3x3);
   m.impl("pack_weight", &pack_weight);
   m.impl("pw_conv", &pw_conv);
   m.impl("ffn_block", &ffn_block);

@@ -7,6 +7,8 @@
 // split across threads.
 #include <torch/library.h>
 
+#include <vector>
+
 #include "common.h"
 
 #include "cpu_isa.h"
@@ -105,9 +107,15 @@ Tensor dw_conv3x3(const Tensor& x, const Tensor& weight, const Tensor& bias, int
   const int64_t OH = (H - 1) / stride + 1, OW = (W - 1) / stride + 1;
   Tensor out = at::empty({B, C, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
-  const Tensor w9 = weight.reshape({C, 9}).t().contiguous();  // (9, C)
+  // (9, C), tap-major, by a plain loop: ATen ops here would cost more than a small image's conv
+  const Tensor wc = weight.contiguous();
+  std::vector<float> w9(static_cast<size_t>(9 * C));
+  const float* pw = wc.const_data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t k = 0; k < 9; ++k) w9[k * C + c] = pw[c * 9 + k];
+  }
   const Tensor b = bias.contiguous();
-  const DwArgs a{x.const_data_ptr<float>(), w9.const_data_ptr<float>(), b.const_data_ptr<float>(),
+  const DwArgs a{x.const_data_ptr<float>(), w9.data(), b.const_data_ptr<float>(),
                  out.data_ptr<float>(), H, W, C, OH, OW, stride, relu};
   const bool simd = shvit_isa::at_least(shvit_isa::Isa::kAvx2);
   (void)simd;

@@ -23,6 +23,29 @@ namespace shvit_cpu {
 
 using at::Tensor;
 
+// dst[i] = max(src[i], 0) for i < n, NaN kept (as torch.relu). Branch-free at every level: on
+// x86-64 MAXPS(0, v) returns v where v is NaN (SSE, part of the baseline ISA); written as a
+// comparison, the compiler kept a branch per element at the baseline level, which random
+// signs mispredict half of the time.
+inline void relu_copy(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef SHVIT_X86
+  const __m128 zero = _mm_setzero_ps();
+  for (; i + 4 <= n; i += 4) _mm_storeu_ps(dst + i, _mm_max_ps(zero, _mm_loadu_ps(src + i)));
+#endif
+  for (; i < n; ++i) dst[i] = src[i] < 0.f ? 0.f : src[i];
+}
+
+// dst[i] = max(src[i], 0) converted to D, NaN kept; float to float through relu_copy.
+template <typename S, typename D>
+inline void relu_convert(const S* src, D* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const D v = static_cast<D>(src[i]);
+    dst[i] = v < D(0) ? D(0) : v;
+  }
+}
+inline void relu_convert(const float* src, float* dst, int64_t n) { relu_copy(src, dst, n); }
+
 // Statistics and GEMMs run in float (double for double inputs).
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -13,7 +13,7 @@ using shvit_gemm::kPanel;
 
 namespace {
 // Token panels of channel rows: out[(p * panel_rows + row0 + c) * 16 + j] = f(x[c * ldx + 16p + j])
-// for c < rows and 16p + j < N, zero for the tokens past N.
+// for c < rows and 16p + j < N, zero for the tokens past N. f(s, d, n) maps n floats of s to d.
 template <typename F>
 inline void pack_tokens(const float* x, int64_t ldx, int64_t rows, int64_t N, float* out, int64_t panel_rows,
                         int64_t row0, const F& f) {
@@ -26,13 +26,12 @@ inline void pack_tokens(const float* x, int64_t ldx, int64_t rows, int64_t N, fl
     for (int64_t p = 0; p < full; ++p) {
       const float* s = src + p * kPanel;
       float* d = dst + p * ps;
-#pragma GCC unroll 16
-      for (int64_t j = 0; j < kPanel; ++j) d[j] = f(s[j]);
+      f(s, d, kPanel);
     }
     if (nv > 0) {
       const float* s = src + full * kPanel;
       float* d = dst + full * ps;
-      for (int64_t j = 0; j < nv; ++j) d[j] = f(s[j]);
+      f(s, d, nv);
       for (int64_t j = nv; j < kPanel; ++j) d[j] = 0.f;
     }
   }
@@ -40,17 +39,18 @@ inline void pack_tokens(const float* x, int64_t ldx, int64_t rows, int64_t N, fl
 }  // namespace
 
 void pack_tokens_normalized(const float* x, int64_t ldx, int64_t rows, int64_t N, float mu, float r, float* out) {
-  pack_tokens(x, ldx, rows, N, out, rows, 0, [mu, r](float v) { return (v - mu) * r; });
+  pack_tokens(x, ldx, rows, N, out, rows, 0, [mu, r](const float* s, float* d, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) d[j] = (s[j] - mu) * r;
+  });
 }
 
 void pack_tokens_copy(const float* x, int64_t ldx, int64_t rows, int64_t N, float* out) {
-  pack_tokens(x, ldx, rows, N, out, rows, 0, [](float v) { return v; });
+  pack_tokens(x, ldx, rows, N, out, rows, 0, [](const float* s, float* d, int64_t n) { std::copy_n(s, n, d); });
 }
 
 void pack_tokens_relu(const float* x, int64_t ldx, int64_t rows, int64_t N, float* out, int64_t rows_total,
                       int64_t row0) {
-  // max(v, 0) written as v < 0 ? 0 : v keeps NaN, as torch.relu does
-  pack_tokens(x, ldx, rows, N, out, rows_total, row0, [](float v) { return v < 0.f ? 0.f : v; });
+  pack_tokens(x, ldx, rows, N, out, rows_total, row0, relu_copy);
 }
 
 namespace {
@@ -286,7 +286,7 @@ void attention_forward_cm(const Tensor& qkv, const Tensor& x2, int64_t qk_dim, d
       for (int64_t c = 0; c < C2; ++c) {
         const float* xr = px + b * sxb + c * sxc;
         float* orow = ob + (PD + c) * N;
-        for (int64_t n = 0; n < N; ++n) orow[n] = xr[n] < 0.f ? 0.f : xr[n];  // NaN kept
+        relu_copy(xr, orow, N);
       }
     }
   });

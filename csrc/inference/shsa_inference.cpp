@@ -226,7 +226,7 @@ Tensor shsa_infer(const Tensor& x, const Tensor& weight, const Tensor& bias, int
       for (int64_t c = pdim; c < C; ++c) {
         const float* src = xb + c * sc;
         float* dst = ob + c * N;
-        for (int64_t n = 0; n < N; ++n) dst[n] = src[n] < 0.f ? 0.f : src[n];  // NaN stays NaN, as in torch.relu
+        relu_copy(src, dst, N);
       }
     });
     return out;
@@ -392,7 +392,7 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
         const int64_t b = row / t, i = row % t;
         const scalar_t* src = po + row * pdim;
         scalar_t* dst = pz + (b * N + m0 + i) * C;
-        for (int64_t c = 0; c < pdim; ++c) dst[c] = src[c] < scalar_t(0) ? scalar_t(0) : src[c];
+        relu_convert(src, dst, pdim);
       });
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "shsa_block_x2", [&] {
@@ -404,10 +404,7 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
         parallel_rows(B * N, 64, [&](int64_t r) {
           const in_t* xr = px + r * C;
           acc_t* zr = pzz + r * C;
-          for (int64_t c = pdim; c < C; ++c) {
-            const acc_t v = static_cast<acc_t>(xr[c]);
-            zr[c] = v < acc_t(0) ? acc_t(0) : v;
-          }
+          relu_convert(xr + pdim, zr + pdim, C - pdim);
         });
       } else {
         relu_transpose_into<in_t, acc_t>(xv.narrow(1, pdim, C - pdim), zT.data_ptr<acc_t>(), C, pdim);

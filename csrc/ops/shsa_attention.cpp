@@ -31,7 +31,7 @@ void relu_rows_into(const Tensor& src, Tensor& out, int64_t c0, int64_t n0) {
     const int64_t b = row / R, c = row % R;
     const acc_t* s = ps + b * sb + c * sr;
     out_t* o = po + (b * CO + c0 + c) * N + n0;
-    for (int64_t i = 0; i < T; ++i) o[i] = static_cast<out_t>(s[i] < acc_t(0) ? acc_t(0) : s[i]);  // NaN stays NaN
+    relu_convert(s, o, T);
   });
 }
 }  // namespace

@@ -31,7 +31,9 @@ sys.exit(0 if '${SHVIT_KERNELS_NO_CPP:-0}' == '1' or _cpp.available() else 1)" >
   echo "setup: package installed, C++ build up to date ($want)"
 else
   rm -f "$stamp"
-  "$VPY" -m pip install -q --no-build-isolation -e .
+  # a failed C++ build is an error here (for users it is a warning and a pure-Python install):
+  # tests must not run, skipped, against a stale or missing extension
+  SHVIT_KERNELS_REQUIRE_CPP="${SHVIT_KERNELS_REQUIRE_CPP:-1}" "$VPY" -m pip install -q --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi
 "$VPY" -c "import torch, shvit; print(f'setup: torch {torch.__version__}, shvit from {shvit.__file__}')"

@@ -26,9 +26,11 @@ def available() -> list[str]:
 
 
 def export(model: torch.nn.Module, x: torch.Tensor, path: pathlib.Path) -> pathlib.Path:
-    """``model`` (eval mode, BN folded) as an ONNX file with a dynamic batch."""
+    """``model`` (eval mode, BN folded) as an ONNX file with a dynamic batch (exported with an
+    example batch of 2: torch.export fixes dimensions of size 1)."""
     import warnings
 
+    x = x[:1].expand(2, *x.shape[1:]).contiguous()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (x,), dynamo=True, verbose=False,

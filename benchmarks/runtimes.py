@@ -28,8 +28,10 @@ def available() -> list[str]:
 def export(model: torch.nn.Module, x: torch.Tensor, path: pathlib.Path) -> pathlib.Path:
     """``model`` (eval mode, BN folded) as an ONNX file with a dynamic batch (exported with an
     example batch of 2: torch.export fixes dimensions of size 1)."""
+    import logging
     import warnings
 
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
     x = x[:1].expand(2, *x.shape[1:]).contiguous()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

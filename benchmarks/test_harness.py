@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 
-from benchmarks import bench_model, bench_shsa
+import shvit_kernels
+from benchmarks import bench_model, bench_shsa, report, runtimes
 from benchmarks.common import configure_allocator, time_cpu_interleaved
 
 
@@ -83,6 +84,17 @@ def test_bench_model_writes_results(tmp_path):
     assert data["machine"]["allocator"]
     providers = {(r.get("kind", "inference"), r["provider"]) for r in rows}
     assert {("inference", "eager"), ("inference", "fused+fuse"), ("train-step", "fused")} <= providers
+    inference = {r["provider"]: r for r in rows if r["kind"] == "inference"}
+    expected = {"eager-bf16", "fused-bf16", *runtimes.available()}
+    if "openvino" in expected and shvit_kernels.onednn.bf16_hardware():
+        expected.add("openvino-bf16")
+    assert expected <= set(inference)
+    for name, r in inference.items():  # every provider computes the same network
+        assert r["max_rel_err"] < (0.1 if "bf16" in name else 1e-4), (name, r["max_rel_err"])
+        assert r["gflops"] > 0
+    # the report renders every table of the file
+    for view in (report.model_table, report.bf16_table, report.error_table):
+        assert "fused" in view(data)
 
 
 def test_gpu_check_dry_run(tmp_path):

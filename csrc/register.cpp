@@ -33,6 +33,8 @@ TORCH_LIBRARY(shvit_cpp, m) {
   m.def(
       "shsa_block_infer(Tensor x, Tensor w_qkv, Tensor b_qkv, Tensor w_proj, Tensor b_proj, int pdim, int qk_dim, "
       "float eps, Tensor? w_qkv_packed=None, Tensor? w_proj_packed=None) -> Tensor");
+  m.def("gn_rows(Tensor x, int pdim, float eps) -> Tensor");
+  m.def("attend_concat_relu(Tensor qkv, Tensor x, int pdim, int qk_dim) -> Tensor");
   m.def("pack_weight(Tensor w) -> Tensor");
   m.def("pw_conv(Tensor x, Tensor w_packed, Tensor bias, bool relu, Tensor? residual) -> Tensor");
   m.def("conv3x3(Tensor x, Tensor w_packed, Tensor bias, int stride, bool relu) -> Tensor");

@@ -120,20 +120,15 @@ def ffn_block(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tens
 def shsa_block(x: Tensor, w_qkv: Tensor, b_qkv: Tensor, w_proj: Tensor, b_proj: Tensor, pdim: int, qk_dim: int,
                eps: float) -> Tensor:
     """The residual SHSA block ``x + proj(relu(concat(attention(qkv(gn(x1))), x2)))``
-    (GroupNorm affine, qkv BatchNorm and attention scale folded into ``w_qkv``): GroupNorm
-    statistics in float32, the qkv and projection GEMMs and the attention matmuls in
-    bfloat16 (float32 accumulation), softmax in float32, residual add in the projection's
-    epilogue."""
+    (GroupNorm affine, qkv BatchNorm and attention scale folded into ``w_qkv``): the qkv and
+    projection GEMMs on oneDNN in bfloat16 (float32 accumulation, the residual add in the
+    projection's epilogue); between them two C++ ops of ours, GroupNorm (float32 statistics,
+    two passes) and attention + concat + ReLU (float32, on the packed GEMM), each rounding
+    its output to bfloat16 once."""
     x = _cl(x)
-    bsz, c, h, w = x.shape
-    n = h * w
     rows = _rows(x)
-    x1 = rows.view(bsz, n, c)[:, :, :pdim].float()
-    d = x1 - x1.mean((1, 2), keepdim=True)  # two passes, as GroupNorm: no cancellation
-    xh = (d * torch.rsqrt(d.square().mean((1, 2), keepdim=True) + eps)).to(torch.bfloat16).view(bsz * n, pdim)
+    xh = torch.ops.shvit_cpp.gn_rows(x, pdim, eps)
     qkv = torch.ops.mkldnn._linear_pointwise(xh, _linear_weight(w_qkv), _bf16(b_qkv), "none", [], "")
-    q, k, v = qkv.view(bsz, n, -1).split([qk_dim, qk_dim, pdim], dim=2)
-    p = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1, dtype=torch.float32).to(torch.bfloat16)
-    z = torch.cat([torch.bmm(p, v), rows.view(bsz, n, c)[:, :, pdim:]], dim=2).relu_()
-    y = torch.ops.mkldnn._linear_pointwise.binary(z.view(bsz * n, c), rows, _linear_weight(w_proj), _bf16(b_proj), "add")
+    z = torch.ops.shvit_cpp.attend_concat_relu(qkv, x, pdim, qk_dim)
+    y = torch.ops.mkldnn._linear_pointwise.binary(z, rows, _linear_weight(w_proj), _bf16(b_proj), "add")
     return _unrows(y, x)

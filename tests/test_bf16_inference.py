@@ -11,6 +11,7 @@ import torch
 
 import shvit
 from conftest import assert_close_to_exact, load_golden, randomize_bn, use_backend
+import shvit_kernels
 from shvit_kernels import backend, onednn
 
 pytestmark = pytest.mark.skipif(not backend.cpp_available(), reason="needs the C++ extension")
@@ -145,3 +146,32 @@ def test_empty_batch_and_gradients(path):
     fused(x).float().sum().backward()
     assert x.grad is not None and x.grad.dtype == BF16
     assert not path[1]
+
+
+@pytest.mark.skipif(not shvit_kernels.pointwise.gemm_available(), reason="the attention op runs on the packed GEMM (AVX2)")
+@pytest.mark.parametrize("shape", [(2, 24, 5, 7), (3, 40, 1, 1), (1, 56, 14, 14), (0, 24, 3, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_block_helper_ops_match_composition(shape, dtype):
+    """The two C++ steps of the bfloat16 SHSA block against their torch composition in float64:
+    GroupNorm rows of x1, and ReLU(concat(attention, x2)) from token rows of q, k, v; odd
+    token counts, one token, an empty batch."""
+    B, C, H, W = shape
+    pdim, qk = C // 4 + 1, 16
+    g = torch.Generator().manual_seed(C + H)
+    x = (torch.randn(B, C, H, W, generator=g) * 2 + 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
+    rows = x.permute(0, 2, 3, 1).reshape(B, H * W, C).double()
+    x1 = rows[..., :pdim]
+    d = x1 - x1.mean((1, 2), keepdim=True)
+    want_xh = d / (d.square().mean((1, 2), keepdim=True) + 1e-5).sqrt()
+    got_xh = torch.ops.shvit_cpp.gn_rows(x, pdim, 1e-5)
+    assert got_xh.dtype == dtype and got_xh.shape == (B * H * W, pdim)
+    qkv = (torch.randn(B * H * W, 2 * qk + pdim, generator=g) * 0.5).to(dtype)
+    q, k, v = qkv.double().view(B, H * W, 2 * qk + pdim).split([qk, qk, pdim], dim=2)
+    want_z = torch.cat([torch.softmax(q @ k.transpose(1, 2), -1) @ v, rows[..., pdim:]], dim=2).relu()
+    got_z = torch.ops.shvit_cpp.attend_concat_relu(qkv, x, pdim, qk)
+    assert got_z.dtype == dtype and got_z.shape == (B * H * W, C)
+    # float32 math, one rounding to the output dtype
+    tol = 2 * torch.finfo(dtype).eps if dtype == BF16 else 1e-5
+    for got, want in ((got_xh, want_xh.reshape(-1, pdim)), (got_z, want_z.reshape(-1, C))):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item() if want.numel() else 1))

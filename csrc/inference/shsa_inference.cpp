@@ -445,8 +445,54 @@ Tensor shsa_block_infer(const Tensor& x, const Tensor& w_qkv, const Tensor& b_qk
   return out;
 }
 
+// The two memory-bound steps of the bfloat16 SHSA block around its oneDNN GEMMs
+// (shvit_kernels/onednn.py), each one op instead of a dozen small ATen calls.
+
+// (B*N, pdim) in x's dtype: the first pdim channels of each token of a channels_last x,
+// normalised with its image's GroupNorm statistics (float32, two passes; no affine).
+Tensor gn_rows(const Tensor& x, int64_t pdim, double eps) {
+  NoAutocast no_autocast;
+  check_input(x, "x");
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2) * x.size(3);
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "gn_rows: x must be channels_last");
+  TORCH_CHECK(pdim > 0 && pdim < C, "pdim must be in 1..", C - 1, ", got ", pdim);
+  const auto acc = acc_type(x.scalar_type());
+  Tensor xh = at::empty({B * N, pdim}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gn_rows", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    normalize_rows<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), B, N, C, pdim, eps, xh.data_ptr<acc_t>());
+  });
+  return xh.to(x.scalar_type());
+}
+
+// (B*N, C) in x's dtype: ReLU(concat(softmax(q k^T) v, x2)) per image, for q, k, v the token
+// rows of qkv (B*N, 2*qk_dim + pdim; q scaled) and x2 the channels past pdim of a
+// channels_last x: float32 attention on the packed GEMM, rounded once at the end.
+Tensor attend_concat_relu(const Tensor& qkv, const Tensor& x, int64_t pdim, int64_t qk_dim) {
+  NoAutocast no_autocast;
+  check_input(x, "x");
+  TORCH_CHECK(shvit_gemm::available(), "attend_concat_relu needs the packed GEMM (an x86-64 CPU with AVX2 and FMA)");
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2) * x.size(3), CQ = 2 * qk_dim + pdim;
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "attend_concat_relu: x must be channels_last");
+  TORCH_CHECK(pdim > 0 && pdim < C, "pdim must be in 1..", C - 1, ", got ", pdim);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == B * N && qkv.size(1) == CQ, "qkv must be (", B * N, ", ", CQ,
+              "), got ", qkv.sizes());
+  const Tensor q32 = contiguous_as(qkv, at::kFloat);
+  Tensor z = at::empty({B * N, C}, x.options().dtype(at::kFloat));
+  if (B * N == 0) return z.to(x.scalar_type());
+  attention_tokens_f32(q32.const_data_ptr<float>(), B, N, qk_dim, pdim, z.data_ptr<float>(), C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "attend_concat_relu", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    float* pz = z.data_ptr<float>();
+    parallel_rows(B * N, 64, [&](int64_t r) { relu_convert(px + r * C + pdim, pz + r * C + pdim, C - pdim); });
+  });
+  return z.to(x.scalar_type());
+}
+
 TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) {
   m.impl("shsa_infer", &shsa_infer);
+  m.impl("gn_rows", &gn_rows);
+  m.impl("attend_concat_relu", &attend_concat_relu);
   m.impl("shsa_block_infer", &shsa_block_infer);
 }
 

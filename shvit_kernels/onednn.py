@@ -9,7 +9,8 @@ oneDNN picks AMX tiles where the CPU has them and AVX512-BF16 otherwise.
 
 It applies to bfloat16 inputs and parameters, and to float32 ones under
 ``torch.autocast("cpu", torch.bfloat16)`` (inputs and weights cast as autocast would), in
-inference (no gradient to compute), on the ``cpp`` backend, outside compiled graphs.
+inference (no gradient to compute), on the ``cpp`` backend at the avx2 level or above (the
+SHSA block's attention runs on the packed GEMM), outside compiled graphs.
 On CPUs without bfloat16 hardware a bfloat16 model runs its float32 path instead
 (``shvit.SHViT.forward``), since emulated bfloat16 is slower than float32 there.
 """
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backend
+from . import _cpp, backend
 from ._utils import weight_cache
 
 __all__ = ["bf16_hardware", "applies", "conv", "ffn_block", "shsa_block"]
@@ -45,7 +46,7 @@ def applies(x: Tensor, *params: Tensor | None) -> bool:
     dtypes = (torch.bfloat16, torch.float32) if autocast else (torch.bfloat16,)
     if x.dtype not in dtypes or x.device.type != "cpu" or x.numel() == 0:
         return False
-    if not bf16_hardware() or torch.compiler.is_compiling():
+    if not bf16_hardware() or torch.compiler.is_compiling() or not _cpp.gemm_available():
         return False
     grad = torch.is_grad_enabled() and x.requires_grad
     for p in params:

@@ -62,6 +62,24 @@ def configure_allocator(mode: str) -> str:
     return "glibc steady heap (mmap threshold 32 MiB, no trim)"
 
 
+# the CPU features that decide which kernels run (AVX2/AVX-512 for ours, AVX512-BF16 and AMX
+# for oneDNN's bfloat16 GEMMs)
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+             "amx_bf16", "asimd", "sve")
+
+
+def cpu_flags() -> list[str]:
+    """The flags of ``CPU_FLAGS`` that /proc/cpuinfo lists (empty where it cannot be read)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("flags", "Features")):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in CPU_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def machine_info() -> dict:
     try:
         import triton
@@ -71,6 +89,7 @@ def machine_info() -> dict:
         triton_version = None
     info = dict(
         cpu=cpu_model(),
+        cpu_flags=cpu_flags(),
         cores=os.cpu_count(),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
@@ -94,7 +113,9 @@ def machine_info() -> dict:
 def machine_line(info: dict) -> str:
     dev = f"GPU {info['gpu']}, " if "gpu" in info else ""
     return (
-        f"{dev}CPU {info['cpu']} ({info['cores']} cores), {info['threads']} thread(s), "
+        f"{dev}CPU {info['cpu']} ({info['cores']} cores"
+        + (f"; {' '.join(info['cpu_flags'])}" if info.get("cpu_flags") else "")
+        + f"), {info['threads']} thread(s), "
         f"torch {info['torch']}, triton {info['triton'] or 'not installed'}, {info['date']}"
         + (f", allocator: {info['allocator']}" if info.get("allocator") else "")
         + (

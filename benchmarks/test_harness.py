@@ -82,6 +82,7 @@ def test_bench_model_writes_results(tmp_path):
         torch.set_num_threads(before)
     data = json.loads((tmp_path / "model.json").read_text())
     assert data["machine"]["allocator"]
+    assert isinstance(data["machine"]["cpu_flags"], list)
     providers = {(r.get("kind", "inference"), r["provider"]) for r in rows}
     assert {("inference", "eager"), ("inference", "fused+fuse"), ("train-step", "fused")} <= providers
     inference = {r["provider"]: r for r in rows if r["kind"] == "inference"}

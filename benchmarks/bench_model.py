@@ -87,9 +87,8 @@ def build_providers(variant: str, device: str, x: torch.Tensor, threads: int, co
         xb_cl = xb.contiguous(memory_format=torch.channels_last)
         eager_bf16 = copy.deepcopy(folded).to(torch.bfloat16).to(memory_format=torch.channels_last)
         providers["eager-bf16"] = (eager_bf16, xb_cl)
-        if compile_ and hardware:
-            with torch._inductor.config.patch(freezing=True):
-                providers["compile-bf16"] = (torch.compile(copy.deepcopy(eager_bf16)), xb_cl)
+        if compile_ and hardware:  # compiled with freezing at its first call (main)
+            providers["compile-bf16"] = (torch.compile(copy.deepcopy(eager_bf16)), xb_cl)
         providers["fused-bf16"] = (copy.deepcopy(fused).to(torch.bfloat16), xb)
         if "openvino" in runtimes_ and hardware:
             providers["openvino-bf16"] = (runtimes.session("openvino", path, threads, "bf16"), x)

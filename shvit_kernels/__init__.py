@@ -5,7 +5,8 @@ Ops (``torch.library``, namespace ``shvit``): ``gn_partial_fwd`` / ``gn_partial_
 CPU tensors run the C++ kernels when built, else the eager composition; see
 ``shvit_kernels.backend`` for ``SHVIT_KERNELS_BACKEND``. For the rest of a BN-folded network
 on CPU: ``conv1x1`` / ``ffn_block`` / ``conv_act`` (convolutions with fused epilogues, see
-``shvit_kernels.pointwise``). ``cpu_isa()`` reports or sets the instruction-set level of the C++
+``shvit_kernels.pointwise``); in bfloat16 on CPUs with AMX or AVX512-BF16 they run on oneDNN
+(``shvit_kernels.onednn``). ``cpu_isa()`` reports or sets the instruction-set level of the C++
 kernels (``SHVIT_KERNELS_ISA`` at start-up).
 """
 from . import _cpp, backend

@@ -23,7 +23,7 @@ from torch import Tensor
 from . import _cpp, backend
 from ._utils import weight_cache
 
-__all__ = ["bf16_hardware", "applies", "conv", "ffn_block", "shsa_block"]
+__all__ = ["bf16_hardware", "applies", "conv1x1", "conv", "ffn_block", "shsa_block"]
 
 _hardware: bool | None = None
 
@@ -86,28 +86,24 @@ def _unrows(y: Tensor, like: Tensor) -> Tensor:
     return y.view(b, h, w, y.shape[1]).permute(0, 3, 1, 2)
 
 
-def conv(x: Tensor, weight: Tensor, bias: Tensor, padding, stride, dilation, groups: int,
-         relu: bool = False, residual: Tensor | None = None) -> Tensor:
-    """``relu?(conv2d(x) + residual)`` in bfloat16, channels_last out. 1x1 convolutions are
-    token-row GEMMs (oneDNN's linear), the others oneDNN convolutions."""
+def conv1x1(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False, residual: Tensor | None = None) -> Tensor:
+    """``relu?(conv2d(x, weight, bias) + residual)`` for a 1x1 weight, in bfloat16: a GEMM on
+    the channels_last token rows (oneDNN's linear), bias and ReLU or the residual add as its
+    post-op. channels_last out."""
     x = _cl(x)
-    b = _bf16(bias)
-    if weight.shape[2:] == (1, 1) and groups == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
-        w = _linear_weight(weight)
-        if residual is not None:
-            y = torch.ops.mkldnn._linear_pointwise.binary(_rows(x), _rows(_cl(residual)), w, b, "add")
-            y = F.relu(y, inplace=True) if relu else y
-        else:
-            y = torch.ops.mkldnn._linear_pointwise(_rows(x), w, b, "relu" if relu else "none", [], "")
-        return _unrows(y, x)
+    w, b = _linear_weight(weight), _bf16(bias)
+    if residual is None:
+        return _unrows(torch.ops.mkldnn._linear_pointwise(_rows(x), w, b, "relu" if relu else "none", [], ""), x)
+    y = torch.ops.mkldnn._linear_pointwise.binary(_rows(x), _rows(_cl(residual)), w, b, "add")
+    return _unrows(F.relu(y, inplace=True) if relu else y, x)
+
+
+def conv(x: Tensor, weight: Tensor, bias: Tensor, padding, stride, dilation, groups: int, relu: bool = False) -> Tensor:
+    """``relu?(conv2d(x))`` in bfloat16 on oneDNN's convolution, the ReLU fused; channels_last out."""
     padding, stride, dilation = list(padding), list(stride), list(dilation)
     w = _conv_weight(weight, padding, stride, dilation, groups)
-    if residual is not None:
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, _cl(residual), w, b, padding, stride, dilation, groups, "add", None,
-            "relu" if relu else None, [], None)
     return torch.ops.mkldnn._convolution_pointwise(
-        x, w, b, padding, stride, dilation, groups, "relu" if relu else "none", [], "")
+        _cl(x), w, _bf16(bias), padding, stride, dilation, groups, "relu" if relu else "none", [], "")
 
 
 def ffn_block(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:

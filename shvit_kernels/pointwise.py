@@ -67,7 +67,7 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False, residua
             f"residual must be {(x.shape[0], weight.shape[0], *x.shape[2:])}, got {tuple(residual.shape)}"
         )
     if onednn.applies(x, weight, bias, residual):
-        return onednn.conv(x, weight, bias, (0, 0), (1, 1), (1, 1), 1, relu, residual)
+        return onednn.conv1x1(x, weight, bias, relu, residual)
     if fast_path_applies(x, weight, bias, residual) and gemm_available():
         return torch.ops.shvit_cpp.pw_conv(
             _cl(x), packed_weight(weight), bias.contiguous(), relu, None if residual is None else _cl(residual)

@@ -31,7 +31,7 @@ def path(request, monkeypatch):
     use_backend(monkeypatch, "cpp", "cpu")
     monkeypatch.setattr(onednn, "_hardware", request.param == "onednn")
     calls = []
-    for name in ("conv", "ffn_block", "shsa_block"):
+    for name in ("conv1x1", "conv", "ffn_block", "shsa_block"):
         real = getattr(onednn, name)
         monkeypatch.setattr(onednn, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     return request.param, calls
@@ -49,7 +49,7 @@ def _check_path(path, calls, out):
     name, calls = path
     assert out.dtype == BF16
     if name == "onednn":
-        assert {"conv", "ffn_block", "shsa_block"} <= set(calls), "every kind of layer ran on oneDNN"
+        assert {"conv1x1", "conv", "ffn_block", "shsa_block"} <= set(calls), "every kind of layer ran on oneDNN"
     else:
         assert not calls, "CPUs without bfloat16 hardware run the float32 kernels"
 
@@ -175,3 +175,24 @@ def test_block_helper_ops_match_composition(shape, dtype):
     tol = 2 * torch.finfo(dtype).eps if dtype == BF16 else 1e-5
     for got, want in ((got_xh, want_xh.reshape(-1, pdim)), (got_z, want_z.reshape(-1, C))):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item() if want.numel() else 1))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv1x1_with_residual(path, relu):
+    """The public ``conv1x1`` with a residual (no layer of SHViT uses it so) in bfloat16, against
+    the float64 composition within twice the bfloat16 composition's error."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 24, 5, 3, generator=g).to(BF16)
+    w, b = torch.randn(40, 24, 1, 1, generator=g).to(BF16) / 5, torch.randn(40, generator=g).to(BF16)
+    res = torch.randn(2, 40, 5, 3, generator=g).to(BF16)
+
+    def compose(*t):
+        y = torch.nn.functional.conv2d(t[0], t[1], t[2]) + t[3]
+        return y.relu() if relu else y
+
+    with torch.no_grad():
+        got = shvit_kernels.conv1x1(x, w, b, relu=relu, residual=res)
+        exact = compose(*(t.double() for t in (x, w, b, res)))
+        eager = compose(x, w, b, res)
+    assert ("conv1x1" in path[1]) == (path[0] == "onednn")
+    assert_close_to_exact(got, exact, eager, f"conv1x1 + residual, relu {relu}")

@@ -6,11 +6,14 @@ following linear layer), on the same device and in the same dtype.
 """
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import torch
 from torch import nn
 
 import shvit_kernels
 from shvit_kernels._utils import check_4d
+from shvit_kernels.shsa_inference import block_kernel as shsa_block_kernel
 
 __all__ = [
     "Conv2d_BN",
@@ -29,6 +32,7 @@ __all__ = [
     "PatchMergingInference",
     "SqueezeExciteInference",
     "fold_fused_inference",
+    "cpu_plan",
 ]
 
 
@@ -298,6 +302,12 @@ class SHSAInference(nn.Module):
         out = shvit_kernels.shsa_inference(x, self.weight, self.bias, self.pdim, self.qk_dim, self.eps)
         return self.proj(out)
 
+    def cpu_kernel(self, nchw_input: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The residual block as one C++ call (see ``cpu_plan``); ``None`` without ``residual``."""
+        if not self.residual or not shvit_kernels.pointwise.gemm_available():
+            return None
+        return shsa_block_kernel(self.weight, self.bias, self.proj.weight, self.proj.bias, self.pdim, self.qk_dim, self.eps)
+
 
 class BasicBlock(nn.Module):
     """Residual depthwise 3x3, residual SHSA (type ``"s"``) or nothing (``"i"``), residual FFN."""
@@ -338,6 +348,9 @@ class ConvAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return shvit_kernels.conv_act(x, self.conv, self.relu)
 
+    def cpu_kernel(self, nchw_input: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return shvit_kernels.pointwise.conv_kernel(self.conv, self.relu, nchw_input)
+
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
 
@@ -351,6 +364,11 @@ class FFNInference(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return shvit_kernels.ffn_block(x, self.pw1.weight, self.pw1.bias, self.pw2.weight, self.pw2.bias)
+
+    def cpu_kernel(self, nchw_input: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if not shvit_kernels.pointwise.gemm_available():
+            return None
+        return shvit_kernels.pointwise.ffn_kernel(self.pw1.weight, self.pw1.bias, self.pw2.weight, self.pw2.bias)
 
 
 class SqueezeExciteInference(nn.Module):
@@ -366,6 +384,13 @@ class SqueezeExciteInference(nn.Module):
         s = shvit_kernels.conv1x1(s, self.fc1.weight, self.fc1.bias, relu=True)
         s = shvit_kernels.conv1x1(s, self.fc2.weight, self.fc2.bias)
         return x * s.sigmoid()
+
+    def cpu_kernel(self, nchw_input: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        fc1 = shvit_kernels.pointwise.conv_kernel(self.fc1, relu=True)
+        fc2 = shvit_kernels.pointwise.conv_kernel(self.fc2)
+        if fc1 is None or fc2 is None:
+            return None
+        return lambda x: x * fc2(fc1(x.mean((2, 3), keepdim=True))).sigmoid()
 
 
 class PatchMergingInference(nn.Module):
@@ -412,3 +437,29 @@ def fold_fused_inference(module: nn.Module) -> nn.Module:
 
 def _folded(*convs: nn.Module) -> bool:
     return all(isinstance(c, nn.Conv2d) and c.bias is not None for c in convs)
+
+
+def cpu_plan(modules: Iterable[nn.Module], nchw_input: bool = False) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
+    """Float32 CPU inference of a folded fused model's modules, run one after another, as a
+    flat list of bound C++ calls (weights packed now): ``x = step(x)`` for each step gives
+    what the modules' forwards give, without their per-call dispatch (the checks, the backend
+    choice and the weight-cache lookups). Containers whose forward runs their children in
+    order are flattened; ``None`` where a module has no ``cpu_kernel`` or its kernel does
+    not apply. ``nchw_input``: the first step receives an NCHW image (the stem conv reads it
+    as is). For float32 CPU parameters; ``SHViT.forward_features`` builds and caches it."""
+    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    for m in modules:
+        first = nchw_input and not steps
+        if isinstance(m, nn.Identity):
+            continue
+        if isinstance(m, (nn.Sequential, BasicBlock, PatchMergingInference)):
+            sub = cpu_plan(m.children(), first)
+        elif callable(getattr(m, "cpu_kernel", None)):
+            kernel = m.cpu_kernel(first)
+            sub = None if kernel is None else [kernel]
+        else:
+            return None
+        if sub is None:
+            return None
+        steps += sub
+    return steps

@@ -16,7 +16,9 @@ from torch import nn
 import shvit_kernels
 
 from .checkpoint import timm_to_official
-from .layers import FFN, BasicBlock, BN_Linear, Conv2d_BN, PatchMerging, Residual, fold_fused_inference, fuse_modules
+from .layers import (
+    FFN, BasicBlock, BN_Linear, Conv2d_BN, PatchMerging, Residual, cpu_plan, fold_fused_inference, fuse_modules,
+)
 
 __all__ = ["SHViT", "VARIANTS", "shvit_s1", "shvit_s2", "shvit_s3", "shvit_s4", "create_model"]
 
@@ -149,6 +151,11 @@ class SHViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        plan = self._cpu_plan(x)
+        if plan is not None:
+            for step in plan:
+                x = step(x)
+            return x
         x = self.patch_embed(x)
         x = self.blocks1(x)
         x = self.blocks2(x)
@@ -186,17 +193,48 @@ class SHViT(nn.Module):
             or shvit_kernels.backend.select(x) != "cpp"
         ):
             return None
-        tensors = [*self.parameters(), *self.buffers()]
-        if any(t.dtype is not torch.bfloat16 for t in tensors):
-            return None
-        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
         cached = self.__dict__.get("_twin")
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0].changed():
             self.__dict__.pop("_twin", None)
-            with torch.no_grad():
-                twin = copy.deepcopy(self).float()
-            self.__dict__["_twin"] = cached = (key, twin)  # not a submodule: no state dict entries
+            snapshot = _Snapshot(self)
+            twin = None
+            if all(t.dtype is torch.bfloat16 for t in snapshot.tensors):
+                with torch.no_grad():
+                    twin = copy.deepcopy(self).float()
+            self.__dict__["_twin"] = cached = (snapshot, twin)  # not a submodule: no state dict entries
         return cached[1]
+
+    def _cpu_plan(self, x: torch.Tensor) -> list | None:
+        """For a folded fused float32 model in CPU inference (no gradient to compute, no
+        autocast, not compiling or exporting, the cpp backend on a CPU with the packed GEMM):
+        the features as a flat list of C++ calls (``layers.cpu_plan``), cached until a
+        parameter or buffer changes. ``None`` otherwise (the modules then run one by one)."""
+        if (
+            not self.__dict__.get("_folded_fused")
+            or x.dtype is not torch.float32
+            or x.device.type != "cpu"
+            or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled("cpu")
+            or not shvit_kernels.pointwise.gemm_available()
+            or shvit_kernels.backend.select(x) != "cpp"
+        ):
+            return None
+        cached = self.__dict__.get("_plan")
+        if cached is None or cached[0].changed():
+            snapshot = _Snapshot(self)
+            tensors = snapshot.tensors
+            plan = None
+            if all(t.dtype is torch.float32 and t.device.type == "cpu" for t in tensors):
+                plan = cpu_plan([self.patch_embed, self.blocks1, self.blocks2, self.blocks3], nchw_input=True)
+            self.__dict__["_plan"] = cached = (snapshot, plan, any(t.requires_grad for t in tensors))
+        if torch.is_grad_enabled() and (cached[2] or x.requires_grad):
+            return None  # autograd runs through the modules
+        return cached[1]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_plan", None)  # bound C++ calls do not pickle; the plan is rebuilt on use
+        return state
 
     def forward_intermediates(
         self,
@@ -261,6 +299,44 @@ class SHViT(nn.Module):
             self.to(memory_format=torch.channels_last)
             self._folded_fused = True
         return self
+
+
+# Counts registrations of parameters, buffers and submodules on any module (so a snapshot
+# notices a parameter or module replaced after it was taken).
+_registrations = 0
+
+
+def _count_registration(*_args) -> None:
+    global _registrations
+    _registrations += 1
+
+
+for _register in (
+    nn.modules.module.register_module_parameter_registration_hook,
+    nn.modules.module.register_module_buffer_registration_hook,
+    nn.modules.module.register_module_module_registration_hook,
+):
+    _register(_count_registration)
+
+
+class _Snapshot:
+    """A module's parameters and buffers as they were when something was derived from them:
+    ``changed()`` once one is replaced (or a parameter, buffer or submodule is registered
+    anywhere since), moved to other storage or changed in place. It costs a read of each
+    tensor's storage address and version counter, not a walk of the module tree."""
+
+    def __init__(self, module: nn.Module):
+        self.registrations = _registrations
+        self.tensors = [*module.parameters(), *module.buffers()]
+        # an inference tensor has no version counter (and cannot change outside inference mode)
+        self.versioned = [t for t in self.tensors if not t.is_inference()]
+        self.key = self._key()
+
+    def _key(self) -> tuple:
+        return tuple(t.data_ptr() for t in self.tensors), tuple(t._version for t in self.versioned)
+
+    def changed(self) -> bool:
+        return self.registrations != _registrations or self._key() != self.key
 
 
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import shvit
 import shvit_kernels
 from conftest import assert_rel_close, isa_levels, randomize_bn, use_backend, with_threads
-from shvit.layers import ConvAct, FFNInference, PatchMergingInference
+from shvit.layers import ConvAct, FFNInference, PatchMergingInference, SqueezeExciteInference
 from shvit_kernels import _cpp, backend, pointwise
 from shvit_kernels.shsa_inference import shsa_infer_torch
 
@@ -426,24 +427,37 @@ def _pair(variant: str, seed: int = 0):
     return ref, fused
 
 
+@pytest.mark.parametrize("route", ["plan", "modules"])
 @pytest.mark.parametrize("variant", sorted(shvit.VARIANTS))
-def test_variants_folded_fused_match_reference(variant, monkeypatch):
+def test_variants_folded_fused_match_reference(variant, route, monkeypatch):
     """Every variant, folded and fused, equals the float64 reference within 1e-4 relative
-    (batch 3 at 80x112 px: 5x7 / 3x4 / 2x2 token grids), through the fast path."""
+    (batch 3 at 80x112 px: 5x7 / 3x4 / 2x2 token grids), through the fast path: as the
+    cached plan of C++ calls (one per kernel module), and module by module."""
     use_backend(monkeypatch, "cpp", "cpu")
     ref, fused = _pair(variant, seed=1)
     fused.fuse()
     kinds = {type(m) for m in fused.modules()}
     assert {FFNInference, PatchMergingInference, ConvAct, shvit.SHSAInference} <= kinds
-    calls = []
-    real = pointwise.fast_path_applies
-    monkeypatch.setattr(pointwise, "fast_path_applies", lambda *a: calls.append(real(*a)) or calls[-1])
     x = torch.randn(3, 3, 80, 112, generator=torch.Generator().manual_seed(0))
+    calls = []
+    if route == "plan":
+        kernels = (FFNInference, ConvAct, shvit.SHSAInference, SqueezeExciteInference)
+        with torch.no_grad():
+            plan = fused._cpu_plan(x)
+        if pointwise.gemm_available():
+            assert plan is not None and len(plan) == sum(isinstance(m, kernels) for m in fused.modules())
+        else:
+            assert plan is None, "without the packed GEMM the modules run one by one"
+    else:
+        monkeypatch.setattr(fused, "_cpu_plan", lambda x: None)
+        real = pointwise.fast_path_applies
+        monkeypatch.setattr(pointwise, "fast_path_applies", lambda *a: calls.append(real(*a)) or calls[-1])
     with torch.no_grad():
         got = fused(x)
         want = ref.double()(x.double())
-    assert calls and all(calls), "every folded conv took the CPU fast path"
-    assert_rel_close(got, want, 1e-4, f"{variant} folded fused vs float64 reference")
+    if route == "modules":
+        assert calls and all(calls), "every folded conv took the CPU fast path"
+    assert_rel_close(got, want, 1e-4, f"{variant} folded fused vs float64 reference ({route})")
 
 
 def test_golden_through_the_fast_path(golden, monkeypatch):
@@ -463,6 +477,57 @@ def test_same_result_with_one_and_two_threads():
     with torch.no_grad():
         one, two = with_threads(lambda: fused(x))
     assert_rel_close(two, one, 1e-6, "2 threads vs 1")
+
+
+def _no_plan(model):
+    twin = copy.deepcopy(model)
+    twin._cpu_plan = lambda x: None
+    return twin
+
+
+@needs_gemm
+def test_plan_follows_weight_changes_and_replacements():
+    """The cached plan holds packed weights: after an in-place update, a replaced parameter
+    or a replaced module, the model still equals the same model run module by module."""
+    _, fused = _pair("shvit_s1")
+    fused.fuse()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        first = fused(x)
+        ffn = fused.blocks2[3].ffn
+        ffn.pw1.weight.mul_(-0.5)  # in place
+        assert_rel_close(fused(x), _no_plan(fused)(x), 1e-6, "after an in-place update")
+        fused.blocks1[0].conv.conv.weight = torch.nn.Parameter(fused.blocks1[0].conv.conv.weight * 2)
+        assert_rel_close(fused(x), _no_plan(fused)(x), 1e-6, "after a replaced parameter")
+        fused.blocks3[4].ffn = copy.deepcopy(fused.blocks3[5].ffn)
+        got = fused(x)
+        assert_rel_close(got, _no_plan(fused)(x), 1e-6, "after a replaced module")
+    assert (got - first).abs().max() > 1e-3, "the changes changed the logits"
+
+
+@needs_gemm
+def test_plan_inputs_and_fallbacks():
+    """channels_last, non-contiguous and empty batches run the plan; with a gradient to
+    compute the modules run (autograd), and a model that used its plan pickles."""
+    _, fused = _pair("shvit_s1")
+    fused.fuse()
+    x = torch.randn(3, 3, 64, 80, generator=torch.Generator().manual_seed(5))
+    reference = _no_plan(fused)
+    with torch.no_grad():
+        want = reference(x)
+        assert fused._cpu_plan(x) is not None
+        assert_rel_close(fused(x.contiguous(memory_format=torch.channels_last)), want, 1e-6, "channels_last input")
+        wide = torch.cat([x, x], dim=3)[..., ::2]
+        assert_rel_close(fused(wide), reference(wide), 1e-6, "non-contiguous input")
+        assert fused(x[:0]).shape == (0, 1000)
+    assert fused._cpu_plan(x) is None  # grad mode with parameters that require grad
+    y = fused(x)
+    y.sum().backward()
+    assert fused.head.weight.grad is not None
+    assert_rel_close(y.detach(), want, 1e-6, "grad mode through the modules")
+    again = pickle.loads(pickle.dumps(fused))
+    with torch.no_grad():
+        assert_rel_close(again(x), want, 1e-6, "unpickled")
 
 
 def test_training_path_unaffected_and_fuse_keeps_reference_names():

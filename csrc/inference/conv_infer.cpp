@@ -169,15 +169,27 @@ Tensor conv3x3(const Tensor& x, const Tensor& w_packed, const Tensor& bias, int6
       const int64_t r0 = t * kConvRows, rows = std::min(kConvRows, m - r0);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t p = r0 + i, b = p / (OH * OW), oy = p / OW % OH, ox = p % OW;
+        const int64_t ix0 = ox * stride - 1;
         float* dst = patches.data() + i * k;
-        for (int64_t ky = 0; ky < 3; ++ky) {
+        for (int64_t ky = 0; ky < 3; ++ky, dst += 3 * c) {
           const int64_t iy = oy * stride - 1 + ky;
-          for (int64_t kx = 0; kx < 3; ++kx, dst += c) {
-            const int64_t ix = ox * stride - 1 + kx;
-            if (iy < 0 || iy >= H || ix < 0 || ix >= W) {
-              std::fill_n(dst, c, 0.f);
+          if (iy < 0 || iy >= H) {
+            std::fill_n(dst, 3 * c, 0.f);
+            continue;
+          }
+          // the three taps of a row are neighbouring pixels, one run of 3C floats in
+          // channels_last (one copy, not three, where all three lie inside the image)
+          const float* row = px + (b * H + iy) * W * c;
+          if (ix0 >= 0 && ix0 + 2 < W) {
+            std::copy_n(row + ix0 * c, 3 * c, dst);
+            continue;
+          }
+          for (int64_t kx = 0; kx < 3; ++kx) {
+            const int64_t ix = ix0 + kx;
+            if (ix < 0 || ix >= W) {
+              std::fill_n(dst + kx * c, c, 0.f);
             } else {
-              std::copy_n(px + ((b * H + iy) * W + ix) * c, c, dst);
+              std::copy_n(row + ix * c, c, dst + kx * c);
             }
           }
         }

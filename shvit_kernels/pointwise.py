@@ -10,8 +10,8 @@ On CPU, for float32 inputs without a gradient to compute, on the ``cpp`` backend
 ``shvit_kernels._C`` on channels_last tensors (x86-64 with AVX2 and FMA), the depthwise
 3x3 convolutions (stride 1 or 2) as a token-major kernel of ``_C``, the first stem conv by a
 kernel that reads the NCHW image directly (no layout conversion) and writes channels_last,
-and the other (dense 3x3) stem convolutions as gathered patches times a packed weight on the
-same GEMM. bfloat16 inference on CPUs with bfloat16 hardware runs on oneDNN
+and the other (dense 3x3) stem convolutions as their 3x3 taps, read in place, times a packed
+weight on the same GEMM. bfloat16 inference on CPUs with bfloat16 hardware runs on oneDNN
 (``shvit_kernels.onednn``). Everything else -- CUDA, other dtypes, autograd, compiled graphs,
 other CPUs, ``SHVIT_KERNELS_BACKEND=torch`` -- runs the eager composition (``F.conv2d``,
 ``F.relu``, ``+``), which is the reference. Outputs of the fast paths are channels_last.
@@ -158,7 +158,7 @@ def conv_kernel(conv: torch.nn.Conv2d, relu: bool = False, nchw_input: bool = Fa
     """``relu?(conv(x))`` on the CPU fast path as one C++ call, its weights packed now (for a
     float32 CPU conv with bias): 1x1 convs on the packed GEMM, depthwise 3x3 convs by their
     token-major kernel, the first stem conv (few input channels) straight from an NCHW image
-    when ``nchw_input``, other dense 3x3 convs as gathered 3x3 patches times the packed
+    when ``nchw_input``, other dense 3x3 convs as their taps (read in place) times the packed
     (Cout, 3, 3, Cin) weight. ``None`` for any other conv, and for GEMM convs where
     ``gemm_available()`` is false."""
     w, b, stride = conv.weight, conv.bias, conv.stride[0]

@@ -400,6 +400,85 @@ SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, i
   for_each_block(m, k, kKcMax512, block);
 }
 
+// A tile of C as tile_z computes it, over a k that runs in `taps` segments of kt: segment t
+// reads row r of A at rp[t * ldt + r] (a table of row pointers: an im2col that is never
+// written), W's k index being t * kt + kk. The accumulators stay in registers across all the
+// taps; bias and ReLU only (the 3x3 convolutions' epilogue).
+template <int R, int P>
+SHVIT_AVX512 void tile_taps_z(int64_t rows, int64_t nv, int64_t kt, int64_t taps, const float* const* rp, int64_t ldt,
+                              const float* b, int64_t bps, float* c, int64_t ldc, const float* bias, bool relu) {
+  __mmask16 mk[P];
+#pragma GCC unroll 4
+  for (int p = 0; p < P; ++p) {
+    const int64_t v = std::min<int64_t>(kPanel, nv - p * kPanel);
+    mk[p] = v <= 0 ? 0 : static_cast<__mmask16>((1u << v) - 1u);
+  }
+  __m512 acc[R * P];
+#pragma GCC unroll 4
+  for (int p = 0; p < P; ++p) {
+    const __m512 v = bias ? _mm512_maskz_loadu_ps(mk[p], bias + p * kPanel) : _mm512_setzero_ps();
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) acc[r * P + p] = v;
+  }
+  for (int64_t t = 0; t < taps; ++t) {
+    const float* ar[R];
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) ar[r] = rp[t * ldt + std::min<int64_t>(r, rows - 1)];  // short tiles repeat a row
+    const float* bt = b + t * kt * kPanel;
+#pragma GCC unroll 2
+    for (int64_t kk = 0; kk < kt; ++kk) {
+      __m512 bv[P];
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p) bv[p] = _mm512_loadu_ps(bt + p * bps + kk * kPanel);
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r) {
+        const __m512 av = _mm512_set1_ps(ar[r][kk]);
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) acc[r * P + p] = _mm512_fmadd_ps(av, bv[p], acc[r * P + p]);
+      }
+    }
+  }
+  const __m512 z = _mm512_setzero_ps();
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) {
+      __m512 v = acc[r * P + p];
+      if (relu) v = _mm512_max_ps(z, v);  // max(0, v): NaN stays NaN
+      _mm512_mask_storeu_ps(c + r * ldc + p * kPanel, mk[p], v);
+    }
+  }
+}
+
+// gemm_taps on AVX-512: panels in fours (6 x 64 tiles), then pairs (12 x 32, 6 x 32 for the
+// last rows), then a lone panel (12 x 16, 6 x 16).
+SHVIT_AVX512 void gemm_taps_avx512(int64_t m, int64_t n, int64_t kt, int64_t taps, const float* const* rows,
+                                   const float* wp, float* c, int64_t ldc, const float* bias, bool relu) {
+  const int64_t np = (n + kPanel - 1) / kPanel, bps = taps * kt * kPanel;
+  for (int64_t jp = 0; jp < np;) {
+    const int64_t col = jp * kPanel, left_p = np - jp;
+    const int64_t P = left_p >= 4 ? 4 : left_p >= 2 ? 2 : 1;
+    const int64_t nv = std::min(P * kPanel, n - col);
+    const float* b = wp + jp * bps;
+    const float* bi = bias ? bias + col : nullptr;
+    for (int64_t i = 0; i < m;) {
+      const int64_t left = m - i, step = (P == 4 || left <= 6) ? 6 : 12, r = std::min(step, left);
+      const float* const* rp = rows + i;
+      float* ci = c + i * ldc + col;
+      if (P == 4) {
+        tile_taps_z<6, 4>(r, nv, kt, taps, rp, m, b, bps, ci, ldc, bi, relu);
+      } else if (P == 2) {
+        (step == 12 ? tile_taps_z<12, 2> : tile_taps_z<6, 2>)(r, nv, kt, taps, rp, m, b, bps, ci, ldc, bi, relu);
+      } else {
+        (step == 12 ? tile_taps_z<12, 1> : tile_taps_z<6, 1>)(r, nv, kt, taps, rp, m, b, bps, ci, ldc, bi, relu);
+      }
+      i += step;
+    }
+    jp += P;
+  }
+}
+
 // 8 x 8 transpose of eight rows in registers.
 SHVIT_AVX2 inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5,
                                   __m256& r6, __m256& r7) {
@@ -547,6 +626,28 @@ void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
       c[i * ldc + j] = epi.relu && s < 0.f ? 0.f : s;
     }
   }
+}
+
+void gemm_taps(int64_t m, int64_t n, int64_t kt, int64_t taps, const float* const* rows, const float* wp, float* c,
+               int64_t ldc, const float* bias, bool relu) {
+  if (m <= 0 || n <= 0) return;
+#ifdef SHVIT_X86
+  if (available() && use_avx512() && kt > 0) {
+    gemm_taps_avx512(m, n, kt, taps, rows, wp, c, ldc, bias, relu);
+    return;
+  }
+#endif
+  // elsewhere: the rows gathered into a contiguous A, then gemm_packed (the same sums)
+  const int64_t k = taps * kt;
+  thread_local std::vector<float> a;
+  a.resize(static_cast<size_t>(m * k));
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t t = 0; t < taps; ++t) std::copy_n(rows[t * m + i], kt, a.data() + i * k + t * kt);
+  }
+  Epilogue e;
+  e.bias = bias;
+  e.relu = relu;
+  gemm_packed(m, n, k, a.data(), k, wp, c, ldc, e);
 }
 
 void gemm_token_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* a_packed,

@@ -57,6 +57,15 @@ void gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
 void gemm_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                int64_t ldc, const Epilogue& epi);
 
+// C (m, n; row stride ldc) = relu?(A @ W^T + bias) where A (m, taps * kt) is given as a table
+// of row pointers: A[i, t * kt + kk] = rows[t * m + i][kk] (an im2col that is never written:
+// a convolution's taps read straight from its input, a zero row for taps outside the image).
+// W packed by pack_weight for k = taps * kt. bias (n,) or null. Every output is summed in the
+// same k order as gemm_packed over the gathered A, so the two give identical results (on
+// CPUs without AVX-512 this gathers A and calls gemm_packed).
+void gemm_taps(int64_t m, int64_t n, int64_t kt, int64_t taps, const float* const* rows, const float* wp, float* c,
+               int64_t ldc, const float* bias, bool relu);
+
 // C (m, n) = epi(A (m, k) @ B) for B (k, n) in token panels (the packed form of B^T: a
 // channel-major product such as W @ x_b), as gemm_packed. A last partial panel of at most 8
 // columns runs transposed, as t rows against a_packed (pack_weight of A): its tiles then have

@@ -18,7 +18,7 @@ namespace {
 
 // FFN rows per tile: the hidden tile (rows x 2C floats) stays in L2 between its two GEMMs.
 constexpr int64_t kFfnRows = 96;
-// 3x3 convolution: output pixels per tile, whose gathered patches (rows x 9C floats) stay in L2.
+// 3x3 convolution: output pixels per tile (one table of 9 x rows input-row pointers).
 constexpr int64_t kConvRows = 96;
 
 void require_gemm() {
@@ -141,10 +141,10 @@ Tensor ffn_block(const Tensor& x, const Tensor& w1_packed, const Tensor& b1, con
 }
 
 // relu?(conv2d(x, weight, bias, stride, padding=1)) for a dense 3x3 kernel, x channels_last.
-// Each tile of output pixels gathers its 3x3 patches (tap-major; a tap's channels are
-// contiguous in channels_last, zero outside the image) into rows of 9C floats, then one
-// packed GEMM against the (Cout, 3, 3, C) weight writes the pixels' rows of the channels_last
-// output, bias and ReLU in its epilogue.
+// Each tile of output pixels lists, per tap, the address of its input pixel (a tap's C
+// channels are contiguous in channels_last; a zero row outside the image), and gemm_taps
+// multiplies those rows by the packed (Cout, 3, 3, C) weight straight from the input, into
+// the pixels' rows of the channels_last output, bias and ReLU in its epilogue.
 Tensor conv3x3(const Tensor& x, const Tensor& w_packed, const Tensor& bias, int64_t stride, bool relu) {
   require_gemm();
   check_act(x, "x", -1);
@@ -158,43 +158,26 @@ Tensor conv3x3(const Tensor& x, const Tensor& w_packed, const Tensor& bias, int6
   if (m == 0) return out;
   const float* px = x.const_data_ptr<float>();
   const float* pw = w_packed.const_data_ptr<float>();
+  const float* pb = bias.const_data_ptr<float>();
   float* po = out.data_ptr<float>();
-  shvit_gemm::Epilogue epi;
-  epi.bias = bias.const_data_ptr<float>();
-  epi.relu = relu;
+  const std::vector<float> zero(static_cast<size_t>(c), 0.f);
   const int64_t tiles = (m + kConvRows - 1) / kConvRows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> patches(static_cast<size_t>(kConvRows * k));
+    std::vector<const float*> rows(static_cast<size_t>(9 * kConvRows));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t * kConvRows, rows = std::min(kConvRows, m - r0);
-      for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r0 = t * kConvRows, count = std::min(kConvRows, m - r0);
+      for (int64_t i = 0; i < count; ++i) {
         const int64_t p = r0 + i, b = p / (OH * OW), oy = p / OW % OH, ox = p % OW;
-        const int64_t ix0 = ox * stride - 1;
-        float* dst = patches.data() + i * k;
-        for (int64_t ky = 0; ky < 3; ++ky, dst += 3 * c) {
+        for (int64_t ky = 0; ky < 3; ++ky) {
           const int64_t iy = oy * stride - 1 + ky;
-          if (iy < 0 || iy >= H) {
-            std::fill_n(dst, 3 * c, 0.f);
-            continue;
-          }
-          // the three taps of a row are neighbouring pixels, one run of 3C floats in
-          // channels_last (one copy, not three, where all three lie inside the image)
-          const float* row = px + (b * H + iy) * W * c;
-          if (ix0 >= 0 && ix0 + 2 < W) {
-            std::copy_n(row + ix0 * c, 3 * c, dst);
-            continue;
-          }
           for (int64_t kx = 0; kx < 3; ++kx) {
-            const int64_t ix = ix0 + kx;
-            if (ix < 0 || ix >= W) {
-              std::fill_n(dst + kx * c, c, 0.f);
-            } else {
-              std::copy_n(row + ix * c, c, dst + kx * c);
-            }
+            const int64_t ix = ox * stride - 1 + kx;
+            const bool inside = iy >= 0 && iy < H && ix >= 0 && ix < W;
+            rows[(ky * 3 + kx) * count + i] = inside ? px + ((b * H + iy) * W + ix) * c : zero.data();
           }
         }
       }
-      shvit_gemm::gemm_packed(rows, n, k, patches.data(), k, pw, po + r0 * n, n, epi);
+      shvit_gemm::gemm_taps(count, n, c, 9, rows.data(), pw, po + r0 * n, n, pb, relu);
     }
   });
   return out;

@@ -6,8 +6,8 @@
 // Per output row: the 3 input rows of each channel are copied once into zero-padded buffers
 // (so the taps need no bounds checks), then each group of output pixels accumulates the 9*Cin
 // taps into AVX registers holding all its output channels (up to 32; 8 accumulators: 4 pixels
-// x 16 channels or 2 pixels x 32 channels). x86-64 with AVX2/FMA only; the caller falls back
-// to oneDNN elsewhere.
+// x 16 channels or 2 pixels x 32 channels; on AVX-512, 12 pixels in zmm registers). x86-64
+// with AVX2/FMA only; the caller falls back to oneDNN elsewhere.
 #include <torch/library.h>
 
 #include <vector>
@@ -19,6 +19,10 @@
 namespace shvit_cpu {
 
 namespace {
+
+// Floats of zeros after each padded input row: a short last step of 12 pixels reads up to
+// 2 * 12 + 2 past its first pixel (the AVX2 kernel's groups, at most 2 past the row).
+constexpr int64_t kStemTail = 26;
 
 struct StemArgs {
   const float* x;     // (B, Cin, H, W)
@@ -98,6 +102,60 @@ SHVIT_TARGET_AVX2 void stem_row(const StemArgs& a, const float* const* rows, flo
     for (int p = 0; p < PX && ox0 + p < a.OW; ++p) store_pixel(a, orow + (ox0 + p) * a.Cout, all + p * NV, NV);
   }
 }
+
+// stem_row on AVX-512 for stride S: 12 pixels per step, NV zmm vectors (16 channels each) per
+// pixel, so 12 or 24 accumulators and one broadcast per 16 or 32 FMA lanes (the AVX2 kernel:
+// 8). A step's taps lie at fixed offsets from one pointer (the padded rows run kStemTail
+// floats past the image, so the pixels of a short last step read zeros and are not stored).
+// The taps are summed in the same order as stem_row, so the two give identical results.
+template <int NV, int S>
+SHVIT_TARGET_AVX512 void stem_row_z(const StemArgs& a, const float* const* rows, float* orow) {
+  constexpr int PX = 12;
+  const int64_t nrows = a.Cin * 3;
+  __mmask16 mk[NV];
+  for (int j = 0; j < NV; ++j) {
+    const int64_t v = std::min<int64_t>(16, a.Cout - j * 16);
+    mk[j] = v <= 0 ? 0 : static_cast<__mmask16>((1u << v) - 1u);
+  }
+  const __m512 z = _mm512_setzero_ps();
+  for (int64_t ox0 = 0; ox0 < a.OW; ox0 += PX) {
+    __m512 acc[PX * NV];
+#pragma GCC unroll 2
+    for (int j = 0; j < NV; ++j) {
+      const __m512 b = _mm512_loadu_ps(a.bias + j * 16);
+#pragma GCC unroll 12
+      for (int p = 0; p < PX; ++p) acc[p * NV + j] = b;
+    }
+    for (int64_t rr = 0; rr < nrows; ++rr) {  // input row (ci, ky), then its 3 taps kx
+      const float* row = rows[rr] + ox0 * S;
+#pragma GCC unroll 3
+      for (int kx = 0; kx < 3; ++kx) {
+        const float* w = a.w + (rr * 3 + kx) * a.CoP;
+        __m512 wv[NV];
+#pragma GCC unroll 2
+        for (int j = 0; j < NV; ++j) wv[j] = _mm512_loadu_ps(w + j * 16);
+#pragma GCC unroll 12
+        for (int p = 0; p < PX; ++p) {
+          const __m512 v = _mm512_set1_ps(row[p * S + kx]);
+#pragma GCC unroll 2
+          for (int j = 0; j < NV; ++j) acc[p * NV + j] = _mm512_fmadd_ps(v, wv[j], acc[p * NV + j]);
+        }
+      }
+    }
+    const int64_t np = std::min<int64_t>(PX, a.OW - ox0);
+#pragma GCC unroll 12
+    for (int p = 0; p < PX; ++p) {
+      if (p >= np) break;
+      float* o = orow + (ox0 + p) * a.Cout;
+#pragma GCC unroll 2
+      for (int j = 0; j < NV; ++j) {
+        __m512 v = acc[p * NV + j];
+        if (a.relu) v = _mm512_max_ps(z, v);  // max(0, v): NaN stays NaN
+        _mm512_mask_storeu_ps(o + j * 16, mk[j], v);
+      }
+    }
+  }
+}
 #endif
 
 }  // namespace
@@ -131,8 +189,9 @@ Tensor stem_conv3x3(const Tensor& x, const Tensor& weight, const Tensor& bias, i
   const StemArgs a{x.const_data_ptr<float>(), wt.const_data_ptr<float>(), bp.const_data_ptr<float>(),
                    out.data_ptr<float>(), Cin, H, W, OH, OW, Cout, CoP, stride, relu};
 #ifdef SHVIT_X86
+  const bool avx512 = shvit_isa::active() == shvit_isa::Isa::kAvx512;
   at::parallel_for(0, B * OH, 1, [&](int64_t r0, int64_t r1) {
-    const int64_t Wp = W + 2 + 8;  // the taps of a short pixel group may read up to 2 past the row
+    const int64_t Wp = W + 2 + kStemTail;  // zeros past the row for the taps of a short last step
     std::vector<float> pad(static_cast<size_t>(Cin * 3 * Wp), 0.f);
     std::vector<const float*> rows(static_cast<size_t>(Cin * 3));
     const std::vector<float> zero_row(static_cast<size_t>(Wp), 0.f);
@@ -151,10 +210,14 @@ Tensor stem_conv3x3(const Tensor& x, const Tensor& weight, const Tensor& bias, i
         }
       }
       float* orow = a.out + r * OW * Cout;
-      if (CoP == 16) {
-        stem_row<2>(a, rows.data(), orow);
+      if (avx512) {
+        if (stride == 1) {
+          (CoP == 16 ? stem_row_z<1, 1> : stem_row_z<2, 1>)(a, rows.data(), orow);
+        } else {
+          (CoP == 16 ? stem_row_z<1, 2> : stem_row_z<2, 2>)(a, rows.data(), orow);
+        }
       } else {
-        stem_row<4>(a, rows.data(), orow);
+        (CoP == 16 ? stem_row<2> : stem_row<4>)(a, rows.data(), orow);
       }
     }
   });

@@ -245,6 +245,42 @@ def test_gemm_levels_agree(cout, cin, tokens):
         assert torch.equal(out, first), f"{isa} differs from avx2: {(out - first).abs().max().item():.3e}"
 
 
+@needs_gemm
+@pytest.mark.isa_independent  # runs every level itself
+@pytest.mark.parametrize("kind", ["stem", "conv3x3", "dw"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 24, 19, 30), (1, 40, 9, 5)], ids=["19x30", "9x5"])
+def test_conv_levels_agree(kind, stride, shape):
+    """The 3x3 convolutions at avx2 and avx512 (their AVX-512 kernels: 12-pixel stem steps,
+    the implicit GEMM, depthwise rows with weights in registers) give identical results:
+    each output sums its taps in the same order at every level."""
+    ops = torch.ops.shvit_cpp
+    B, C, H, W = shape
+    C, cout = (3, 28) if kind == "stem" else (C, C)  # the stem kernel takes an image (Cin * 9 <= 64)
+    g = torch.Generator().manual_seed(H * W + stride)
+    x = torch.randn(B, C, H, W, generator=g)
+    w = torch.randn(cout, 1 if kind == "dw" else C, 3, 3, generator=g) / 3
+    b = torch.randn(cout, generator=g)
+    run = {
+        "stem": lambda: ops.stem_conv3x3(x, w, b, stride, True),
+        "conv3x3": lambda: ops.conv3x3(_cl(x), _pack3x3(w), b, stride, True),
+        "dw": lambda: ops.dw_conv3x3(_cl(x), w, b, stride, True),
+    }[kind]
+    before = _cpp.isa()
+    outs = {}
+    try:
+        for isa in isa_levels()[1:]:
+            _cpp.isa(isa)
+            outs[isa] = run()
+    finally:
+        _cpp.isa(before)
+    ref = F.relu(F.conv2d(x.double(), w.double(), b.double(), stride, 1, 1, C if kind == "dw" else 1))
+    first = outs.pop("avx2")
+    assert_rel_close(first, ref, TOL, f"{kind} avx2")
+    for isa, out in outs.items():
+        assert torch.equal(out, first), f"{kind} {isa} differs from avx2: {(out - first).abs().max().item():.3e}"
+
+
 @pytest.mark.isa_independent
 def test_isa_switch():
     levels = isa_levels()

@@ -112,7 +112,7 @@ def gemm_peak(dtype: torch.dtype, n: int = 1024) -> float:
     return 2 * n**3 / t / 1e9
 
 
-def timer(device: str, min_time: float):
+def timer(device: str, min_time: float, threads: int = 1):
     if device == "cuda":
         import triton.testing
 
@@ -122,7 +122,8 @@ def timer(device: str, min_time: float):
                     for n, f in fns.items()}
 
         return run
-    return lambda fns: time_cpu_interleaved(fns, min_time=min_time)
+    # with more than one thread, turns of 0.5 s (the other runtimes' spinning worker threads)
+    return lambda fns: time_cpu_interleaved(fns, min_time=min_time, turn_s=0.0 if threads == 1 else 0.5)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     info["backend"] = shvit_kernels.backend.select(torch.empty(0, device=dev))
     info["protocol"] = f"batch {batch}, " + ("float16 autocast" if dev == "cuda" else f"{args.threads} thread(s)")
     print(machine_line(info), f"| fused backend: {info['backend']} | {info['protocol']}", flush=True)
-    run = timer(dev, args.min_time)
+    run = timer(dev, args.min_time, args.threads)  # the training benchmark
     settings = [(batch, args.threads)]
     if dev == "cpu":
         extra = ["1x1", "16x2"] if args.extra_settings is None else args.extra_settings
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     compile_s[name] = time.perf_counter() - t0
             progress.step(f"{variant} {res}px batch {bsz}" + (f" {threads} threads" if dev == "cpu" else "")
                           + f": timing {len(providers)} providers")
-            times = run({n: (lambda m=m, xi=xi: m(xi)) for n, (m, xi) in providers.items()})
+            times = timer(dev, args.min_time, threads)({n: (lambda m=m, xi=xi: m(xi)) for n, (m, xi) in providers.items()})
         ref = outputs["eager"]
         base = bsz / times["eager"]["median_s"]
         folded = bsz / times["eager+fuse"]["median_s"]

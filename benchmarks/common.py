@@ -141,37 +141,49 @@ def time_cpu(fn: Callable[[], object], min_reps: int = 5, min_time: float = 2.0,
 
 
 def time_cpu_interleaved(fns: dict[str, Callable[[], object]], min_time: float = 2.0, min_reps: int = 5,
-                         warmup: int = 2) -> dict[str, dict]:
-    """Median (and min, total) wall time of each callable, the providers alternating call by
-    call (the order rotating each round, every provider called once per round) until the
-    slowest has run for ``min_time`` seconds and each at least ``min_reps`` times.
+                         warmup: int = 2, turn_s: float = 0.0) -> dict[str, dict]:
+    """Median (and min, total) wall time of each callable, the providers taking turns (the
+    order rotating each round, every provider one turn per round) until the slowest has run
+    for ``min_time`` seconds and each at least ``min_reps`` times.
 
     A shared VM changes speed within a second (the same eager call took 10 ms and 18 ms in
     neighbouring tenths of a second on the benchmark machine); alternating single calls puts
     every provider into the same slow and fast phases, which rounds of many calls per provider
-    did not (a ratio moved from 1.4 to 1.1 between two runs). ``paired_ratio`` in each entry:
-    the median over rounds of this provider's time divided by the first provider's time in
-    the same round."""
+    did not (a ratio moved from 1.4 to 1.1 between two runs). ``turn_s`` = 0: a turn is one
+    call. ``turn_s`` > 0, for multi-threaded runs: a turn is calls for ``turn_s`` seconds, its
+    first call not counted. A runtime's worker threads spin-wait after its call (ONNX Runtime's
+    intra-op pool, PyTorch's OpenMP threads), and on a machine with as many cores as threads
+    they take a core from whatever runs next: fused S1 at batch 16 on two threads, alternating
+    call by call with ONNX Runtime, had a median of 102 ms, and 72 ms with ONNX Runtime's
+    spinning turned off. ``paired_ratio`` in each entry: the median over rounds of this
+    provider's median time in the round divided by the first provider's."""
     names = list(fns)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in names}
+    turns: dict[str, list[float]] = {name: [] for name in names}
     spent = dict.fromkeys(names, 0.0)
     rnd = 0
-    while max(spent.values()) < min_time or rnd < min_reps:
+    while max(spent.values()) < min_time or min(len(v) for v in samples.values()) < min_reps:
         for i in range(len(names)):
             name = names[(rnd + i) % len(names)]
-            t0 = time.perf_counter()
-            fns[name]()
-            dt = time.perf_counter() - t0
-            samples[name].append(dt)
-            spent[name] += dt
+            if turn_s > 0:
+                fns[name]()  # meets the previous provider's spinning threads: not counted
+            times: list[float] = []
+            start = time.perf_counter()
+            while not times or time.perf_counter() - start < turn_s:
+                t0 = time.perf_counter()
+                fns[name]()
+                times.append(time.perf_counter() - t0)
+            samples[name] += times
+            turns[name].append(statistics.median(times))
+            spent[name] += sum(times)
         rnd += 1
-    first = samples[names[0]]
+    first = turns[names[0]]
     return {
         name: dict(median_s=statistics.median(ts), min_s=min(ts), reps=len(ts), total_s=sum(ts),
-                   paired_ratio=statistics.median(t / f for t, f in zip(ts, first)))
+                   paired_ratio=statistics.median(t / f for t, f in zip(turns[name], first)))
         for name, ts in samples.items()
     }
 

@@ -43,6 +43,18 @@ def test_interleaved_timer_runs_each_provider_for_min_time():
     assert t["a"]["reps"] == t["b"]["reps"]  # one call each per round
 
 
+def test_interleaved_timer_turns_for_threaded_runs():
+    """With ``turn_s`` each provider runs for that long per turn; the first call of a turn (the
+    one that meets the previous provider's spinning threads) is not counted."""
+    calls = []
+    fns = {n: (lambda n=n: (calls.append(n), time.sleep(0.001))) for n in ("a", "b")}
+    t = time_cpu_interleaved(fns, min_time=0.03, min_reps=1, warmup=0, turn_s=0.005)
+    turns = calls.count("a") - t["a"]["reps"]
+    assert turns >= 1 and calls.count("b") - t["b"]["reps"] == turns  # one uncounted call per turn
+    assert t["a"]["reps"] >= 4 * turns  # 5 ms of 1 ms calls per turn
+    assert 0.5 < t["b"]["paired_ratio"] < 2.0
+
+
 def test_configure_allocator_modes():
     with pytest.raises(ValueError, match="steady"):
         configure_allocator("fast")

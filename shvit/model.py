@@ -194,7 +194,7 @@ class SHViT(nn.Module):
         ):
             return None
         cached = self.__dict__.get("_twin")
-        if cached is None or cached[0].changed():
+        if cached is None or cached[0].changed(self):
             self.__dict__.pop("_twin", None)
             snapshot = _Snapshot(self)
             twin = None
@@ -220,7 +220,7 @@ class SHViT(nn.Module):
         ):
             return None
         cached = self.__dict__.get("_plan")
-        if cached is None or cached[0].changed():
+        if cached is None or cached[0].changed(self):
             snapshot = _Snapshot(self)
             tensors = snapshot.tensors
             plan = None
@@ -301,8 +301,8 @@ class SHViT(nn.Module):
         return self
 
 
-# Counts registrations of parameters, buffers and submodules on any module (so a snapshot
-# notices a parameter or module replaced after it was taken).
+# Counts registrations of parameters, buffers and submodules on any module (so that a snapshot
+# looks for a replaced parameter or module only after one of these).
 _registrations = 0
 
 
@@ -321,22 +321,34 @@ for _register in (
 
 class _Snapshot:
     """A module's parameters and buffers as they were when something was derived from them:
-    ``changed()`` once one is replaced (or a parameter, buffer or submodule is registered
-    anywhere since), moved to other storage or changed in place. It costs a read of each
-    tensor's storage address and version counter, not a walk of the module tree."""
+    ``changed(module)`` once one is moved to other storage or changed in place, or a
+    parameter, buffer or submodule of the module is replaced. Per call it reads each tensor's
+    storage address and version counter; the module tree is walked again only after a
+    registration somewhere (then, if the module's own tree is the same, nothing changed)."""
 
     def __init__(self, module: nn.Module):
         self.registrations = _registrations
+        self.tree = self._tree(module)
         self.tensors = [*module.parameters(), *module.buffers()]
         # an inference tensor has no version counter (and cannot change outside inference mode)
         self.versioned = [t for t in self.tensors if not t.is_inference()]
         self.key = self._key()
 
+    @staticmethod
+    def _tree(module: nn.Module) -> tuple:
+        return tuple(map(id, module.modules())), tuple(map(id, (*module.parameters(), *module.buffers())))
+
     def _key(self) -> tuple:
         return tuple(t.data_ptr() for t in self.tensors), tuple(t._version for t in self.versioned)
 
-    def changed(self) -> bool:
-        return self.registrations != _registrations or self._key() != self.key
+    def changed(self, module: nn.Module) -> bool:
+        if self._key() != self.key:
+            return True
+        if self.registrations != _registrations:
+            if self._tree(module) != self.tree:
+                return True
+            self.registrations = _registrations
+        return False
 
 
 VARIANTS: dict[str, dict[str, Any]] = {

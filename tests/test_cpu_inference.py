@@ -538,7 +538,18 @@ def test_plan_follows_weight_changes_and_replacements():
         fused.blocks3[4].ffn = copy.deepcopy(fused.blocks3[5].ffn)
         got = fused(x)
         assert_rel_close(got, _no_plan(fused)(x), 1e-6, "after a replaced module")
+        plan = fused._cpu_plan(x)
+        torch.nn.Linear(2, 2)  # a registration elsewhere: the plan stays
+        assert fused._cpu_plan(x) is plan
+        fused.blocks1[0].mixer = _Double()  # no tensors: only the module tree shows it
+        assert fused._cpu_plan(x) is None  # no cpu_kernel: the modules run
+        assert_rel_close(fused(x), _no_plan(fused)(x), 1e-6, "after a module without tensors was swapped in")
     assert (got - first).abs().max() > 1e-3, "the changes changed the logits"
+
+
+class _Double(torch.nn.Module):
+    def forward(self, x):
+        return 2 * x
 
 
 @needs_gemm

@@ -264,6 +264,31 @@ struct PrefetchRanges {
 };
 thread_local PrefetchRanges tl_prefetch;
 
+// The store masks of P panels holding nv (<= 16 P) valid columns.
+template <int P>
+SHVIT_AVX512 __attribute__((always_inline)) inline void panel_masks(int64_t nv, __mmask16 mk[P]) {
+#pragma GCC unroll 4
+  for (int p = 0; p < P; ++p) {
+    const int64_t v = std::min<int64_t>(kPanel, nv - p * kPanel);
+    mk[p] = v <= 0 ? 0 : static_cast<__mmask16>((1u << v) - 1u);
+  }
+}
+
+// One k step of an R x 16P tile: the P panel rows at b + p * bps times A[r][kk] broadcast.
+template <int R, int P>
+SHVIT_AVX512 __attribute__((always_inline)) inline void fma_step(__m512 acc[R * P], const float* const ar[R],
+                                                                 int64_t kk, const float* b, int64_t bps) {
+  __m512 bv[P];
+#pragma GCC unroll 4
+  for (int p = 0; p < P; ++p) bv[p] = _mm512_loadu_ps(b + p * bps);
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    const __m512 av = _mm512_set1_ps(ar[r][kk]);
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) acc[r * P + p] = _mm512_fmadd_ps(av, bv[p], acc[r * P + p]);
+  }
+}
+
 // A tile of C: rows (<= R) x nv (<= 16 P) entries at c over one k-block, as tile() does, with
 // the R * P accumulators in zmm registers from the first load to the last store (no round trip
 // through memory: the tiles of the k = 16 score GEMM spent about a third of their time there).
@@ -277,11 +302,7 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, const float* a, i
 #pragma GCC unroll 12
   for (int r = 0; r < R; ++r) ar[r] = a + std::min<int64_t>(r, rows - 1) * lda;
   __mmask16 mk[P];
-#pragma GCC unroll 4
-  for (int p = 0; p < P; ++p) {
-    const int64_t v = std::min<int64_t>(kPanel, nv - p * kPanel);
-    mk[p] = v <= 0 ? 0 : static_cast<__mmask16>((1u << v) - 1u);
-  }
+  panel_masks<P>(nv, mk);
   __m512 acc[R * P];
 #pragma GCC unroll 12
   for (int r = 0; r < R; ++r) {
@@ -319,15 +340,7 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, const float* a, i
       _mm_prefetch(pf, _MM_HINT_T1);
       pf += 64;
     }
-    __m512 bv[P];
-#pragma GCC unroll 4
-    for (int p = 0; p < P; ++p) bv[p] = _mm512_loadu_ps(b + p * bps + kk * ldb);
-#pragma GCC unroll 12
-    for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(ar[r][kk]);
-#pragma GCC unroll 4
-      for (int p = 0; p < P; ++p) acc[r * P + p] = _mm512_fmadd_ps(av, bv[p], acc[r * P + p]);
-    }
+    fma_step<R, P>(acc, ar, kk, b + kk * ldb, bps);
   }
   if (PF && pf != nullptr) pr.p[pr.cur] = pf;
   const __m512 z = _mm512_setzero_ps();
@@ -408,11 +421,7 @@ template <int R, int P>
 SHVIT_AVX512 void tile_taps_z(int64_t rows, int64_t nv, int64_t kt, int64_t taps, const float* const* rp, int64_t ldt,
                               const float* b, int64_t bps, float* c, int64_t ldc, const float* bias, bool relu) {
   __mmask16 mk[P];
-#pragma GCC unroll 4
-  for (int p = 0; p < P; ++p) {
-    const int64_t v = std::min<int64_t>(kPanel, nv - p * kPanel);
-    mk[p] = v <= 0 ? 0 : static_cast<__mmask16>((1u << v) - 1u);
-  }
+  panel_masks<P>(nv, mk);
   __m512 acc[R * P];
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p) {
@@ -427,15 +436,7 @@ SHVIT_AVX512 void tile_taps_z(int64_t rows, int64_t nv, int64_t kt, int64_t taps
     const float* bt = b + t * kt * kPanel;
 #pragma GCC unroll 2
     for (int64_t kk = 0; kk < kt; ++kk) {
-      __m512 bv[P];
-#pragma GCC unroll 4
-      for (int p = 0; p < P; ++p) bv[p] = _mm512_loadu_ps(bt + p * bps + kk * kPanel);
-#pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        const __m512 av = _mm512_set1_ps(ar[r][kk]);
-#pragma GCC unroll 4
-        for (int p = 0; p < P; ++p) acc[r * P + p] = _mm512_fmadd_ps(av, bv[p], acc[r * P + p]);
-      }
+      fma_step<R, P>(acc, ar, kk, bt + kk * kPanel, bps);
     }
   }
   const __m512 z = _mm512_setzero_ps();

@@ -289,6 +289,23 @@ SHVIT_AVX512 __attribute__((always_inline)) inline void fma_step(__m512 acc[R * 
   }
 }
 
+// Stores the first `rows` rows of an R x 16P tile (masked columns), max(0, v) first with relu.
+template <int R, int P>
+SHVIT_AVX512 __attribute__((always_inline)) inline void store_tile(const __m512 acc[R * P], int64_t rows, float* c,
+                                                                   int64_t ldc, const __mmask16 mk[P], bool relu) {
+  const __m512 z = _mm512_setzero_ps();
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) {
+      __m512 v = acc[r * P + p];
+      if (relu) v = _mm512_max_ps(z, v);  // max(0, v): NaN stays NaN, as in torch.relu
+      _mm512_mask_storeu_ps(c + r * ldc + p * kPanel, mk[p], v);
+    }
+  }
+}
+
 // A tile of C: rows (<= R) x nv (<= 16 P) entries at c over one k-block, as tile() does, with
 // the R * P accumulators in zmm registers from the first load to the last store (no round trip
 // through memory: the tiles of the k = 16 score GEMM spent about a third of their time there).
@@ -343,17 +360,8 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, const float* a, i
     fma_step<R, P>(acc, ar, kk, b + kk * ldb, bps);
   }
   if (PF && pf != nullptr) pr.p[pr.cur] = pf;
+  store_tile<R, P>(acc, rows, c, ldc, mk, last && relu);
   const __m512 z = _mm512_setzero_ps();
-#pragma GCC unroll 12
-  for (int r = 0; r < R; ++r) {
-    if (r >= rows) break;
-#pragma GCC unroll 4
-    for (int p = 0; p < P; ++p) {
-      __m512 v = acc[r * P + p];
-      if (last && relu) v = _mm512_max_ps(z, v);  // max(0, v): NaN stays NaN, as in torch.relu
-      _mm512_mask_storeu_ps(c + r * ldc + p * kPanel, mk[p], v);
-    }
-  }
   if (last && cmax) {
 #pragma GCC unroll 4
     for (int p = 0; p < P; ++p) {
@@ -439,17 +447,7 @@ SHVIT_AVX512 void tile_taps_z(int64_t rows, int64_t nv, int64_t kt, int64_t taps
       fma_step<R, P>(acc, ar, kk, bt + kk * kPanel, bps);
     }
   }
-  const __m512 z = _mm512_setzero_ps();
-#pragma GCC unroll 12
-  for (int r = 0; r < R; ++r) {
-    if (r >= rows) break;
-#pragma GCC unroll 4
-    for (int p = 0; p < P; ++p) {
-      __m512 v = acc[r * P + p];
-      if (relu) v = _mm512_max_ps(z, v);  // max(0, v): NaN stays NaN
-      _mm512_mask_storeu_ps(c + r * ldc + p * kPanel, mk[p], v);
-    }
-  }
+  store_tile<R, P>(acc, rows, c, ldc, mk, relu);
 }
 
 // gemm_taps on AVX-512: panels in fours (6 x 64 tiles), then pairs (12 x 32, 6 x 32 for the

@@ -206,17 +206,18 @@ class SHViT(nn.Module):
 
     def _cpu_plan(self, x: torch.Tensor) -> list | None:
         """For a folded fused float32 model in CPU inference (no gradient to compute, no
-        autocast, not compiling or exporting, the cpp backend on a CPU with the packed GEMM):
-        the features as a flat list of C++ calls (``layers.cpu_plan``), cached until a
-        parameter or buffer changes. ``None`` otherwise (the modules then run one by one)."""
+        autocast, not compiling, tracing or exporting, the cpp backend on a CPU with the
+        packed GEMM): the features as a flat list of C++ calls (``layers.cpu_plan``), cached
+        until a parameter or buffer changes. ``None`` otherwise (the modules run one by one)."""
         if (
             not self.__dict__.get("_folded_fused")
             or x.dtype is not torch.float32
             or x.device.type != "cpu"
             or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
             or torch.is_autocast_enabled("cpu")
-            or not shvit_kernels.pointwise.gemm_available()
             or shvit_kernels.backend.select(x) != "cpp"
+            or not shvit_kernels.pointwise.gemm_available()
         ):
             return None
         cached = self.__dict__.get("_plan")

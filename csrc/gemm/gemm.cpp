@@ -462,13 +462,13 @@ SHVIT_AVX512 void gemm_taps_avx512(int64_t m, int64_t n, int64_t kt, int64_t tap
     const float* b = wp + jp * bps;
     const float* bi = bias ? bias + col : nullptr;
     for (int64_t i = 0; i < m;) {
-      const int64_t left = m - i, step = (P == 4 || left <= 6) ? 6 : 12, r = std::min(step, left);
+      const int64_t left = m - i, step = (P >= 2 || left <= 6) ? 6 : 12, r = std::min(step, left);
       const float* const* rp = rows + i;
       float* ci = c + i * ldc + col;
       if (P == 4) {
         tile_taps_z<6, 4>(r, nv, kt, taps, rp, m, b, bps, ci, ldc, bi, relu);
       } else if (P == 2) {
-        (step == 12 ? tile_taps_z<12, 2> : tile_taps_z<6, 2>)(r, nv, kt, taps, rp, m, b, bps, ci, ldc, bi, relu);
+        tile_taps_z<6, 2>(r, nv, kt, taps, rp, m, b, bps, ci, ldc, bi, relu);
       } else {
         (step == 12 ? tile_taps_z<12, 1> : tile_taps_z<6, 1>)(r, nv, kt, taps, rp, m, b, bps, ci, ldc, bi, relu);
       }

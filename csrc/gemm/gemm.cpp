@@ -450,8 +450,8 @@ SHVIT_AVX512 void tile_taps_z(int64_t rows, int64_t nv, int64_t kt, int64_t taps
   store_tile<R, P>(acc, rows, c, ldc, mk, relu);
 }
 
-// gemm_taps on AVX-512: panels in fours (6 x 64 tiles), then pairs (12 x 32, 6 x 32 for the
-// last rows), then a lone panel (12 x 16, 6 x 16).
+// gemm_taps on AVX-512: panels in fours (6 x 64 tiles), then pairs (6 x 32: 12 x 32 tiles ran
+// S1's second stem conv 2-7% slower), then a lone panel (12 x 16, 6 x 16).
 SHVIT_AVX512 void gemm_taps_avx512(int64_t m, int64_t n, int64_t kt, int64_t taps, const float* const* rows,
                                    const float* wp, float* c, int64_t ldc, const float* bias, bool relu) {
   const int64_t np = (n + kPanel - 1) / kPanel, bps = taps * kt * kPanel;

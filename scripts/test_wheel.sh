@@ -16,7 +16,13 @@ SHVIT_KERNELS_REQUIRE_CPP=1 .venv/bin/pip wheel -q --no-build-isolation --no-dep
 whl=$(ls "$work"/dist/*.whl)
 ls -l "$work"/dist
 (cd "$work" && python3 -m zipfile -e "$whl" unpacked)
-.venv/bin/python scripts/check_isa.py "$work"/unpacked/shvit_kernels/_C*.so | head -1
+# its summary line, or the whole report when it fails (not piped into head: the report would
+# then hit a closed pipe)
+if ! .venv/bin/python scripts/check_isa.py "$work"/unpacked/shvit_kernels/_C*.so > "$work/isa.txt"; then
+  cat "$work/isa.txt"
+  exit 1
+fi
+head -1 "$work/isa.txt"
 
 torch_version=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
 python3 -m venv "$work/venv"

@@ -64,6 +64,11 @@ inline void check_input(const Tensor& t, const char* name) {
               t.scalar_type());
 }
 
+// t in the channels_last (token-major) memory format: t itself when it already is, else a copy.
+inline Tensor as_channels_last(const Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) ? t : t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // (B, C, H, W) -> a (B, C, N) view whose token stride is 1 (channel slices of NCHW tensors
 // stay views; anything else, channels_last included, is copied once).
 inline Tensor as_bcn(const Tensor& t) {

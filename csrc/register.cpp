@@ -41,6 +41,8 @@ TORCH_LIBRARY(shvit_cpp, m) {
   m.def("stem_conv3x3(Tensor x, Tensor weight, Tensor bias, int stride, bool relu) -> Tensor");
   m.def("dw_conv3x3(Tensor x, Tensor weight, Tensor bias, int stride, bool relu) -> Tensor");
   m.def("ffn_block(Tensor x, Tensor w1_packed, Tensor b1, Tensor w2_packed, Tensor b2) -> Tensor");
+  m.def("se_gate(Tensor x, Tensor w1_packed, Tensor b1, Tensor w2_packed, Tensor b2) -> Tensor");
+  m.def("pool_linear(Tensor x, Tensor w_packed, Tensor bias) -> Tensor");
   // with C++ autograd (ops/autograd.cpp): forward and backward without Python
   m.def("group_norm_partial(Tensor x1, Tensor weight, Tensor bias, float eps) -> Tensor");
   m.def("shsa_attention(Tensor qkv, Tensor x2, int qk_dim, float scale) -> Tensor");

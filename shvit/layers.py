@@ -6,14 +6,15 @@ following linear layer), on the same device and in the same dtype.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
 import shvit_kernels
 from shvit_kernels._utils import check_4d
-from shvit_kernels.shsa_inference import block_kernel as shsa_block_kernel
+from shvit_kernels.plan import Step
+from shvit_kernels.shsa_inference import block_step as shsa_block_step
 
 __all__ = [
     "Conv2d_BN",
@@ -302,11 +303,11 @@ class SHSAInference(nn.Module):
         out = shvit_kernels.shsa_inference(x, self.weight, self.bias, self.pdim, self.qk_dim, self.eps)
         return self.proj(out)
 
-    def cpu_kernel(self, nchw_input: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The residual block as one C++ call (see ``cpu_plan``); ``None`` without ``residual``."""
+    def cpu_step(self, nchw_input: bool = False) -> Step | None:
+        """The residual block as one C++ op (see ``cpu_plan``); ``None`` without ``residual``."""
         if not self.residual or not shvit_kernels.pointwise.gemm_available():
             return None
-        return shsa_block_kernel(self.weight, self.bias, self.proj.weight, self.proj.bias, self.pdim, self.qk_dim, self.eps)
+        return shsa_block_step(self.weight, self.bias, self.proj.weight, self.proj.bias, self.pdim, self.qk_dim, self.eps)
 
 
 class BasicBlock(nn.Module):
@@ -348,8 +349,8 @@ class ConvAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return shvit_kernels.conv_act(x, self.conv, self.relu)
 
-    def cpu_kernel(self, nchw_input: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        return shvit_kernels.pointwise.conv_kernel(self.conv, self.relu, nchw_input)
+    def cpu_step(self, nchw_input: bool = False) -> Step | None:
+        return shvit_kernels.pointwise.conv_step(self.conv, self.relu, nchw_input)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
@@ -365,10 +366,10 @@ class FFNInference(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return shvit_kernels.ffn_block(x, self.pw1.weight, self.pw1.bias, self.pw2.weight, self.pw2.bias)
 
-    def cpu_kernel(self, nchw_input: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def cpu_step(self, nchw_input: bool = False) -> Step | None:
         if not shvit_kernels.pointwise.gemm_available():
             return None
-        return shvit_kernels.pointwise.ffn_kernel(self.pw1.weight, self.pw1.bias, self.pw2.weight, self.pw2.bias)
+        return shvit_kernels.pointwise.ffn_step(self.pw1.weight, self.pw1.bias, self.pw2.weight, self.pw2.bias)
 
 
 class SqueezeExciteInference(nn.Module):
@@ -385,12 +386,10 @@ class SqueezeExciteInference(nn.Module):
         s = shvit_kernels.conv1x1(s, self.fc2.weight, self.fc2.bias)
         return x * s.sigmoid()
 
-    def cpu_kernel(self, nchw_input: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        fc1 = shvit_kernels.pointwise.conv_kernel(self.fc1, relu=True)
-        fc2 = shvit_kernels.pointwise.conv_kernel(self.fc2)
-        if fc1 is None or fc2 is None:
+    def cpu_step(self, nchw_input: bool = False) -> Step | None:
+        if not shvit_kernels.pointwise.gemm_available() or self.fc1.bias is None or self.fc2.bias is None:
             return None
-        return lambda x: x * fc2(fc1(x.mean((2, 3), keepdim=True))).sigmoid()
+        return shvit_kernels.pointwise.se_step(self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
 class PatchMergingInference(nn.Module):
@@ -439,24 +438,25 @@ def _folded(*convs: nn.Module) -> bool:
     return all(isinstance(c, nn.Conv2d) and c.bias is not None for c in convs)
 
 
-def cpu_plan(modules: Iterable[nn.Module], nchw_input: bool = False) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
+def cpu_plan(modules: Iterable[nn.Module], nchw_input: bool = False) -> list[Step] | None:
     """Float32 CPU inference of a folded fused model's modules, run one after another, as a
-    flat list of bound C++ calls (weights packed now): ``x = step(x)`` for each step gives
-    what the modules' forwards give, without their per-call dispatch (the checks, the backend
-    choice and the weight-cache lookups). Containers whose forward runs their children in
-    order are flattened; ``None`` where a module has no ``cpu_kernel`` or its kernel does
-    not apply. ``nchw_input``: the first step receives an NCHW image (the stem conv reads it
-    as is). For float32 CPU parameters; ``SHViT.forward_features`` builds and caches it."""
-    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    flat list of C++ ops (``shvit_kernels.plan.Step``, weights packed now): ``x = call(step,
+    x)`` for each step gives what the modules' forwards give, without their per-call dispatch
+    (the checks, the backend choice and the weight-cache lookups). Containers whose forward
+    runs their children in order are flattened; ``None`` where a module has no ``cpu_step``
+    or its step does not apply. ``nchw_input``: the first step receives an NCHW image (the
+    stem conv reads it as is). For float32 CPU parameters; ``SHViT`` runs the steps as one
+    ``shvit_kernels.plan.Plan``."""
+    steps: list[Step] = []
     for m in modules:
         first = nchw_input and not steps
         if isinstance(m, nn.Identity):
             continue
         if isinstance(m, (nn.Sequential, BasicBlock, PatchMergingInference)):
             sub = cpu_plan(m.children(), first)
-        elif callable(getattr(m, "cpu_kernel", None)):
-            kernel = m.cpu_kernel(first)
-            sub = None if kernel is None else [kernel]
+        elif callable(getattr(m, "cpu_step", None)):
+            step = m.cpu_step(first)
+            sub = None if step is None else [step]
         else:
             return None
         if sub is None:

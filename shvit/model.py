@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import shvit_kernels
+from shvit_kernels.plan import Plan
 
 from .checkpoint import timm_to_official
 from .layers import (
@@ -151,11 +152,12 @@ class SHViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        plan = self._cpu_plan(x)
-        if plan is not None:
-            for step in plan:
-                x = step(x)
-            return x
+        return self._features(x, self._cpu_plan(x))
+
+    def _features(self, x: torch.Tensor, cpu: tuple[Plan, int] | None) -> torch.Tensor:
+        if cpu is not None:
+            plan, features = cpu
+            return plan.run(x, features)
         x = self.patch_embed(x)
         x = self.blocks1(x)
         x = self.blocks2(x)
@@ -176,7 +178,11 @@ class SHViT(nn.Module):
         twin = self._float32_twin(x)
         if twin is not None:
             return twin(x.float()).to(x.dtype)
-        return self.forward_head(self.forward_features(x))
+        self._check_input(x)
+        cpu = self._cpu_plan(x)
+        if cpu is not None and len(cpu[0]) > cpu[1]:  # the plan has the head
+            return cpu[0].run(x)
+        return self.forward_head(self._features(x, cpu))
 
     def _float32_twin(self, x: torch.Tensor) -> "SHViT | None":
         """For a folded fused bfloat16 model on a CPU without bfloat16 hardware, in inference
@@ -204,11 +210,13 @@ class SHViT(nn.Module):
             self.__dict__["_twin"] = cached = (snapshot, twin)  # not a submodule: no state dict entries
         return cached[1]
 
-    def _cpu_plan(self, x: torch.Tensor) -> list | None:
+    def _cpu_plan(self, x: torch.Tensor) -> tuple[Plan, int] | None:
         """For a folded fused float32 model in CPU inference (no gradient to compute, no
         autocast, not compiling, tracing or exporting, the cpp backend on a CPU with the
-        packed GEMM): the features as a flat list of C++ calls (``layers.cpu_plan``), cached
-        until a parameter or buffer changes. ``None`` otherwise (the modules run one by one)."""
+        packed GEMM): the model as one chain of C++ ops (``layers.cpu_plan``; pooling and
+        classifier as a last step where the head is one Linear) and how many of its steps
+        make the features; cached until a parameter or buffer changes. ``None`` otherwise
+        (the modules run one by one)."""
         if (
             not self.__dict__.get("_folded_fused")
             or x.dtype is not torch.float32
@@ -222,12 +230,17 @@ class SHViT(nn.Module):
             return None
         cached = self.__dict__.get("_plan")
         if cached is None or cached[0].changed(self):
-            snapshot = _Snapshot(self)
-            tensors = snapshot.tensors
-            plan = None
+            tensors = [*self.parameters(), *self.buffers()]
+            cpu = steps = None
             if all(t.dtype is torch.float32 and t.device.type == "cpu" for t in tensors):
-                plan = cpu_plan([self.patch_embed, self.blocks1, self.blocks2, self.blocks3], nchw_input=True)
-            self.__dict__["_plan"] = cached = (snapshot, plan, any(t.requires_grad for t in tensors))
+                steps = cpu_plan([self.patch_embed, self.blocks1, self.blocks2, self.blocks3], nchw_input=True)
+            if steps is not None:
+                features = len(steps)
+                if isinstance(self.head, nn.Linear) and not self.distillation:
+                    steps.append(shvit_kernels.pointwise.pool_linear_step(self.head.weight, self.head.bias))
+                cpu = (Plan(steps, tensors), features)
+            snapshot = _Snapshot(self, None if cpu is None else cpu[0])
+            self.__dict__["_plan"] = cached = (snapshot, cpu, any(t.requires_grad for t in tensors))
         if torch.is_grad_enabled() and (cached[2] or x.requires_grad):
             return None  # autograd runs through the modules
         return cached[1]
@@ -324,16 +337,18 @@ class _Snapshot:
     """A module's parameters and buffers as they were when something was derived from them:
     ``changed(module)`` once one is moved to other storage or changed in place, or a
     parameter, buffer or submodule of the module is replaced. Per call it reads each tensor's
-    storage address and version counter; the module tree is walked again only after a
-    registration somewhere (then, if the module's own tree is the same, nothing changed)."""
+    storage address and version counter (``plan.changed()`` does, for a ``Plan`` that watches
+    them); the module tree is walked again only after a registration somewhere (then, if the
+    module's own tree is the same, nothing changed)."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, plan: Plan | None = None):
         self.registrations = _registrations
         self.tree = self._tree(module)
         self.tensors = [*module.parameters(), *module.buffers()]
         # an inference tensor has no version counter (and cannot change outside inference mode)
         self.versioned = [t for t in self.tensors if not t.is_inference()]
-        self.key = self._key()
+        self.plan = plan
+        self.key = None if plan is not None else self._key()
 
     @staticmethod
     def _tree(module: nn.Module) -> tuple:
@@ -343,7 +358,7 @@ class _Snapshot:
         return tuple(t.data_ptr() for t in self.tensors), tuple(t._version for t in self.versioned)
 
     def changed(self, module: nn.Module) -> bool:
-        if self._key() != self.key:
+        if self.plan.changed() if self.plan is not None else self._key() != self.key:
             return True
         if self.registrations != _registrations:
             if self._tree(module) != self.tree:

@@ -18,17 +18,16 @@ other CPUs, ``SHVIT_KERNELS_BACKEND=torch`` -- runs the eager composition (``F.c
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cpp, backend, onednn
 from ._utils import weight_cache
+from .plan import Step, call
 
-__all__ = ["conv1x1", "ffn_block", "conv_act", "conv_kernel", "ffn_kernel", "packed_weight", "fast_path_applies",
-           "gemm_available"]
+__all__ = ["conv1x1", "ffn_block", "conv_act", "conv_step", "ffn_step", "se_step", "pool_linear_step",
+           "packed_weight", "fast_path_applies", "gemm_available"]
 
 def gemm_available() -> bool:
     """Whether the packed GEMM runs (the C++ kernels' ISA level is avx2 or higher)."""
@@ -51,10 +50,6 @@ def packed_weight(weight: Tensor) -> Tensor:
     return weight_cache(weight, "packed", torch.ops.shvit_cpp.pack_weight)
 
 
-def _cl(t: Tensor) -> Tensor:
-    return t.contiguous(memory_format=torch.channels_last)
-
-
 def _check_1x1(x: Tensor, weight: Tensor, bias: Tensor) -> None:
     if weight.dim() != 4 or weight.shape[2:] != (1, 1) or weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight must be ({bias.shape[0]}, {x.shape[1]}, 1, 1), got {tuple(weight.shape)}")
@@ -72,9 +67,7 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False, residua
     if onednn.applies(x, weight, bias, residual):
         return onednn.conv1x1(x, weight, bias, relu, residual)
     if fast_path_applies(x, weight, bias, residual) and gemm_available():
-        return torch.ops.shvit_cpp.pw_conv(
-            _cl(x), packed_weight(weight), bias.contiguous(), relu, None if residual is None else _cl(residual)
-        )
+        return torch.ops.shvit_cpp.pw_conv(x, packed_weight(weight), bias.contiguous(), relu, residual)
     y = F.conv2d(x, weight, bias)
     if residual is not None:
         y = residual + y
@@ -91,15 +84,26 @@ def ffn_block(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tens
     if onednn.applies(x, w1, b1, w2, b2):
         return onednn.ffn_block(x, w1, b1, w2, b2)
     if fast_path_applies(x, w1, b1, w2, b2) and gemm_available():
-        return ffn_kernel(w1, b1, w2, b2)(x)
+        return call(ffn_step(w1, b1, w2, b2), x)
     return x + F.conv2d(F.relu(F.conv2d(x, w1, b1)), w2, b2)
 
 
-def ffn_kernel(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Callable[[Tensor], Tensor]:
-    """``ffn_block`` on the CPU fast path as one C++ call, its weights packed now (for
-    float32 CPU parameters, on a CPU where ``gemm_available()``)."""
-    p1, p2, b1, b2 = packed_weight(w1), packed_weight(w2), b1.contiguous(), b2.contiguous()
-    return lambda x: torch.ops.shvit_cpp.ffn_block(_cl(x), p1, b1, p2, b2)
+def ffn_step(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Step:
+    """``ffn_block`` on the CPU fast path as one C++ op (a ``plan.Step``), its weights packed
+    now (for float32 CPU parameters, on a CPU where ``gemm_available()``)."""
+    return "ffn_block", (packed_weight(w1), b1.contiguous(), packed_weight(w2), b2.contiguous())
+
+
+def se_step(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Step:
+    """``x * sigmoid(conv1x1(relu(conv1x1(mean(x), w1, b1)), w2, b2))`` (a BN-folded
+    SqueezeExcite) as one C++ op, as ``ffn_step``."""
+    return "se_gate", (packed_weight(w1), b1.contiguous(), packed_weight(w2), b2.contiguous())
+
+
+def pool_linear_step(weight: Tensor, bias: Tensor) -> Step:
+    """``linear(x.mean((2, 3)), weight, bias)`` (global pooling and a classifier) as one C++
+    op, as ``ffn_step``."""
+    return "pool_linear", (packed_weight(weight), bias.contiguous())
 
 
 def _is_stem3x3(conv: torch.nn.Conv2d) -> bool:
@@ -147,35 +151,34 @@ def conv_act(x: Tensor, conv: torch.nn.Conv2d, relu: bool = False) -> Tensor:
     if onednn.applies(x, conv.weight, conv.bias):
         return onednn.conv(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, relu)
     if fast_path_applies(x, conv.weight, conv.bias):
-        kernel = conv_kernel(conv, relu, nchw_input=x.is_contiguous())
-        if kernel is not None:
-            return kernel(x)
+        step = conv_step(conv, relu, nchw_input=x.is_contiguous())
+        if step is not None:
+            return call(step, x)
     y = conv(x)
     return F.relu(y) if relu else y
 
 
-def conv_kernel(conv: torch.nn.Conv2d, relu: bool = False, nchw_input: bool = False) -> Callable[[Tensor], Tensor] | None:
-    """``relu?(conv(x))`` on the CPU fast path as one C++ call, its weights packed now (for a
-    float32 CPU conv with bias): 1x1 convs on the packed GEMM, depthwise 3x3 convs by their
-    token-major kernel, the first stem conv (few input channels) straight from an NCHW image
-    when ``nchw_input``, other dense 3x3 convs as their taps (read in place) times the packed
-    (Cout, 3, 3, Cin) weight. ``None`` for any other conv, and for GEMM convs where
-    ``gemm_available()`` is false."""
+def conv_step(conv: torch.nn.Conv2d, relu: bool = False, nchw_input: bool = False) -> Step | None:
+    """``relu?(conv(x))`` on the CPU fast path as one C++ op (a ``plan.Step``), its weights
+    packed now (for a float32 CPU conv with bias): 1x1 convs on the packed GEMM, depthwise 3x3
+    convs by their token-major kernel, the first stem conv (few input channels) straight from
+    an NCHW image when ``nchw_input``, other dense 3x3 convs as their taps (read in place)
+    times the packed (Cout, 3, 3, Cin) weight. ``None`` for any other conv, and for GEMM convs
+    where ``gemm_available()`` is false."""
     w, b, stride = conv.weight, conv.bias, conv.stride[0]
     if b is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
-    ops = torch.ops.shvit_cpp
     if _is_dw3x3(conv):
-        return lambda x: ops.dw_conv3x3(_cl(x), w, b, stride, relu)
+        return "dw_conv3x3", (w, b, stride, relu)
     if not gemm_available():
         return None
     b = b.contiguous()
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
-        wp = packed_weight(w)
-        return lambda x: ops.pw_conv(_cl(x), wp, b, relu, None)
+        return "pw_conv", (packed_weight(w), b, relu, None)
     if _is_stem3x3(conv) and nchw_input:
-        return lambda x: ops.stem_conv3x3(x.contiguous(), w, b, stride, relu)
+        return "stem_conv3x3", (w, b, stride, relu)
     if _is_conv3x3(conv):
-        wp = weight_cache(w, "packed3x3", lambda w: ops.pack_weight(w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)))
-        return lambda x: ops.conv3x3(_cl(x), wp, b, stride, relu)
+        pack = torch.ops.shvit_cpp.pack_weight
+        wp = weight_cache(w, "packed3x3", lambda w: pack(w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)))
+        return "conv3x3", (wp, b, stride, relu)
     return None

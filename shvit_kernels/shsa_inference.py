@@ -12,8 +12,6 @@ tiled flash attention of ``shsa_attention`` (no N x N tensor).
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
@@ -24,6 +22,7 @@ from ._triton import (
 )
 from ._utils import as_bcn, bcn_strides, check_4d, check_same_device, next_pow2
 from .group_norm import gn_partial_fwd_triton
+from .plan import Step, call
 from .shsa_attention import shsa_attn_fwd_triton
 
 try:
@@ -342,17 +341,16 @@ def shsa_block_inference(
     ):
         check_same_device(x=x, weight=weight, proj_weight=proj_weight)
         if pointwise.fast_path_applies(x, weight, bias, proj_param, proj_bias) and pointwise.gemm_available():
-            return block_kernel(weight, bias, proj_param, proj_bias, pdim, qk_dim, eps)(x)
+            return call(block_step(weight, bias, proj_param, proj_bias, pdim, qk_dim, eps), x)
         return torch.ops.shvit_cpp.shsa_block_infer(x, weight, bias, proj_weight, proj_bias, pdim, qk_dim, float(eps))
     z = shsa_inference(x, weight, bias, pdim, qk_dim, eps)
     return x + torch.nn.functional.conv2d(z, proj_weight[:, :, None, None], proj_bias)
 
 
-def block_kernel(weight: Tensor, bias: Tensor, proj_weight: Tensor, proj_bias: Tensor, pdim: int, qk_dim: int,
-                 eps: float = 1e-5) -> Callable[[Tensor], Tensor]:
-    """``shsa_block_inference`` on the CPU fast path as one C++ call, its weights packed now
-    (for float32 CPU parameters, on a CPU where ``pointwise.gemm_available()``)."""
+def block_step(weight: Tensor, bias: Tensor, proj_weight: Tensor, proj_bias: Tensor, pdim: int, qk_dim: int,
+               eps: float = 1e-5) -> Step:
+    """``shsa_block_inference`` on the CPU fast path as one C++ op (a ``plan.Step``), its
+    weights packed now (for float32 CPU parameters, on a CPU where ``pointwise.gemm_available()``)."""
     dim = proj_weight.shape[0]
-    args = (weight, bias, proj_weight.reshape(dim, dim), proj_bias, pdim, qk_dim, float(eps),
-            pointwise.packed_weight(weight), pointwise.packed_weight(proj_weight))
-    return lambda x: torch.ops.shvit_cpp.shsa_block_infer(x, *args)
+    return "shsa_block_infer", (weight, bias, proj_weight.reshape(dim, dim), proj_bias, pdim, qk_dim, float(eps),
+                                pointwise.packed_weight(weight), pointwise.packed_weight(proj_weight))

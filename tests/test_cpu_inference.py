@@ -103,8 +103,8 @@ def test_dw_conv3x3_rejects_bad_arguments():
     ops = torch.ops.shvit_cpp
     x = _cl(torch.randn(1, 8, 4, 4))
     w, b = torch.randn(8, 1, 3, 3), torch.randn(8)
-    with pytest.raises(RuntimeError, match="channels_last"):
-        ops.dw_conv3x3(torch.randn(1, 8, 4, 4), w, b, 1, False)
+    nchw = x.contiguous()  # other layouts are read through a channels_last copy
+    assert torch.equal(ops.dw_conv3x3(nchw, w, b, 1, False), ops.dw_conv3x3(x, w, b, 1, False))
     with pytest.raises(RuntimeError, match="stride"):
         ops.dw_conv3x3(x, w, b, 3, False)
     with pytest.raises(RuntimeError, match="depthwise"):
@@ -160,8 +160,10 @@ def test_stem_conv3x3_matches_conv2d(shape, cout, stride):
 def test_stem_conv3x3_rejects_bad_arguments():
     ops = torch.ops.shvit_cpp
     w, b = torch.randn(8, 3, 3, 3), torch.randn(8)
-    with pytest.raises(RuntimeError, match="NCHW"):
-        ops.stem_conv3x3(_cl(torch.randn(1, 3, 5, 5)), w, b, 2, False)
+    x = torch.randn(1, 3, 5, 5)  # other layouts are read through an NCHW copy
+    assert torch.equal(ops.stem_conv3x3(_cl(x), w, b, 2, False), ops.stem_conv3x3(x, w, b, 2, False))
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.stem_conv3x3(x.double(), w, b, 2, False)
     with pytest.raises(RuntimeError, match="Cout <= 32"):
         ops.stem_conv3x3(torch.randn(1, 3, 5, 5), torch.randn(40, 3, 3, 3), torch.randn(40), 2, False)
     with pytest.raises(RuntimeError, match="weight"):
@@ -199,8 +201,8 @@ def test_conv3x3_rejects_bad_arguments():
     ops = torch.ops.shvit_cpp
     w, b = torch.randn(8, 4, 3, 3), torch.randn(8)
     x = _cl(torch.randn(1, 4, 5, 5))
-    with pytest.raises(RuntimeError, match="channels_last"):
-        ops.conv3x3(torch.randn(1, 4, 5, 5), _pack3x3(w), b, 2, False)
+    nchw = x.contiguous()  # other layouts are read through a channels_last copy
+    assert torch.equal(ops.conv3x3(nchw, _pack3x3(w), b, 2, False), ops.conv3x3(x, _pack3x3(w), b, 2, False))
     with pytest.raises(RuntimeError, match="packed"):
         ops.conv3x3(x, ops.pack_weight(w.reshape(8, -1)[:, :9]), b, 2, False)
     with pytest.raises(RuntimeError, match="stride"):
@@ -331,13 +333,51 @@ def test_gemm_keeps_nan_and_inf():
 
 
 @needs_gemm
+@pytest.mark.parametrize("shape", [(2, 24, 5, 7), (3, 37, 4, 4), (1, 896, 7, 7), (16, 200, 2, 3), (1, 8, 1, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_se_gate_matches_composition(shape, layout):
+    """SqueezeExcite in one op: x * sigmoid(fc2(relu(fc1(mean(x))))) against the float64
+    composition of torch ops (the reference module's forward)."""
+    B, C, H, W = shape
+    g = torch.Generator().manual_seed(C + B)
+    x = torch.randn(B, C, H, W, generator=g)
+    x = _cl(x) if layout == "channels_last" else x
+    h = max(1, C // 4)
+    w1, b1 = torch.randn(h, C, 1, 1, generator=g) / C**0.5, torch.randn(h, generator=g)
+    w2, b2 = torch.randn(C, h, 1, 1, generator=g) / h**0.5, torch.randn(C, generator=g)
+    p = torch.ops.shvit_cpp.pack_weight
+    out = torch.ops.shvit_cpp.se_gate(x, p(w1), b1, p(w2), b2)
+    xd = x.double()
+    s = F.conv2d(F.relu(F.conv2d(xd.mean((2, 3), keepdim=True), w1.double(), b1.double())), w2.double(), b2.double())
+    assert_rel_close(out, xd * s.sigmoid(), TOL, f"se_gate {shape} {layout}")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_gemm
+@pytest.mark.parametrize("shape", [(2, 24, 5, 7), (3, 37, 4, 4), (1, 320, 4, 4), (16, 448, 4, 4), (2, 8, 1, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("classes", [1000, 7, 40])
+def test_pool_linear_matches_composition(shape, classes):
+    """Global average pooling and a Linear in one op, against the float64 torch ops."""
+    B, C, H, W = shape
+    g = torch.Generator().manual_seed(C + classes)
+    x = _cl(torch.randn(B, C, H, W, generator=g))
+    w, b = torch.randn(classes, C, generator=g) / C**0.5, torch.randn(classes, generator=g)
+    out = torch.ops.shvit_cpp.pool_linear(x, torch.ops.shvit_cpp.pack_weight(w), b)
+    ref = F.linear(F.adaptive_avg_pool2d(x.double(), 1).flatten(1), w.double(), b.double())
+    assert out.shape == (B, classes)
+    assert_rel_close(out, ref, TOL, f"pool_linear {shape} -> {classes}")
+
+
+@needs_gemm
 def test_ops_reject_bad_arguments():
     ops = torch.ops.shvit_cpp
     x = _cl(torch.randn(2, 8, 3, 3))
     w, b = torch.randn(4, 8, 1, 1), torch.randn(4)
     wp = ops.pack_weight(w)
-    with pytest.raises(RuntimeError, match="channels_last"):
-        ops.pw_conv(torch.randn(2, 8, 3, 3), wp, b, False, None)
+    nchw = x.contiguous()  # other layouts are read through a channels_last copy
+    assert torch.equal(ops.pw_conv(nchw, wp, b, False, nchw[:, :4]), ops.pw_conv(x, wp, b, False, x[:, :4]))
     with pytest.raises(RuntimeError, match="float32"):
         ops.pw_conv(x.double(), wp, b, False, None)
     with pytest.raises(RuntimeError, match="packed"):
@@ -350,6 +390,14 @@ def test_ops_reject_bad_arguments():
         ops.pack_weight(torch.randn(4, 8, 3, 3))
     with pytest.raises(RuntimeError, match="map back"):
         ops.ffn_block(x, wp, b, ops.pack_weight(torch.randn(5, 4, 1, 1)), torch.randn(5))
+    with pytest.raises(RuntimeError, match="map back"):
+        ops.se_gate(x, wp, b, ops.pack_weight(torch.randn(5, 4, 1, 1)), torch.randn(5))
+    with pytest.raises(RuntimeError, match="packed"):
+        ops.se_gate(x, w, b, wp, b)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.pool_linear(x.double(), wp, b)
+    with pytest.raises(RuntimeError, match="packed"):
+        ops.pool_linear(_cl(torch.randn(2, 9, 3, 3)), wp, b)
 
 
 @needs_gemm
@@ -359,6 +407,8 @@ def test_empty_batch():
     w1, w2 = torch.randn(16, 8, 1, 1), torch.randn(8, 16, 1, 1)
     assert torch.ops.shvit_cpp.pw_conv(x, p(w1), torch.randn(16), True, None).shape == (0, 16, 3, 3)
     assert torch.ops.shvit_cpp.ffn_block(x, p(w1), torch.randn(16), p(w2), torch.randn(8)).shape == (0, 8, 3, 3)
+    assert torch.ops.shvit_cpp.se_gate(x, p(w1), torch.randn(16), p(w2), torch.randn(8)).shape == (0, 8, 3, 3)
+    assert torch.ops.shvit_cpp.pool_linear(x, p(w1), torch.randn(16)).shape == (0, 16)
 
 
 # ------------------------------------------------------------------ the Python entry points
@@ -479,11 +529,16 @@ def test_variants_folded_fused_match_reference(variant, route, monkeypatch):
     if route == "plan":
         kernels = (FFNInference, ConvAct, shvit.SHSAInference, SqueezeExciteInference)
         with torch.no_grad():
-            plan = fused._cpu_plan(x)
+            cpu = fused._cpu_plan(x)
         if pointwise.gemm_available():
-            assert plan is not None and len(plan) == sum(isinstance(m, kernels) for m in fused.modules())
+            plan, features = cpu
+            assert features == sum(isinstance(m, kernels) for m in fused.modules())
+            assert len(plan) == features + 1, "pooling and the classifier as the last step"
+            with torch.no_grad():
+                assert_rel_close(fused.forward_features(x), ref.double().forward_features(x.double()), 1e-4,
+                                 f"{variant} features")
         else:
-            assert plan is None, "without the packed GEMM the modules run one by one"
+            assert cpu is None, "without the packed GEMM the modules run one by one"
     else:
         monkeypatch.setattr(fused, "_cpu_plan", lambda x: None)
         real = pointwise.fast_path_applies
@@ -545,6 +600,35 @@ def test_plan_follows_weight_changes_and_replacements():
         assert fused._cpu_plan(x) is None  # no cpu_kernel: the modules run
         assert_rel_close(fused(x), _no_plan(fused)(x), 1e-6, "after a module without tensors was swapped in")
     assert (got - first).abs().max() > 1e-3, "the changes changed the logits"
+
+
+def test_plan_runs_its_steps_and_watches_its_tensors():
+    """A Plan equals its steps called one by one (any prefix of them), says when a watched
+    tensor changes in place or is replaced by other storage, and refuses ops it cannot chain."""
+    from shvit_kernels.plan import Plan, call
+
+    g = torch.Generator().manual_seed(6)
+    w, b = torch.randn(8, 1, 3, 3, generator=g), torch.randn(8, generator=g)
+    steps = [("dw_conv3x3", (w, b, 1, True)), ("dw_conv3x3", (w, b, 2, False))]
+    plan = Plan(steps, [w, b])
+    x = torch.randn(2, 8, 7, 5, generator=g)
+    one = call(steps[0], x)
+    assert len(plan) == 2
+    assert torch.equal(plan.run(x, 1), one)
+    assert torch.equal(plan.run(x), call(steps[1], one))
+    assert torch.equal(plan.run(x, 0), x)
+    assert not plan.changed()
+    b.add_(1)
+    assert plan.changed()
+    plan = Plan(steps, [w, b])
+    w.data = w.data.clone()
+    assert plan.changed()
+    with pytest.raises(RuntimeError, match="arguments after x"):
+        Plan([("dw_conv3x3", (w, b))], [])
+    with pytest.raises(RuntimeError, match="one tensor"):
+        Plan([("gn_partial_fwd", (w, b, 1e-5))], [])
+    with pytest.raises(RuntimeError):
+        Plan([("no_such_op", ())], [])
 
 
 class _Double(torch.nn.Module):

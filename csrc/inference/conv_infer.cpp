@@ -1,9 +1,10 @@
 // Convolutions of the BN-folded network as token-major GEMMs with fused epilogues (CPU
 // kernels of shvit_cpp::pw_conv, shvit_cpp::ffn_block and shvit_cpp::conv3x3; see
-// shvit_kernels/pointwise.py).
+// shvit_kernels/pointwise.py), and the two GEMMs on per-image channel means: the
+// SqueezeExcite gate (shvit_cpp::se_gate) and the classifier head (shvit_cpp::pool_linear).
 //
-// Activations are channels_last float32 tensors, i.e. (B*H*W, C) row-major token rows; the
-// weights are packed once by shvit_cpp::pack_weight (gemm.h). Rows are split across threads.
+// Activations are channels_last float32 tensors, i.e. (B*H*W, C) row-major token rows (a
+// channels_last copy is made of an input in another layout); the weights are packed once by shvit_cpp::pack_weight (gemm.h). Rows are split across threads.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -26,12 +27,13 @@ void require_gemm() {
               "shvit_cpp: the packed GEMM needs an x86-64 CPU with AVX2 and FMA (use the torch path elsewhere)");
 }
 
-void check_act(const Tensor& x, const char* name, int64_t channels) {
+// An activation as the kernels read it: float32, channels_last (a copy is made of any other
+// layout), `channels` channels unless that is -1.
+Tensor token_major(const Tensor& x, const char* name, int64_t channels) {
   check_input(x, name);
   TORCH_CHECK(x.scalar_type() == at::kFloat, name, " must be float32, got ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), name,
-              " must be channels_last (token-major), got strides ", x.strides());
   TORCH_CHECK(channels < 0 || x.size(1) == channels, name, " must have ", channels, " channels, got ", x.size(1));
+  return as_channels_last(x);
 }
 
 // wp: the packed form of an (n, k) weight; bias (n,) float32.
@@ -69,15 +71,16 @@ Tensor pack_weight(const Tensor& w) {
 }
 
 // relu?(conv1x1(x) + bias + residual)
-Tensor pw_conv(const Tensor& x, const Tensor& w_packed, const Tensor& bias, bool relu,
-               const std::optional<Tensor>& residual) {
+Tensor pw_conv(const Tensor& x_in, const Tensor& w_packed, const Tensor& bias, bool relu,
+               const std::optional<Tensor>& residual_in) {
   require_gemm();
-  check_act(x, "x", -1);
+  const Tensor x = token_major(x_in, "x", -1);
   const int64_t k = x.size(1);
   check_packed(w_packed, bias, k, "pw_conv");
   const int64_t n = bias.size(0);
-  if (residual.has_value()) {
-    check_act(*residual, "residual", n);
+  std::optional<Tensor> residual;
+  if (residual_in.has_value()) {
+    residual = token_major(*residual_in, "residual", n);
     TORCH_CHECK(residual->sizes() == at::IntArrayRef({x.size(0), n, x.size(2), x.size(3)}),
                 "residual must be (", x.size(0), ", ", n, ", ", x.size(2), ", ", x.size(3), "), got ",
                 residual->sizes());
@@ -103,10 +106,10 @@ Tensor pw_conv(const Tensor& x, const Tensor& w_packed, const Tensor& bias, bool
 
 // x + conv1x1_2(relu(conv1x1_1(x) + b1)) + b2, tile by tile (the hidden activation never
 // leaves the cache).
-Tensor ffn_block(const Tensor& x, const Tensor& w1_packed, const Tensor& b1, const Tensor& w2_packed,
+Tensor ffn_block(const Tensor& x_in, const Tensor& w1_packed, const Tensor& b1, const Tensor& w2_packed,
                  const Tensor& b2) {
   require_gemm();
-  check_act(x, "x", -1);
+  const Tensor x = token_major(x_in, "x", -1);
   const int64_t c = x.size(1);
   check_packed(w1_packed, b1, c, "ffn_block (first conv)");
   const int64_t h = b1.size(0);
@@ -155,9 +158,9 @@ Tensor ffn_block(const Tensor& x, const Tensor& w1_packed, const Tensor& b1, con
 // in one output row, with no division per pixel: S1's second stem conv has 50k output pixels
 // per batch of 16, and there the tables alone (the GEMM skipped) took 0.47 ms less per call
 // than with a pixel-by-pixel loop.
-Tensor conv3x3(const Tensor& x, const Tensor& w_packed, const Tensor& bias, int64_t stride, bool relu) {
+Tensor conv3x3(const Tensor& x_in, const Tensor& w_packed, const Tensor& bias, int64_t stride, bool relu) {
   require_gemm();
-  check_act(x, "x", -1);
+  const Tensor x = token_major(x_in, "x", -1);
   TORCH_CHECK(stride == 1 || stride == 2, "conv3x3: stride must be 1 or 2, got ", stride);
   const int64_t B = x.size(0), c = x.size(1), H = x.size(2), W = x.size(3), seg = 3 * c;
   check_packed(w_packed, bias, 3 * seg, "conv3x3 (weight permuted to (Cout, 3, 3, Cin))");
@@ -220,7 +223,91 @@ Tensor conv3x3(const Tensor& x, const Tensor& w_packed, const Tensor& bias, int6
   return out;
 }
 
+namespace {
+
+// mean[b, c] over the tokens of image b (rows of c floats), summed in token order.
+std::vector<float> token_means(const Tensor& x) {
+  const int64_t B = x.size(0), c = x.size(1), N = x.size(2) * x.size(3);
+  std::vector<float> mean(static_cast<size_t>(B * c), 0.f);
+  const float* px = x.const_data_ptr<float>();
+  const float inv = N > 0 ? 1.f / static_cast<float>(N) : 0.f;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* mb = mean.data() + b * c;
+      for (int64_t t = 0; t < N; ++t) {
+        const float* row = px + (b * N + t) * c;
+        for (int64_t j = 0; j < c; ++j) mb[j] += row[j];
+      }
+      for (int64_t j = 0; j < c; ++j) mb[j] *= inv;
+    }
+  });
+  return mean;
+}
+
+}  // namespace
+
+// x * sigmoid(fc2(relu(fc1(mean over tokens of x)))) for BN-folded 1x1 convs fc1 (c -> h) and
+// fc2 (h -> c), packed: SqueezeExcite in one call.
+Tensor se_gate(const Tensor& x_in, const Tensor& w1_packed, const Tensor& b1, const Tensor& w2_packed,
+               const Tensor& b2) {
+  require_gemm();
+  const Tensor x = token_major(x_in, "x", -1);
+  const int64_t B = x.size(0), c = x.size(1), N = x.size(2) * x.size(3);
+  check_packed(w1_packed, b1, c, "se_gate (fc1)");
+  const int64_t h = b1.size(0);
+  check_packed(w2_packed, b2, h, "se_gate (fc2)");
+  TORCH_CHECK(b2.size(0) == c, "se_gate: fc2 must map back to ", c, " channels, got ", b2.size(0));
+  Tensor out = empty_cl(x, c);
+  if (out.numel() == 0) return out;
+  const std::vector<float> mean = token_means(x);
+  std::vector<float> hidden(static_cast<size_t>(B * h)), gate(static_cast<size_t>(B * c));
+  shvit_gemm::Epilogue e1;
+  e1.bias = b1.const_data_ptr<float>();
+  e1.relu = true;
+  shvit_gemm::gemm_packed(B, h, c, mean.data(), c, w1_packed.const_data_ptr<float>(), hidden.data(), h, e1);
+  shvit_gemm::Epilogue e2;
+  e2.bias = b2.const_data_ptr<float>();
+  shvit_gemm::gemm_packed(B, c, h, hidden.data(), h, w2_packed.const_data_ptr<float>(), gate.data(), c, e2);
+  for (float& g : gate) g = 1.f / (1.f + std::exp(-g));
+  const float* px = x.const_data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, B * N, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* g = gate.data() + r / N * c;
+      for (int64_t j = 0; j < c; ++j) po[r * c + j] = px[r * c + j] * g[j];
+    }
+  });
+  return out;
+}
+
+// (B, n) = (mean over tokens of x) @ W^T + bias: global average pooling and a linear layer.
+Tensor pool_linear(const Tensor& x_in, const Tensor& w_packed, const Tensor& bias) {
+  require_gemm();
+  const Tensor x = token_major(x_in, "x", -1);
+  const int64_t B = x.size(0), c = x.size(1);
+  check_packed(w_packed, bias, c, "pool_linear");
+  const int64_t n = bias.size(0);
+  Tensor out = at::empty({B, n}, x.options());
+  if (B == 0) return out;
+  const std::vector<float> mean = token_means(x);
+  shvit_gemm::Epilogue e;
+  e.bias = bias.const_data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const float* pw = w_packed.const_data_ptr<float>();
+  // column blocks across threads (B is small; the weight is what is read)
+  const int64_t panels = (n + shvit_gemm::kPanel - 1) / shvit_gemm::kPanel;
+  at::parallel_for(0, panels, 8, [&](int64_t p0, int64_t p1) {
+    shvit_gemm::Epilogue ep = e;
+    ep.bias += p0 * shvit_gemm::kPanel;
+    const int64_t n0 = p0 * shvit_gemm::kPanel, n1 = std::min(n, p1 * shvit_gemm::kPanel);
+    shvit_gemm::gemm_packed(B, n1 - n0, c, mean.data(), c, pw + p0 * c * shvit_gemm::kPanel, po + n0, n, ep);
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) {
+  m.impl("se_gate", &se_gate);
+  m.impl("pool_linear", &pool_linear);
   m.impl("conv3x3", &conv3x3);
   m.impl("pack_weight", &pack_weight);
   m.impl("pw_conv", &pw_conv);

@@ -168,11 +168,11 @@ SHVIT_TARGET_AVX512 void row_avx512(const DwArgs& a, int64_t b, int64_t oy, floa
 
 }  // namespace
 
-Tensor dw_conv3x3(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t stride, bool relu) {
-  check_input(x, "x");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "x must be channels_last (token-major), got strides ",
-              x.strides());
+// x in any memory format (a channels_last copy is made of any other).
+Tensor dw_conv3x3(const Tensor& x_in, const Tensor& weight, const Tensor& bias, int64_t stride, bool relu) {
+  check_input(x_in, "x");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "x must be float32, got ", x_in.scalar_type());
+  const Tensor x = as_channels_last(x_in);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == 3 &&
                   weight.size(3) == 3 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),

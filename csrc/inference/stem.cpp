@@ -161,12 +161,14 @@ SHVIT_TARGET_AVX512 void stem_row_z(const StemArgs& a, const float* const* rows,
 }  // namespace
 
 // relu?(conv2d(x, weight, bias, stride, padding=1)) for a 3x3 kernel, NCHW float32 x with
-// Cin * 9 <= 64 and Cout <= 32; the output is channels_last.
-Tensor stem_conv3x3(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t stride, bool relu) {
-  check_input(x, "x");
+// Cin * 9 <= 64 and Cout <= 32 (an NCHW copy is made of x in any other layout); the output
+// is channels_last.
+Tensor stem_conv3x3(const Tensor& x_in, const Tensor& weight, const Tensor& bias, int64_t stride, bool relu) {
+  check_input(x_in, "x");
   TORCH_CHECK(shvit_isa::at_least(shvit_isa::Isa::kAvx2),
               "stem_conv3x3 needs the AVX2 level (an x86-64 CPU with AVX2 and FMA)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be a contiguous (NCHW) float32 tensor");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "x must be float32, got ", x_in.scalar_type());
+  const Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == Cin && weight.size(2) == 3 && weight.size(3) == 3 &&
                   weight.scalar_type() == at::kFloat,

@@ -1,0 +1,45 @@
+"""Chains of C++ CPU ops run as one call (``csrc/inference/plan.cpp``).
+
+A *step* is ``(op, args)``: ``x -> torch.ops.shvit_cpp.<op>(x, *args)``, its weights packed
+when the step is made. The kernels' ``*_step`` functions (``pointwise``, ``shsa_inference``)
+return steps; a module runs one with ``call``, and a folded fused model runs all of its
+layers as a ``Plan`` (``shvit.layers.cpu_plan``). From Python each op call costs its argument
+parsing and dispatch (about 5 us); a plan pays that once per forward, which at batch 1 is a
+measurable share of SHViT's few milliseconds.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+Step = tuple[str, tuple]
+
+
+def call(step: Step, x: Tensor) -> Tensor:
+    """One step on ``x``."""
+    op, args = step
+    return getattr(torch.ops.shvit_cpp, op)(x, *args)
+
+
+class Plan:
+    """``steps`` run one after another in C++, with the tensors they were made from
+    (``watch``) watched: ``changed()`` once one of them is moved or modified in place."""
+
+    def __init__(self, steps: Sequence[Step], watch: Sequence[Tensor]):
+        self._plan = torch.classes.shvit_cpp.Plan()
+        for op, args in steps:
+            self._plan.add(op, list(args))
+        self._plan.watch(list(watch))
+        self._len = len(steps)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def run(self, x: Tensor, end: int | None = None) -> Tensor:
+        """``x`` after the first ``end`` steps (all of them by default)."""
+        return self._plan.run(x, -1 if end is None else end)
+
+    def changed(self) -> bool:
+        return self._plan.changed()

@@ -253,12 +253,16 @@ SHVIT_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64
 #define SHVIT_AVX512 SHVIT_TARGET_AVX512
 
 constexpr int64_t kKcMax512 = 512;
-// How far ahead (in k steps) a tile that reads its B panels cold prefetches them into L1: the
-// first row tile of each panel group, which at batch 1 streams the weights from L3 while the
-// tiles after it find them in cache. With the hardware prefetchers alone those tiles ran at
-// 6-8 GB/s of weights, a third of what one core reads from L3 here (25 GB/s); prefetching
-// 16 steps (1 KiB per panel) ahead made SHViT-S4 at batch 1 4.5% faster and S1 3% (one
-// thread, interleaved call by call, 2-core AVX-512 VM); batch 16 was unchanged (0.99x).
+// Weight prefetching for small m, where the GEMMs stream their packed weights from L3 (at
+// batch 1 SHViT's 1x1 convolutions have 16-256 rows; its 25-70 MB of weights do not fit L2).
+// The first row tile of each panel group reads its panels cold and prefetches them kPbDist k
+// steps (1 KiB per panel) ahead into L1; the second and third row tiles of a quad prefetch the
+// next group's panels while they compute from cache. With the hardware prefetchers alone the
+// stage-3 FFNs read their weights at 6-8 GB/s, a third of what one core reads from L3 here
+// (25 GB/s). One thread, interleaved call by call, 2-core AVX-512 VM: the first-tile
+// prefetch made SHViT-S4 at batch 1 4.5% faster and S1 3%, the next-group prefetch another 3%
+// and 2.7%; batch 16 unchanged (0.99x, 0.995x). Prefetching into L2 instead, or 32-128 steps
+// ahead, was no faster.
 constexpr int64_t kPbDist = 16;
 
 // prefetch_during_gemm's ranges of this thread, taken in order
@@ -318,10 +322,10 @@ SHVIT_AVX512 __attribute__((always_inline)) inline void store_tile(const __m512 
 // through memory: the tiles of the k = 16 score GEMM spent about a third of their time there).
 // Panel p at b + p * bps, rows ldb apart. Short tiles repeat their last row of A (the extra
 // results are not stored).
-template <int R, int P, bool PF = false, bool PB = false>
+template <int R, int P, bool PF = false, bool PB = false, bool NX = false>
 SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, const float* a, int64_t lda, const float* b,
                          int64_t bps, int64_t ldb, float* c, int64_t ldc, bool first, bool last, const float* bias, const float* rbias, const float* res, int64_t ldr,
-                         bool relu, float* cmax) {
+                         bool relu, float* cmax, const float* nx = nullptr, int64_t nx_stride = 0) {
   const float* ar[R];
 #pragma GCC unroll 12
   for (int r = 0; r < R; ++r) ar[r] = a + std::min<int64_t>(r, rows - 1) * lda;
@@ -370,6 +374,10 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, const float* a, i
         _mm_prefetch(reinterpret_cast<const char*>(b + (kk + kPbDist) * ldb + p * bps), _MM_HINT_T0);
       }
     }
+    if (NX) {
+      _mm_prefetch(reinterpret_cast<const char*>(nx + kk * ldb), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(nx + nx_stride + kk * ldb), _MM_HINT_T0);
+    }
     fma_step<R, P>(acc, ar, kk, b + kk * ldb, bps);
   }
   if (PF && pf != nullptr) pr.p[pr.cur] = pf;
@@ -412,16 +420,23 @@ SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, i
         const float* res = epi.residual ? epi.residual + row * epi.ldr + col : nullptr;
         const float* rbias = epi.row_bias ? epi.row_bias + row : nullptr;
         const bool pf = tl_prefetch.cur < tl_prefetch.n;
-        // the first row tile of a panel group reads its panels cold: it prefetches them ahead
+        // The first row tile of a panel group reads its panels cold and prefetches them ahead
+        // (kPbDist); the second and third tiles of a quad, computing from cache, prefetch two
+        // panels each of the next group, which then finds them there.
         const bool cold = ir == 0;
-        if (quad) {
+        const int64_t next = jp + (quad ? 4 : 2) + (ir == 12 ? 2 : 0);
+        if (quad && !pf && (ir == 6 || ir == 12) && next < np) {
+          tile_z<6, 4, false, false, true>(rows, nvq, kc, as + row * lda, lda, b, bps, ldb, c + row * ldc + col,
+                                           ldc, first, last, bias, rbias, res, epi.ldr, epi.relu, cmax,
+                                           wp + next * bps + k0 * ldb, next + 1 < np ? bps : 0);
+        } else if (quad) {
           (pf ? tile_z<6, 4, true> : cold ? tile_z<6, 4, false, true> : tile_z<6, 4>)(
               rows, nvq, kc, as + row * lda, lda, b, bps, ldb, c + row * ldc + col, ldc, first, last, bias, rbias,
-              res, epi.ldr, epi.relu, cmax);
+              res, epi.ldr, epi.relu, cmax, nullptr, 0);
         } else if (pair) {
           (pf ? tile_z<6, 2, true> : cold ? tile_z<6, 2, false, true> : tile_z<6, 2>)(
               rows, nv, kc, as + row * lda, lda, b, bps, ldb, c + row * ldc + col, ldc, first, last, bias, rbias,
-              res, epi.ldr, epi.relu, cmax);
+              res, epi.ldr, epi.relu, cmax, nullptr, 0);
         } else if (step == 12) {
           tile_z<12, 1>(rows, nv, kc, as + row * lda, lda, b, 0, ldb, c + row * ldc + col, ldc, first,
                         last, bias, rbias, res, epi.ldr, epi.relu, cmax);

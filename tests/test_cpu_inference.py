@@ -138,7 +138,7 @@ def test_shsa_block_packed_gemms_match(shape, channels_last):
 
 
 @needs_gemm
-@pytest.mark.parametrize("shape", [(2, 3, 17, 13), (1, 3, 1, 1), (3, 1, 8, 9), (1, 7, 5, 4), (1, 3, 2, 30)],
+@pytest.mark.parametrize("shape", [(2, 3, 17, 13), (1, 3, 1, 1), (3, 1, 8, 9), (1, 7, 5, 4), (1, 3, 2, 30), (2, 3, 7, 61)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("cout", [5, 16, 28, 32])
 @pytest.mark.parametrize("stride", [1, 2])

@@ -124,25 +124,30 @@ Tensor ffn_block(const Tensor& x_in, const Tensor& w1_packed, const Tensor& b1, 
   const float* pb1 = b1.const_data_ptr<float>();
   const float* pb2 = b2.const_data_ptr<float>();
   float* po = out.data_ptr<float>();
-  // tiles of at most kFfnRows rows (a multiple of the GEMM's 6-row tile), as many per thread
-  // (at batch 16 on two threads, S1's 256 rows of 4 x 4 tokens: 4 tiles of 66, not 3 of 96)
+  // each thread one contiguous share of the rows (a multiple of the GEMM's 6-row tile), cut
+  // into tiles of at most kFfnRows: at two threads S1's 784 rows of stage 2 are two shares of
+  // 396 and 388 (whole tiles of 84 rows had given one thread 420 rows and the other 364)
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (m + 5) / 6));
-  const int64_t per_thread = ((m + kFfnRows - 1) / kFfnRows + threads - 1) / threads;
-  const int64_t tile_rows = ((m + threads * per_thread - 1) / (threads * per_thread) + 5) / 6 * 6;
-  const int64_t tiles = (m + tile_rows - 1) / tile_rows;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> hidden(static_cast<size_t>(tile_rows * h));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t * tile_rows, rows = std::min(tile_rows, m - r0);
-      shvit_gemm::Epilogue e1;
-      e1.bias = pb1;
-      e1.relu = true;
-      shvit_gemm::gemm_packed(rows, h, c, px + r0 * c, c, pw1, hidden.data(), h, e1);
-      shvit_gemm::Epilogue e2;
-      e2.bias = pb2;
-      e2.residual = px + r0 * c;
-      e2.ldr = c;
-      shvit_gemm::gemm_packed(rows, c, h, hidden.data(), h, pw2, po + r0 * c, c, e2);
+  const int64_t share = ((m + threads - 1) / threads + 5) / 6 * 6;
+  at::parallel_for(0, threads, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t sh = s0; sh < s1; ++sh) {
+      const int64_t begin = sh * share, end = std::min(m, begin + share);
+      if (begin >= end) continue;
+      const int64_t tiles = (end - begin + kFfnRows - 1) / kFfnRows;
+      const int64_t tile_rows = ((end - begin + tiles - 1) / tiles + 5) / 6 * 6;
+      std::vector<float> hidden(static_cast<size_t>(tile_rows * h));
+      for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {
+        const int64_t rows = std::min(tile_rows, end - r0);
+        shvit_gemm::Epilogue e1;
+        e1.bias = pb1;
+        e1.relu = true;
+        shvit_gemm::gemm_packed(rows, h, c, px + r0 * c, c, pw1, hidden.data(), h, e1);
+        shvit_gemm::Epilogue e2;
+        e2.bias = pb2;
+        e2.residual = px + r0 * c;
+        e2.ldr = c;
+        shvit_gemm::gemm_packed(rows, c, h, hidden.data(), h, pw2, po + r0 * c, c, e2);
+      }
     }
   });
   return out;
@@ -244,6 +249,20 @@ std::vector<float> token_means(const Tensor& x) {
   return mean;
 }
 
+// C (m, n) = epi(A (m, k) @ W^T) for a few rows (one per image): the output panels split
+// across threads (the weight is what is read). Bias and ReLU only.
+void gemm_few_rows(int64_t m, int64_t n, int64_t k, const float* a, const Tensor& w_packed, float* c,
+                   const shvit_gemm::Epilogue& epi) {
+  const float* pw = w_packed.const_data_ptr<float>();
+  const int64_t panels = (n + shvit_gemm::kPanel - 1) / shvit_gemm::kPanel;
+  at::parallel_for(0, panels, 4, [&](int64_t p0, int64_t p1) {
+    shvit_gemm::Epilogue e = epi;
+    const int64_t n0 = p0 * shvit_gemm::kPanel, n1 = std::min(n, p1 * shvit_gemm::kPanel);
+    if (e.bias) e.bias += n0;
+    shvit_gemm::gemm_packed(m, n1 - n0, k, a, k, pw + p0 * k * shvit_gemm::kPanel, c + n0, n, e);
+  });
+}
+
 }  // namespace
 
 // x * sigmoid(fc2(relu(fc1(mean over tokens of x)))) for BN-folded 1x1 convs fc1 (c -> h) and
@@ -264,10 +283,10 @@ Tensor se_gate(const Tensor& x_in, const Tensor& w1_packed, const Tensor& b1, co
   shvit_gemm::Epilogue e1;
   e1.bias = b1.const_data_ptr<float>();
   e1.relu = true;
-  shvit_gemm::gemm_packed(B, h, c, mean.data(), c, w1_packed.const_data_ptr<float>(), hidden.data(), h, e1);
+  gemm_few_rows(B, h, c, mean.data(), w1_packed, hidden.data(), e1);
   shvit_gemm::Epilogue e2;
   e2.bias = b2.const_data_ptr<float>();
-  shvit_gemm::gemm_packed(B, c, h, hidden.data(), h, w2_packed.const_data_ptr<float>(), gate.data(), c, e2);
+  gemm_few_rows(B, c, h, hidden.data(), w2_packed, gate.data(), e2);
   for (float& g : gate) g = 1.f / (1.f + std::exp(-g));
   const float* px = x.const_data_ptr<float>();
   float* po = out.data_ptr<float>();
@@ -292,16 +311,7 @@ Tensor pool_linear(const Tensor& x_in, const Tensor& w_packed, const Tensor& bia
   const std::vector<float> mean = token_means(x);
   shvit_gemm::Epilogue e;
   e.bias = bias.const_data_ptr<float>();
-  float* po = out.data_ptr<float>();
-  const float* pw = w_packed.const_data_ptr<float>();
-  // column blocks across threads (B is small; the weight is what is read)
-  const int64_t panels = (n + shvit_gemm::kPanel - 1) / shvit_gemm::kPanel;
-  at::parallel_for(0, panels, 8, [&](int64_t p0, int64_t p1) {
-    shvit_gemm::Epilogue ep = e;
-    ep.bias += p0 * shvit_gemm::kPanel;
-    const int64_t n0 = p0 * shvit_gemm::kPanel, n1 = std::min(n, p1 * shvit_gemm::kPanel);
-    shvit_gemm::gemm_packed(B, n1 - n0, c, mean.data(), c, pw + p0 * c * shvit_gemm::kPanel, po + n0, n, ep);
-  });
+  gemm_few_rows(B, n, c, mean.data(), w_packed, out.data_ptr<float>(), e);
   return out;
 }
 

@@ -131,12 +131,17 @@ SHVIT_TARGET_AVX512 void stem_row_z(const StemArgs& a, const float* const* rows,
 #pragma GCC unroll 3
       for (int kx = 0; kx < 3; ++kx) {
         const float* w = a.w + (rr * 3 + kx) * a.CoP;
+        // one base pointer, the pixels at constant offsets from it: opaque to the compiler, or
+        // GCC hoists the twelve pixel offsets out of the loops into registers and spills
+        // accumulators to the stack
+        const float* r = row + kx;
+        asm("" : "+r"(r));
         __m512 wv[NV];
 #pragma GCC unroll 2
         for (int j = 0; j < NV; ++j) wv[j] = _mm512_loadu_ps(w + j * 16);
 #pragma GCC unroll 12
         for (int p = 0; p < PX; ++p) {
-          const __m512 v = _mm512_set1_ps(row[p * S + kx]);
+          const __m512 v = _mm512_set1_ps(r[p * S]);
 #pragma GCC unroll 2
           for (int j = 0; j < NV; ++j) acc[p * NV + j] = _mm512_fmadd_ps(v, wv[j], acc[p * NV + j]);
         }

@@ -83,7 +83,7 @@ def test_ffn_block_matches_composition(shape):
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("shape", [(2, 24, 5, 7), (3, 37, 4, 4), (1, 40, 1, 1), (2, 13, 6, 3), (1, 896, 4, 5)],
+@pytest.mark.parametrize("shape", [(2, 24, 5, 7), (3, 37, 4, 4), (1, 40, 1, 1), (2, 13, 6, 3), (1, 896, 4, 5), (2, 40, 9, 21)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("relu", [False, True])

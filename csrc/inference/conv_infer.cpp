@@ -21,6 +21,8 @@ namespace {
 constexpr int64_t kFfnRows = 96;
 // 3x3 convolution: output pixels per tile (one table of 3 x rows input-row pointers).
 constexpr int64_t kConvRows = 96;
+// 1x1 convolution: rows per tile (a multiple of 6; the row block of the GEMM's blocking).
+constexpr int64_t kPwRows = 144;
 
 void require_gemm() {
   TORCH_CHECK(shvit_gemm::available(),
@@ -96,10 +98,16 @@ Tensor pw_conv(const Tensor& x_in, const Tensor& w_packed, const Tensor& bias, b
   epi.bias = bias.const_data_ptr<float>();
   epi.relu = relu;
   epi.ldr = n;
-  at::parallel_for(0, m, 48, [&](int64_t r0, int64_t r1) {
-    shvit_gemm::Epilogue e = epi;
-    e.residual = pres ? pres + r0 * n : nullptr;
-    shvit_gemm::gemm_packed(r1 - r0, n, k, px + r0 * k, k, pw, po + r0 * n, n, e);
+  // tiles of at most kPwRows rows, claimed dynamically; a thread per 48 rows at most
+  const RowTiles tiles(m, kPwRows, std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, m / 48)));
+  parallel_tiles(tiles.count, [&](const auto& take) {
+    for (int64_t t; (t = take()) >= 0;) {
+      const int64_t r0 = tiles.begin(t), r1 = tiles.end(t);
+      if (r1 <= r0) continue;
+      shvit_gemm::Epilogue e = epi;
+      e.residual = pres ? pres + r0 * n : nullptr;
+      shvit_gemm::gemm_packed(r1 - r0, n, k, px + r0 * k, k, pw, po + r0 * n, n, e);
+    }
   });
   return out;
 }
@@ -124,30 +132,25 @@ Tensor ffn_block(const Tensor& x_in, const Tensor& w1_packed, const Tensor& b1, 
   const float* pb1 = b1.const_data_ptr<float>();
   const float* pb2 = b2.const_data_ptr<float>();
   float* po = out.data_ptr<float>();
-  // each thread one contiguous share of the rows (a multiple of the GEMM's 6-row tile), cut
-  // into tiles of at most kFfnRows: at two threads S1's 784 rows of stage 2 are two shares of
-  // 396 and 388 (whole tiles of 84 rows had given one thread 420 rows and the other 364)
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (m + 5) / 6));
-  const int64_t share = ((m + threads - 1) / threads + 5) / 6 * 6;
-  at::parallel_for(0, threads, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t sh = s0; sh < s1; ++sh) {
-      const int64_t begin = sh * share, end = std::min(m, begin + share);
-      if (begin >= end) continue;
-      const int64_t tiles = (end - begin + kFfnRows - 1) / kFfnRows;
-      const int64_t tile_rows = ((end - begin + tiles - 1) / tiles + 5) / 6 * 6;
-      std::vector<float> hidden(static_cast<size_t>(tile_rows * h));
-      for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {
-        const int64_t rows = std::min(tile_rows, end - r0);
-        shvit_gemm::Epilogue e1;
-        e1.bias = pb1;
-        e1.relu = true;
-        shvit_gemm::gemm_packed(rows, h, c, px + r0 * c, c, pw1, hidden.data(), h, e1);
-        shvit_gemm::Epilogue e2;
-        e2.bias = pb2;
-        e2.residual = px + r0 * c;
-        e2.ldr = c;
-        shvit_gemm::gemm_packed(rows, c, h, hidden.data(), h, pw2, po + r0 * c, c, e2);
-      }
+  // tiles of at most kFfnRows rows, as many per thread, claimed dynamically (at two threads
+  // S1's 784 rows of stage 2 are ten tiles of 78 +- 6 rows; whole tiles of 84 had given one
+  // thread 420 rows and the other 364)
+  const RowTiles tiles(m, kFfnRows, at::get_num_threads());
+  parallel_tiles(tiles.count, [&](const auto& take) {
+    std::vector<float> hidden;
+    for (int64_t t; (t = take()) >= 0;) {
+      const int64_t r0 = tiles.begin(t), rows = tiles.end(t) - r0;
+      if (rows <= 0) continue;
+      hidden.resize(static_cast<size_t>(std::max<int64_t>(static_cast<int64_t>(hidden.size()), rows * h)));
+      shvit_gemm::Epilogue e1;
+      e1.bias = pb1;
+      e1.relu = true;
+      shvit_gemm::gemm_packed(rows, h, c, px + r0 * c, c, pw1, hidden.data(), h, e1);
+      shvit_gemm::Epilogue e2;
+      e2.bias = pb2;
+      e2.residual = px + r0 * c;
+      e2.ldr = c;
+      shvit_gemm::gemm_packed(rows, c, h, hidden.data(), h, pw2, po + r0 * c, c, e2);
     }
   });
   return out;
@@ -180,10 +183,10 @@ Tensor conv3x3(const Tensor& x_in, const Tensor& w_packed, const Tensor& bias, i
   float* po = out.data_ptr<float>();
   const std::vector<float> zero(static_cast<size_t>(seg), 0.f);
   const int64_t tiles = (m + kConvRows - 1) / kConvRows;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  parallel_tiles(tiles, [&](const auto& take) {
     std::vector<const float*> rows(static_cast<size_t>(3 * kConvRows));
     std::vector<float> edges;  // the kernel rows that overhang the image's left or right edge
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t; (t = take()) >= 0;) {
       const int64_t r0 = t * kConvRows, count = std::min(kConvRows, m - r0);
       int64_t b = r0 / (OH * OW), oy = r0 / OW % OH, ox = r0 % OW, used = 0;
       // runs of pixels along one output row: a kernel row's start advances by stride * C
@@ -236,15 +239,13 @@ std::vector<float> token_means(const Tensor& x) {
   std::vector<float> mean(static_cast<size_t>(B * c), 0.f);
   const float* px = x.const_data_ptr<float>();
   const float inv = N > 0 ? 1.f / static_cast<float>(N) : 0.f;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      float* mb = mean.data() + b * c;
-      for (int64_t t = 0; t < N; ++t) {
-        const float* row = px + (b * N + t) * c;
-        for (int64_t j = 0; j < c; ++j) mb[j] += row[j];
-      }
-      for (int64_t j = 0; j < c; ++j) mb[j] *= inv;
+  parallel_rows(B, 1, [&](int64_t b) {
+    float* mb = mean.data() + b * c;
+    for (int64_t t = 0; t < N; ++t) {
+      const float* row = px + (b * N + t) * c;
+      for (int64_t j = 0; j < c; ++j) mb[j] += row[j];
     }
+    for (int64_t j = 0; j < c; ++j) mb[j] *= inv;
   });
   return mean;
 }
@@ -255,11 +256,15 @@ void gemm_few_rows(int64_t m, int64_t n, int64_t k, const float* a, const Tensor
                    const shvit_gemm::Epilogue& epi) {
   const float* pw = w_packed.const_data_ptr<float>();
   const int64_t panels = (n + shvit_gemm::kPanel - 1) / shvit_gemm::kPanel;
-  at::parallel_for(0, panels, 4, [&](int64_t p0, int64_t p1) {
-    shvit_gemm::Epilogue e = epi;
-    const int64_t n0 = p0 * shvit_gemm::kPanel, n1 = std::min(n, p1 * shvit_gemm::kPanel);
-    if (e.bias) e.bias += n0;
-    shvit_gemm::gemm_packed(m, n1 - n0, k, a, k, pw + p0 * k * shvit_gemm::kPanel, c + n0, n, e);
+  const int64_t step = 4;  // panels per tile
+  parallel_tiles((panels + step - 1) / step, [&](const auto& take) {
+    for (int64_t t; (t = take()) >= 0;) {
+      const int64_t p0 = t * step, p1 = std::min(panels, p0 + step);
+      shvit_gemm::Epilogue e = epi;
+      const int64_t n0 = p0 * shvit_gemm::kPanel, n1 = std::min(n, p1 * shvit_gemm::kPanel);
+      if (e.bias) e.bias += n0;
+      shvit_gemm::gemm_packed(m, n1 - n0, k, a, k, pw + p0 * k * shvit_gemm::kPanel, c + n0, n, e);
+    }
   });
 }
 
@@ -290,11 +295,9 @@ Tensor se_gate(const Tensor& x_in, const Tensor& w1_packed, const Tensor& b1, co
   for (float& g : gate) g = 1.f / (1.f + std::exp(-g));
   const float* px = x.const_data_ptr<float>();
   float* po = out.data_ptr<float>();
-  at::parallel_for(0, B * N, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* g = gate.data() + r / N * c;
-      for (int64_t j = 0; j < c; ++j) po[r * c + j] = px[r * c + j] * g[j];
-    }
+  parallel_rows(B * N, 64, [&](int64_t r) {
+    const float* g = gate.data() + r / N * c;
+    for (int64_t j = 0; j < c; ++j) po[r * c + j] = px[r * c + j] * g[j];
   });
   return out;
 }

@@ -197,9 +197,9 @@ Tensor dw_conv3x3(const Tensor& x_in, const Tensor& weight, const Tensor& bias, 
   const bool simd = shvit_isa::at_least(shvit_isa::Isa::kAvx2);
   const bool avx512 = shvit_isa::active() == shvit_isa::Isa::kAvx512;
   (void)simd, (void)avx512;
-  at::parallel_for(0, B * OH, 1, [&](int64_t r0, int64_t r1) {
+  parallel_tiles(B * OH, [&](const auto& take) {  // output rows
     const float* rows[9];
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t r; (r = take()) >= 0;) {
       const int64_t bb = r / OH, oy = r % OH;
 #ifdef SHVIT_X86
       if (avx512) {

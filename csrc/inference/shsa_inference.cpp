@@ -68,12 +68,17 @@ bool packed_usable(const std::optional<Tensor>& wp, const Tensor& a, int64_t n, 
 void packed_gemm_rows(const float* a, int64_t m, int64_t k, const Tensor& wp, const float* bias, const float* res,
                       float* c, int64_t n) {
   const float* pw = wp.const_data_ptr<float>();
-  at::parallel_for(0, m, 48, [&](int64_t r0, int64_t r1) {
-    shvit_gemm::Epilogue e;
-    e.bias = bias;
-    e.residual = res ? res + r0 * n : nullptr;
-    e.ldr = n;
-    shvit_gemm::gemm_packed(r1 - r0, n, k, a + r0 * k, k, pw, c + r0 * n, n, e);
+  const RowTiles tiles(m, 144, std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, m / 48)));
+  parallel_tiles(tiles.count, [&](const auto& take) {
+    for (int64_t t; (t = take()) >= 0;) {
+      const int64_t r0 = tiles.begin(t), r1 = tiles.end(t);
+      if (r1 <= r0) continue;
+      shvit_gemm::Epilogue e;
+      e.bias = bias;
+      e.residual = res ? res + r0 * n : nullptr;
+      e.ldr = n;
+      shvit_gemm::gemm_packed(r1 - r0, n, k, a + r0 * k, k, pw, c + r0 * n, n, e);
+    }
   });
 }
 
@@ -84,14 +89,14 @@ void attention_tokens_f32(const float* qkv, int64_t B, int64_t N, int64_t QK, in
   const int64_t CQ = 2 * QK + PD;
   const int64_t tq = std::min<int64_t>(N, 96);
   const int64_t chunks = (N + tq - 1) / tq;
-  at::parallel_for(0, B * chunks, 1, [&](int64_t w0, int64_t w1) {
+  parallel_tiles(B * chunks, [&](const auto& take) {  // (image, query chunk)
     std::vector<float> kp(static_cast<size_t>(shvit_gemm::packed_size(N, QK)));
     std::vector<float> vp(static_cast<size_t>(shvit_gemm::packed_size(PD, N)));
     std::vector<float> s(static_cast<size_t>(tq * N));
     int64_t packed_b = -1;
     shvit_gemm::Epilogue relu;
     relu.relu = true;
-    for (int64_t w = w0; w < w1; ++w) {
+    for (int64_t w; (w = take()) >= 0;) {
       const int64_t b = w / chunks, i0 = (w % chunks) * tq, rows = std::min(tq, N - i0);
       const float* qb = qkv + b * N * CQ;
       if (b != packed_b) {

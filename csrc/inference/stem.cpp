@@ -197,12 +197,12 @@ Tensor stem_conv3x3(const Tensor& x_in, const Tensor& weight, const Tensor& bias
                    out.data_ptr<float>(), Cin, H, W, OH, OW, Cout, CoP, stride, relu};
 #ifdef SHVIT_X86
   const bool avx512 = shvit_isa::active() == shvit_isa::Isa::kAvx512;
-  at::parallel_for(0, B * OH, 1, [&](int64_t r0, int64_t r1) {
+  parallel_tiles(B * OH, [&](const auto& take) {  // output rows
     const int64_t Wp = W + 2 + kStemTail;  // zeros past the row for the taps of a short last step
     std::vector<float> pad(static_cast<size_t>(Cin * 3 * Wp), 0.f);
     std::vector<const float*> rows(static_cast<size_t>(Cin * 3));
     const std::vector<float> zero_row(static_cast<size_t>(Wp), 0.f);
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t r; (r = take()) >= 0;) {
       const int64_t b = r / OH, oy = r % OH;
       for (int64_t ci = 0; ci < Cin; ++ci) {
         for (int64_t ky = 0; ky < 3; ++ky) {

@@ -3,9 +3,9 @@
 //
 // Token-major layout makes every tap a contiguous run of channels: each output pixel is
 // bias + sum over the 3x3 taps of w[tap, c] * x[pixel under tap, c], computed 32 channels at a
-// time in AVX registers (x86-64 with AVX2/FMA; a portable loop elsewhere; on AVX-512, 16
-// channels at a time with their weights held in registers along the row). Output rows are
-// split across threads.
+// time in AVX registers (x86-64 with AVX2/FMA; a portable loop elsewhere; on AVX-512, up to
+// 8 pixels at a time across all channels, each input column loaded once for all of its taps).
+// Output rows are split across threads.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,6 +24,7 @@ struct DwArgs {
   const float* w;  // (9, C): tap-major
   const float* bias;
   float* out;
+  const float* zeros;  // a row of W * C zeros (AVX-512 path)
   int64_t H, W, C, OH, OW, stride;
   bool relu;
 };
@@ -95,74 +96,61 @@ SHVIT_TARGET_AVX512 inline void dw_store_z(const DwArgs& a, __m512 v, __mmask16 
   _mm512_mask_storeu_ps(o, m, v);
 }
 
-// A pixel at the left or right edge (taps outside the image skipped).
-template <int S>
-SHVIT_TARGET_AVX512 void dw_edge_z(const DwArgs& a, const float* const in[3], int ky0, int ky1, const __m512 w[9],
-                                   __m512 bias, __mmask16 m, int64_t c, int64_t ox, float* orow) {
-  __m512 v = bias;
-  for (int ky = ky0; ky < ky1; ++ky) {
-    for (int kx = 0; kx < 3; ++kx) {
-      const int64_t ix = ox * S - 1 + kx;
-      if (ix >= 0 && ix < a.W) v = _mm512_fmadd_ps(w[ky * 3 + kx], _mm512_maskz_loadu_ps(m, in[ky] + ix * a.C + c), v);
+// N output pixels of a row from ox on, whose taps in columns [K0, K1) are inside the image
+// (the others are padding), all channels, 16 at a time (N sums at once). Each of the three
+// input rows' columns under the N pixels is loaded once per 16 channels, then used by every
+// tap that covers it.
+template <int S, int N, int K0, int K1>
+SHVIT_TARGET_AVX512 inline void dw_pixels_z(const DwArgs& a, const float* const in[3], int64_t ox, float* orow) {
+  constexpr int kCols = (N - 1) * S + K1;  // columns K0 .. kCols - 1 under the pixels
+  const int64_t C = a.C, x0 = ox * S - 1;
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 m = C - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c)) - 1u);
+    const __m512 bias = _mm512_maskz_loadu_ps(m, a.bias + c);
+    __m512 v[N];
+#pragma GCC unroll 8
+    for (int n = 0; n < N; ++n) v[n] = bias;
+#pragma GCC unroll 3
+    for (int ky = 0; ky < 3; ++ky) {
+      __m512 col[kCols];
+#pragma GCC unroll 16
+      for (int j = K0; j < kCols; ++j) col[j] = _mm512_maskz_loadu_ps(m, in[ky] + (x0 + j) * C + c);
+#pragma GCC unroll 3
+      for (int kx = K0; kx < K1; ++kx) {
+        const __m512 wt = _mm512_maskz_loadu_ps(m, a.w + (ky * 3 + kx) * C + c);
+#pragma GCC unroll 8
+        for (int n = 0; n < N; ++n) v[n] = _mm512_fmadd_ps(wt, col[n * S + kx], v[n]);
+      }
     }
+#pragma GCC unroll 8
+    for (int n = 0; n < N; ++n) dw_store_z(a, v[n], m, orow + (ox + n) * C + c);
   }
-  dw_store_z(a, v, m, orow + ox * a.C + c);
 }
 
-// One output row on AVX-512, 16 channels at a time: the chunk's nine weight vectors stay in
-// registers while the row's pixels go by, four pixels at a time in the interior (four
-// independent sums), then one at a time, the edge pixels with their taps checked. The taps
-// are summed in the same order as pixel_avx2 (padding skipped), so the two give identical
-// results.
+// Pixels [ox, hi) of a row, all of their taps inside the image: N at a time, then fewer.
+template <int S, int N>
+SHVIT_TARGET_AVX512 inline void dw_interior_z(const DwArgs& a, const float* const in[3], int64_t ox, int64_t hi,
+                                              float* orow) {
+  for (; hi - ox >= N; ox += N) dw_pixels_z<S, N, 0, 3>(a, in, ox, orow);
+  if constexpr (N > 1) dw_interior_z<S, N / 2>(a, in, ox, hi, orow);
+}
+
+// One output row on AVX-512, pixel by pixel across all channels (the input and output rows are
+// read and written in memory order). Rows above or below the image read a row of zeros; the
+// left and right edge pixels leave out their padding columns. The taps are summed in the same
+// order as pixel_avx2 (the zero rows add +-0), so the two give identical results.
 template <int S>
 SHVIT_TARGET_AVX512 void row_avx512(const DwArgs& a, int64_t b, int64_t oy, float* orow) {
-  const int64_t C = a.C, W = a.W, OW = a.OW;
   const float* in[3];
-  int ky0 = 0, ky1 = 3;  // the taps' rows inside the image
   for (int ky = 0; ky < 3; ++ky) {
     const int64_t iy = oy * S - 1 + ky;
-    const bool inside = iy >= 0 && iy < a.H;
-    in[ky] = inside ? a.x + (b * a.H + iy) * W * C : nullptr;
-    if (!inside && ky == 0) ky0 = 1;
-    if (!inside && ky > 0 && ky1 == 3) ky1 = ky;
+    in[ky] = iy >= 0 && iy < a.H ? a.x + (b * a.H + iy) * a.W * a.C : a.zeros;
   }
-  // interior pixels: all three columns of taps inside the image
-  const int64_t lo = std::min<int64_t>(1, OW), hi = std::max<int64_t>(lo, std::min<int64_t>(OW, (W - 2) / S + 1));
-  for (int64_t c = 0; c < C; c += 16) {
-    const int64_t nv = std::min<int64_t>(16, C - c);
-    const __mmask16 m = static_cast<__mmask16>((1u << nv) - 1u);
-    __m512 w[9];
-    for (int t = 0; t < 9; ++t) w[t] = _mm512_maskz_loadu_ps(m, a.w + t * C + c);
-    const __m512 bias = _mm512_maskz_loadu_ps(m, a.bias + c);
-    for (int64_t ox = 0; ox < lo; ++ox) dw_edge_z<S>(a, in, ky0, ky1, w, bias, m, c, ox, orow);
-    int64_t ox = lo;
-    for (; ox + 4 <= hi; ox += 4) {
-      __m512 v0 = bias, v1 = bias, v2 = bias, v3 = bias;
-      for (int ky = ky0; ky < ky1; ++ky) {
-        const float* r = in[ky] + ((ox * S - 1) * C + c);
-#pragma GCC unroll 3
-        for (int kx = 0; kx < 3; ++kx) {
-          const __m512 wt = w[ky * 3 + kx];
-          v0 = _mm512_fmadd_ps(wt, _mm512_maskz_loadu_ps(m, r + kx * C), v0);
-          v1 = _mm512_fmadd_ps(wt, _mm512_maskz_loadu_ps(m, r + (S + kx) * C), v1);
-          v2 = _mm512_fmadd_ps(wt, _mm512_maskz_loadu_ps(m, r + (2 * S + kx) * C), v2);
-          v3 = _mm512_fmadd_ps(wt, _mm512_maskz_loadu_ps(m, r + (3 * S + kx) * C), v3);
-        }
-      }
-      dw_store_z(a, v0, m, orow + ox * C + c), dw_store_z(a, v1, m, orow + (ox + 1) * C + c);
-      dw_store_z(a, v2, m, orow + (ox + 2) * C + c), dw_store_z(a, v3, m, orow + (ox + 3) * C + c);
-    }
-    for (; ox < hi; ++ox) {
-      __m512 v = bias;
-      for (int ky = ky0; ky < ky1; ++ky) {
-        const float* r = in[ky] + ((ox * S - 1) * C + c);
-#pragma GCC unroll 3
-        for (int kx = 0; kx < 3; ++kx) v = _mm512_fmadd_ps(w[ky * 3 + kx], _mm512_maskz_loadu_ps(m, r + kx * C), v);
-      }
-      dw_store_z(a, v, m, orow + ox * C + c);
-    }
-    for (; ox < OW; ++ox) dw_edge_z<S>(a, in, ky0, ky1, w, bias, m, c, ox, orow);
-  }
+  if (a.W == 1) return dw_pixels_z<S, 1, 1, 2>(a, in, 0, orow);
+  dw_pixels_z<S, 1, 1, 3>(a, in, 0, orow);
+  const int64_t hi = std::min<int64_t>(a.OW, (a.W - 2) / S + 1);  // pixels with all three columns inside
+  dw_interior_z<S, S == 1 ? 8 : 4>(a, in, 1, hi, orow);
+  if (hi < a.OW) dw_pixels_z<S, 1, 0, 2>(a, in, a.OW - 1, orow);
 }
 #endif
 
@@ -192,10 +180,11 @@ Tensor dw_conv3x3(const Tensor& x_in, const Tensor& weight, const Tensor& bias, 
     for (int64_t k = 0; k < 9; ++k) w9[k * C + c] = pw[c * 9 + k];
   }
   const Tensor b = bias.contiguous();
-  const DwArgs a{x.const_data_ptr<float>(), w9.data(), b.const_data_ptr<float>(),
-                 out.data_ptr<float>(), H, W, C, OH, OW, stride, relu};
   const bool simd = shvit_isa::at_least(shvit_isa::Isa::kAvx2);
   const bool avx512 = shvit_isa::active() == shvit_isa::Isa::kAvx512;
+  const std::vector<float> zeros(avx512 ? static_cast<size_t>(W * C) : 0);
+  const DwArgs a{x.const_data_ptr<float>(), w9.data(), b.const_data_ptr<float>(),
+                 out.data_ptr<float>(), zeros.data(), H, W, C, OH, OW, stride, relu};
   (void)simd, (void)avx512;
   parallel_tiles(B * OH, [&](const auto& take) {  // output rows
     const float* rows[9];

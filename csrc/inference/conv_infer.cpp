@@ -4,7 +4,8 @@
 // SqueezeExcite gate (shvit_cpp::se_gate) and the classifier head (shvit_cpp::pool_linear).
 //
 // Activations are channels_last float32 tensors, i.e. (B*H*W, C) row-major token rows (a
-// channels_last copy is made of an input in another layout); the weights are packed once by shvit_cpp::pack_weight (gemm.h). Rows are split across threads.
+// channels_last copy is made of an input in another layout); the weights are packed once by
+// shvit_cpp::pack_weight (gemm.h). Rows are split across threads.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 
 #include "common.h"
 #include "gemm/gemm.h"
+#include "gemm/gemm_rows_parallel.h"
 
 namespace shvit_cpu {
 
@@ -21,8 +23,6 @@ namespace {
 constexpr int64_t kFfnRows = 96;
 // 3x3 convolution: output pixels per tile (one table of 3 x rows input-row pointers).
 constexpr int64_t kConvRows = 96;
-// 1x1 convolution: rows per tile (a multiple of 6; the row block of the GEMM's blocking).
-constexpr int64_t kPwRows = 144;
 
 void require_gemm() {
   TORCH_CHECK(shvit_gemm::available(),
@@ -97,18 +97,9 @@ Tensor pw_conv(const Tensor& x_in, const Tensor& w_packed, const Tensor& bias, b
   shvit_gemm::Epilogue epi;
   epi.bias = bias.const_data_ptr<float>();
   epi.relu = relu;
+  epi.residual = pres;
   epi.ldr = n;
-  // tiles of at most kPwRows rows, claimed dynamically; a thread per 48 rows at most
-  const RowTiles tiles(m, kPwRows, std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, m / 48)));
-  parallel_tiles(tiles.count, [&](const auto& take) {
-    for (int64_t t; (t = take()) >= 0;) {
-      const int64_t r0 = tiles.begin(t), r1 = tiles.end(t);
-      if (r1 <= r0) continue;
-      shvit_gemm::Epilogue e = epi;
-      e.residual = pres ? pres + r0 * n : nullptr;
-      shvit_gemm::gemm_packed(r1 - r0, n, k, px + r0 * k, k, pw, po + r0 * n, n, e);
-    }
-  });
+  gemm_packed_threads(m, n, k, px, pw, po, epi);
   return out;
 }
 

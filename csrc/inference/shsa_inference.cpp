@@ -10,6 +10,7 @@
 #include "attention/attention_core.h"
 #include "common.h"
 #include "gemm/gemm.h"
+#include "gemm/gemm_rows_parallel.h"
 
 namespace shvit_cpu {
 
@@ -67,19 +68,11 @@ bool packed_usable(const std::optional<Tensor>& wp, const Tensor& a, int64_t n, 
 // c (m, n) = a (m, k) @ W^T + bias (+ residual, same layout as c), rows split across threads.
 void packed_gemm_rows(const float* a, int64_t m, int64_t k, const Tensor& wp, const float* bias, const float* res,
                       float* c, int64_t n) {
-  const float* pw = wp.const_data_ptr<float>();
-  const RowTiles tiles(m, 144, std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, m / 48)));
-  parallel_tiles(tiles.count, [&](const auto& take) {
-    for (int64_t t; (t = take()) >= 0;) {
-      const int64_t r0 = tiles.begin(t), r1 = tiles.end(t);
-      if (r1 <= r0) continue;
-      shvit_gemm::Epilogue e;
-      e.bias = bias;
-      e.residual = res ? res + r0 * n : nullptr;
-      e.ldr = n;
-      shvit_gemm::gemm_packed(r1 - r0, n, k, a + r0 * k, k, pw, c + r0 * n, n, e);
-    }
-  });
+  shvit_gemm::Epilogue e;
+  e.bias = bias;
+  e.residual = res;
+  e.ldr = n;
+  gemm_packed_threads(m, n, k, a, wp.const_data_ptr<float>(), c, e);
 }
 
 // z[b * N + i, 0:PD] = ReLU(softmax(q_i K_b^T) V_b) for a token-major float32 qkv (B * N, CQ)

@@ -13,7 +13,7 @@
 
 #include "common.h"
 #include "gemm/gemm.h"
-#include "gemm/gemm_rows_parallel.h"
+#include "gemm/gemm_threads.h"
 
 namespace shvit_cpu {
 

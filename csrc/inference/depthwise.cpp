@@ -185,7 +185,7 @@ Tensor dw_conv3x3(const Tensor& x_in, const Tensor& weight, const Tensor& bias, 
   const std::vector<float> zeros(avx512 ? static_cast<size_t>(W * C) : 0);
   const DwArgs a{x.const_data_ptr<float>(), w9.data(), b.const_data_ptr<float>(),
                  out.data_ptr<float>(), zeros.data(), H, W, C, OH, OW, stride, relu};
-  (void)simd, (void)avx512;
+  (void)simd;
   parallel_tiles(B * OH, [&](const auto& take) {  // output rows
     const float* rows[9];
     for (int64_t r; (r = take()) >= 0;) {

@@ -10,7 +10,7 @@
 #include "attention/attention_core.h"
 #include "common.h"
 #include "gemm/gemm.h"
-#include "gemm/gemm_rows_parallel.h"
+#include "gemm/gemm_threads.h"
 
 namespace shvit_cpu {
 

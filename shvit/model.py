@@ -192,7 +192,7 @@ class SHViT(nn.Module):
         if (
             not self.__dict__.get("_folded_fused")
             or x.dtype is not torch.bfloat16
-            or x.device.type != "cpu"
+            or not x.is_cpu
             or torch.is_grad_enabled()
             or torch.compiler.is_compiling()
             or shvit_kernels.onednn.bf16_hardware()
@@ -220,7 +220,7 @@ class SHViT(nn.Module):
         if (
             not self.__dict__.get("_folded_fused")
             or x.dtype is not torch.float32
-            or x.device.type != "cpu"
+            or not x.is_cpu
             or torch.compiler.is_compiling()
             or torch.jit.is_tracing()
             or torch.is_autocast_enabled("cpu")

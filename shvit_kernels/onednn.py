@@ -44,14 +44,14 @@ def applies(x: Tensor, *params: Tensor | None) -> bool:
     """Whether ``x`` and these parameters take the bfloat16 oneDNN path described above."""
     autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
     dtypes = (torch.bfloat16, torch.float32) if autocast else (torch.bfloat16,)
-    if x.dtype not in dtypes or x.device.type != "cpu" or x.numel() == 0:
+    if x.dtype not in dtypes or not x.is_cpu or x.numel() == 0:
         return False
     if not bf16_hardware() or torch.compiler.is_compiling() or not _cpp.gemm_available():
         return False
     grad = torch.is_grad_enabled() and x.requires_grad
     for p in params:
         if p is not None:
-            if p.device.type != "cpu" or p.dtype not in dtypes:
+            if not p.is_cpu or p.dtype not in dtypes:
                 return False
             grad = grad or (p.requires_grad and torch.is_grad_enabled())
     return not grad and backend.select(x) == "cpp"

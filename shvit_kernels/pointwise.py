@@ -36,9 +36,9 @@ def gemm_available() -> bool:
 
 def fast_path_applies(x: Tensor, *params: Tensor | None) -> bool:
     """Whether ``x`` (with these parameters) takes the CPU fast path described above."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+    if not x.is_cpu or x.dtype != torch.float32 or torch.compiler.is_compiling():
         return False
-    if any(p is not None and (p.device.type != "cpu" or p.dtype != torch.float32) for p in params):
+    if any(p is not None and (not p.is_cpu or p.dtype != torch.float32) for p in params):
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
         return False

@@ -40,7 +40,7 @@ def test_float64_cuda_tensor_takes_the_composition(triton_fn, torch_fn, monkeypa
     cuda = torch.device("cuda")
     for dtype, expected in [(torch.float64, torch_fn), (torch.float32, triton_fn), (torch.float16, triton_fn),
                             (torch.bfloat16, triton_fn)]:
-        t = types.SimpleNamespace(device=cuda, dtype=dtype)  # a CUDA tensor as backend.pick sees it
+        t = types.SimpleNamespace(device=cuda, is_cuda=True, is_cpu=False, dtype=dtype)  # as backend.pick sees it
         assert backend.pick(t, triton_fn, torch_fn, "unused") is expected, dtype
 
 

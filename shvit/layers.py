@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import shvit_kernels
+from shvit_kernels import onednn
 from shvit_kernels._utils import check_4d
 from shvit_kernels.plan import Step
 from shvit_kernels.shsa_inference import block_step as shsa_block_step
@@ -303,10 +304,13 @@ class SHSAInference(nn.Module):
         out = shvit_kernels.shsa_inference(x, self.weight, self.bias, self.pdim, self.qk_dim, self.eps)
         return self.proj(out)
 
-    def cpu_step(self, nchw_input: bool = False) -> Step | None:
+    def cpu_step(self, nchw_input: bool = False, bf16: bool = False) -> Step | None:
         """The residual block as one C++ op (see ``cpu_plan``); ``None`` without ``residual``."""
         if not self.residual or not shvit_kernels.pointwise.gemm_available():
             return None
+        if bf16:
+            return onednn.shsa_step(self.weight, self.bias, self.proj.weight, self.proj.bias, self.pdim, self.qk_dim,
+                                    self.eps)
         return shsa_block_step(self.weight, self.bias, self.proj.weight, self.proj.bias, self.pdim, self.qk_dim, self.eps)
 
 
@@ -349,7 +353,9 @@ class ConvAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return shvit_kernels.conv_act(x, self.conv, self.relu)
 
-    def cpu_step(self, nchw_input: bool = False) -> Step | None:
+    def cpu_step(self, nchw_input: bool = False, bf16: bool = False) -> Step | None:
+        if bf16:
+            return onednn.conv_step(self.conv, self.relu)
         return shvit_kernels.pointwise.conv_step(self.conv, self.relu, nchw_input)
 
     def extra_repr(self) -> str:
@@ -366,9 +372,11 @@ class FFNInference(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return shvit_kernels.ffn_block(x, self.pw1.weight, self.pw1.bias, self.pw2.weight, self.pw2.bias)
 
-    def cpu_step(self, nchw_input: bool = False) -> Step | None:
+    def cpu_step(self, nchw_input: bool = False, bf16: bool = False) -> Step | None:
         if not shvit_kernels.pointwise.gemm_available():
             return None
+        if bf16:
+            return onednn.ffn_step(self.pw1.weight, self.pw1.bias, self.pw2.weight, self.pw2.bias)
         return shvit_kernels.pointwise.ffn_step(self.pw1.weight, self.pw1.bias, self.pw2.weight, self.pw2.bias)
 
 
@@ -386,9 +394,11 @@ class SqueezeExciteInference(nn.Module):
         s = shvit_kernels.conv1x1(s, self.fc2.weight, self.fc2.bias)
         return x * s.sigmoid()
 
-    def cpu_step(self, nchw_input: bool = False) -> Step | None:
+    def cpu_step(self, nchw_input: bool = False, bf16: bool = False) -> Step | None:
         if not shvit_kernels.pointwise.gemm_available() or self.fc1.bias is None or self.fc2.bias is None:
             return None
+        if bf16:
+            return onednn.se_step(self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return shvit_kernels.pointwise.se_step(self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
@@ -438,24 +448,25 @@ def _folded(*convs: nn.Module) -> bool:
     return all(isinstance(c, nn.Conv2d) and c.bias is not None for c in convs)
 
 
-def cpu_plan(modules: Iterable[nn.Module], nchw_input: bool = False) -> list[Step] | None:
-    """Float32 CPU inference of a folded fused model's modules, run one after another, as a
+def cpu_plan(modules: Iterable[nn.Module], nchw_input: bool = False, bf16: bool = False) -> list[Step] | None:
+    """CPU inference of a folded fused model's modules, run one after another, as a
     flat list of C++ ops (``shvit_kernels.plan.Step``, weights packed now): ``x = call(step,
     x)`` for each step gives what the modules' forwards give, without their per-call dispatch
     (the checks, the backend choice and the weight-cache lookups). Containers whose forward
     runs their children in order are flattened; ``None`` where a module has no ``cpu_step``
     or its step does not apply. ``nchw_input``: the first step receives an NCHW image (the
-    stem conv reads it as is). For float32 CPU parameters; ``SHViT`` runs the steps as one
-    ``shvit_kernels.plan.Plan``."""
+    stem conv reads it as is). For float32 CPU parameters, or with ``bf16`` for bfloat16 ones
+    on a CPU with bfloat16 hardware (the oneDNN blocks of ``shvit_kernels.onednn``); ``SHViT``
+    runs the steps as one ``shvit_kernels.plan.Plan``."""
     steps: list[Step] = []
     for m in modules:
         first = nchw_input and not steps
         if isinstance(m, nn.Identity):
             continue
         if isinstance(m, (nn.Sequential, BasicBlock, PatchMergingInference)):
-            sub = cpu_plan(m.children(), first)
+            sub = cpu_plan(m.children(), first, bf16)
         elif callable(getattr(m, "cpu_step", None)):
-            step = m.cpu_step(first)
+            step = m.cpu_step(first, bf16)
             sub = None if step is None else [step]
         else:
             return None

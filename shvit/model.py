@@ -211,16 +211,18 @@ class SHViT(nn.Module):
         return cached[1]
 
     def _cpu_plan(self, x: torch.Tensor) -> tuple[Plan, int] | None:
-        """For a folded fused float32 model in CPU inference (no gradient to compute, no
-        autocast, not compiling, tracing or exporting, the cpp backend on a CPU with the
-        packed GEMM): the model as one chain of C++ ops (``layers.cpu_plan``; pooling and
-        classifier as a last step where the head is one Linear) and how many of its steps
-        make the features; cached until a parameter or buffer changes. ``None`` otherwise
-        (the modules run one by one)."""
+        """For a folded fused model in CPU inference (no gradient to compute, no autocast, not
+        compiling, tracing or exporting, the cpp backend on a CPU with the packed GEMM), with
+        float32 parameters and input, or bfloat16 ones on a CPU with bfloat16 hardware: the
+        model as one chain of C++ ops (``layers.cpu_plan``; pooling and classifier as a last
+        step where the head is one Linear) and how many of its steps make the features;
+        cached until a parameter or buffer changes. ``None`` otherwise (the modules run one by
+        one)."""
         if (
             not self.__dict__.get("_folded_fused")
-            or x.dtype is not torch.float32
+            or x.dtype not in (torch.float32, torch.bfloat16)
             or not x.is_cpu
+            or x.numel() == 0
             or torch.compiler.is_compiling()
             or torch.jit.is_tracing()
             or torch.is_autocast_enabled("cpu")
@@ -228,22 +230,32 @@ class SHViT(nn.Module):
             or not shvit_kernels.pointwise.gemm_available()
         ):
             return None
+        grad = torch.is_grad_enabled()
         cached = self.__dict__.get("_plan")
-        if cached is None or cached[0].changed(self):
+        if cached is None or (cached[3] and not grad) or cached[0].changed(self):
             tensors = [*self.parameters(), *self.buffers()]
+            needs_grad = any(t.requires_grad for t in tensors)
+            deferred = grad and needs_grad  # autograd runs through the modules: made once it can run
             cpu = steps = None
-            if all(t.dtype is torch.float32 and t.device.type == "cpu" for t in tensors):
-                steps = cpu_plan([self.patch_embed, self.blocks1, self.blocks2, self.blocks3], nchw_input=True)
+            dtype = tensors[0].dtype if tensors else torch.float32
+            bf16 = dtype is torch.bfloat16
+            if (
+                not deferred
+                and all(t.dtype is dtype and t.device.type == "cpu" for t in tensors)
+                and (dtype is torch.float32 or (bf16 and shvit_kernels.onednn.bf16_hardware()))
+            ):
+                steps = cpu_plan([self.patch_embed, self.blocks1, self.blocks2, self.blocks3], True, bf16)
             if steps is not None:
                 features = len(steps)
-                if isinstance(self.head, nn.Linear) and not self.distillation:
-                    steps.append(shvit_kernels.pointwise.pool_linear_step(self.head.weight, self.head.bias))
+                if isinstance(self.head, nn.Linear) and self.head.bias is not None and not self.distillation:
+                    pool_linear = shvit_kernels.onednn if bf16 else shvit_kernels.pointwise
+                    steps.append(pool_linear.pool_linear_step(self.head.weight, self.head.bias))
                 cpu = (Plan(steps, tensors), features)
             snapshot = _Snapshot(self, None if cpu is None else cpu[0])
-            self.__dict__["_plan"] = cached = (snapshot, cpu, any(t.requires_grad for t in tensors))
-        if torch.is_grad_enabled() and (cached[2] or x.requires_grad):
+            self.__dict__["_plan"] = cached = (snapshot, cpu, needs_grad, deferred, dtype)
+        if grad and (cached[2] or x.requires_grad):
             return None  # autograd runs through the modules
-        return cached[1]
+        return cached[1] if cached[4] is x.dtype else None
 
     def __getstate__(self):
         state = super().__getstate__()

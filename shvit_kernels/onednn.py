@@ -5,7 +5,10 @@ folded fused model runs in bfloat16 with float32 accumulation through oneDNN, th
 PyTorch ships and inductor uses for the same purpose (``torch.ops.mkldnn``): weights are
 reordered once into oneDNN's blocked layout and cached; ReLUs and residual adds run in the
 convolution's or GEMM's epilogue; activations stay channels_last (token-major) bfloat16.
-oneDNN picks AMX tiles where the CPU has them and AVX512-BF16 otherwise.
+oneDNN picks AMX tiles where the CPU has them and AVX512-BF16 otherwise. Each block is one C++
+op (``csrc/inference/onednn_blocks.cpp``) that calls oneDNN's ops itself; the ``*_step``
+functions make them as ``plan.Step`` s, which a folded bfloat16 model runs as one ``Plan``
+(``shvit.SHViT._cpu_plan``), free of per-layer Python calls.
 
 It applies to bfloat16 inputs and parameters, and to float32 ones under
 ``torch.autocast("cpu", torch.bfloat16)`` (inputs and weights cast as autocast would), in
@@ -17,13 +20,14 @@ On CPUs without bfloat16 hardware a bfloat16 model runs its float32 path instead
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cpp, backend
 from ._utils import weight_cache
+from .plan import Step, call
 
-__all__ = ["bf16_hardware", "applies", "conv1x1", "conv", "ffn_block", "shsa_block"]
+__all__ = ["bf16_hardware", "applies", "conv1x1", "conv_step", "ffn_step", "ffn_block", "shsa_step", "shsa_block",
+           "se_step", "pool_linear_step"]
 
 _hardware: bool | None = None
 
@@ -72,60 +76,61 @@ def _linear_weight(weight: Tensor) -> Tensor:
         w.reshape(w.shape[0], -1).to(torch.bfloat16)))
 
 
-def _cl(x: Tensor) -> Tensor:
-    return x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-
-
-def _rows(x: Tensor) -> Tensor:
-    """A channels_last (B, C, H, W) tensor as its (B*H*W, C) token rows (a view)."""
-    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-
-
-def _unrows(y: Tensor, like: Tensor) -> Tensor:
-    b, _, h, w = like.shape
-    return y.view(b, h, w, y.shape[1]).permute(0, 3, 1, 2)
-
-
 def conv1x1(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False, residual: Tensor | None = None) -> Tensor:
     """``relu?(conv2d(x, weight, bias) + residual)`` for a 1x1 weight, in bfloat16: a GEMM on
     the channels_last token rows (oneDNN's linear), bias and ReLU or the residual add as its
     post-op. channels_last out."""
-    x = _cl(x)
-    w, b = _linear_weight(weight), _bf16(bias)
-    if residual is None:
-        return _unrows(torch.ops.mkldnn._linear_pointwise(_rows(x), w, b, "relu" if relu else "none", [], ""), x)
-    y = torch.ops.mkldnn._linear_pointwise.binary(_rows(x), _rows(_cl(residual)), w, b, "add")
-    return _unrows(F.relu(y, inplace=True) if relu else y, x)
+    return torch.ops.shvit_cpp.onednn_pw(x, _linear_weight(weight), _bf16(bias), relu, residual)
 
 
-def conv(x: Tensor, weight: Tensor, bias: Tensor, padding, stride, dilation, groups: int, relu: bool = False) -> Tensor:
-    """``relu?(conv2d(x))`` in bfloat16 on oneDNN's convolution, the ReLU fused; channels_last out."""
-    padding, stride, dilation = list(padding), list(stride), list(dilation)
-    w = _conv_weight(weight, padding, stride, dilation, groups)
-    return torch.ops.mkldnn._convolution_pointwise(
-        _cl(x), w, _bf16(bias), padding, stride, dilation, groups, "relu" if relu else "none", [], "")
+def conv_step(conv: torch.nn.Conv2d, relu: bool = False) -> Step | None:
+    """``relu?(conv(x))`` in bfloat16 as one C++ op (a ``plan.Step``, weights reordered now):
+    1x1 convs as a GEMM on the token rows (``conv1x1``), others on oneDNN's convolution, the
+    ReLU fused; channels_last out. ``None`` for a conv without bias or with another padding
+    mode."""
+    w, b = conv.weight, conv.bias
+    if b is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
+        return "onednn_pw", (_linear_weight(w), _bf16(b), relu, None)
+    padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
+    return "onednn_conv", (_conv_weight(w, padding, stride, dilation, conv.groups), _bf16(b), padding, stride,
+                           dilation, conv.groups, relu)
+
+
+def ffn_step(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Step:
+    """``x + pw2(relu(pw1(x)))`` as one C++ op: two GEMMs, the ReLU and the residual add in
+    their epilogues."""
+    return "onednn_ffn", (_linear_weight(w1), _bf16(b1), _linear_weight(w2), _bf16(b2))
 
 
 def ffn_block(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
-    """``x + pw2(relu(pw1(x)))``: two GEMMs, the ReLU and the residual add in their epilogues."""
-    x = _cl(x)
-    rows = _rows(x)
-    h = torch.ops.mkldnn._linear_pointwise(rows, _linear_weight(w1), _bf16(b1), "relu", [], "")
-    return _unrows(torch.ops.mkldnn._linear_pointwise.binary(h, rows, _linear_weight(w2), _bf16(b2), "add"), x)
+    return call(ffn_step(w1, b1, w2, b2), x)
+
+
+def shsa_step(w_qkv: Tensor, b_qkv: Tensor, w_proj: Tensor, b_proj: Tensor, pdim: int, qk_dim: int,
+              eps: float) -> Step:
+    """The residual SHSA block ``x + proj(relu(concat(attention(qkv(gn(x1))), x2)))``
+    (GroupNorm affine, qkv BatchNorm and attention scale folded into ``w_qkv``) as one C++ op:
+    the qkv and projection GEMMs on oneDNN in bfloat16 (float32 accumulation, the residual
+    add in the projection's epilogue); between them GroupNorm (float32 statistics, two
+    passes) and attention + concat + ReLU (float32, on the packed GEMM), each rounding its
+    output to bfloat16 once."""
+    return "onednn_shsa", (_linear_weight(w_qkv), _bf16(b_qkv), _linear_weight(w_proj), _bf16(b_proj), pdim,
+                           qk_dim, float(eps))
 
 
 def shsa_block(x: Tensor, w_qkv: Tensor, b_qkv: Tensor, w_proj: Tensor, b_proj: Tensor, pdim: int, qk_dim: int,
                eps: float) -> Tensor:
-    """The residual SHSA block ``x + proj(relu(concat(attention(qkv(gn(x1))), x2)))``
-    (GroupNorm affine, qkv BatchNorm and attention scale folded into ``w_qkv``): the qkv and
-    projection GEMMs on oneDNN in bfloat16 (float32 accumulation, the residual add in the
-    projection's epilogue); between them two C++ ops of ours, GroupNorm (float32 statistics,
-    two passes) and attention + concat + ReLU (float32, on the packed GEMM), each rounding
-    its output to bfloat16 once."""
-    x = _cl(x)
-    rows = _rows(x)
-    xh = torch.ops.shvit_cpp.gn_rows(x, pdim, eps)
-    qkv = torch.ops.mkldnn._linear_pointwise(xh, _linear_weight(w_qkv), _bf16(b_qkv), "none", [], "")
-    z = torch.ops.shvit_cpp.attend_concat_relu(qkv, x, pdim, qk_dim)
-    y = torch.ops.mkldnn._linear_pointwise.binary(z, rows, _linear_weight(w_proj), _bf16(b_proj), "add")
-    return _unrows(y, x)
+    return call(shsa_step(w_qkv, b_qkv, w_proj, b_proj, pdim, qk_dim, eps), x)
+
+
+def se_step(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Step:
+    """``x * sigmoid(conv1x1(relu(conv1x1(mean(x), w1, b1)), w2, b2))`` (a BN-folded
+    SqueezeExcite) as one C++ op, the two 1x1 convs on the pooled rows."""
+    return "onednn_se", (_linear_weight(w1), _bf16(b1), _linear_weight(w2), _bf16(b2))
+
+
+def pool_linear_step(weight: Tensor, bias: Tensor) -> Step:
+    """``linear(x.mean((2, 3)), weight, bias)`` (global pooling and a classifier) as one C++ op."""
+    return "onednn_pool_linear", (_linear_weight(weight), _bf16(bias))

@@ -149,7 +149,7 @@ def conv_act(x: Tensor, conv: torch.nn.Conv2d, relu: bool = False) -> Tensor:
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
         return conv1x1(x, conv.weight, conv.bias, relu=relu)
     if onednn.applies(x, conv.weight, conv.bias):
-        return onednn.conv(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, relu)
+        return call(onednn.conv_step(conv, relu), x)
     if fast_path_applies(x, conv.weight, conv.bias):
         step = conv_step(conv, relu, nchw_input=x.is_contiguous())
         if step is not None:

@@ -30,8 +30,8 @@ def path(request, monkeypatch):
         pytest.skip("oneDNN has no bfloat16 support on this CPU (needs AVX-512)")
     use_backend(monkeypatch, "cpp", "cpu")
     monkeypatch.setattr(onednn, "_hardware", request.param == "onednn")
-    calls = []
-    for name in ("conv1x1", "conv", "ffn_block", "shsa_block"):
+    calls = []  # the functions that make oneDNN steps (run by a module, or planned by a model)
+    for name in ("conv1x1", "conv_step", "ffn_step", "shsa_step", "se_step"):
         real = getattr(onednn, name)
         monkeypatch.setattr(onednn, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     return request.param, calls
@@ -49,7 +49,9 @@ def _check_path(path, calls, out):
     name, calls = path
     assert out.dtype == BF16
     if name == "onednn":
-        assert {"conv1x1", "conv", "ffn_block", "shsa_block"} <= set(calls), "every kind of layer ran on oneDNN"
+        # the SE gate is one step in a model's plan, two conv1x1 calls module by module (autocast)
+        assert {"conv_step", "ffn_step", "shsa_step"} <= set(calls), "every kind of layer ran on oneDNN"
+        assert {"se_step", "conv1x1"} & set(calls), "the SE gate's 1x1 convs ran on oneDNN"
     else:
         assert not calls, "CPUs without bfloat16 hardware run the float32 kernels"
 
@@ -100,6 +102,34 @@ def test_variants_bf16(variant, path):
         got = fused(x.to(BF16))
     _check_path(path, path[1], got)
     assert_close_to_exact(got, exact, want, f"{variant} bfloat16 logits ({path[0]} path)")
+
+
+@pytest.mark.parametrize("variant", ["shvit_s1", "shvit_s3"])
+def test_plan_matches_modules(variant, path):
+    """With bfloat16 hardware a bfloat16 model runs as one plan of C++ oneDNN blocks: features
+    bit for bit those of its modules run one by one (the same oneDNN calls), logits (the
+    classifier on oneDNN's linear) within twice eager bfloat16's error; batch 3 at 80x112 px.
+    Without the hardware no bfloat16 plan is made (the float32 copy runs)."""
+    ref = randomize_bn(shvit.create_model(variant), seed=3).eval()
+    fused = shvit.create_model(variant, fused=True).eval()
+    fused.load_state_dict(ref.state_dict())
+    fused.fuse().to(BF16)
+    x = torch.randn(3, 3, 80, 112, generator=torch.Generator().manual_seed(1)).to(BF16)
+    with torch.inference_mode():
+        plan = fused._cpu_plan(x)
+        if path[0] != "onednn":
+            assert plan is None
+            return
+        assert plan is not None
+        got = fused(x)
+        features = fused._features(x, plan)
+        modules = fused._features(x, None)
+        assert features.dtype == BF16 and torch.equal(features, modules)
+        exact = ref.double()(x.double())
+        eager = copy.deepcopy(ref).fuse().to(BF16).to(memory_format=torch.channels_last)
+        want = eager(x.contiguous(memory_format=torch.channels_last))
+    _check_path(path, path[1], got)
+    assert_close_to_exact(got, exact, want, f"{variant} bfloat16 plan logits")
 
 
 def test_weight_changes_reach_the_cached_weights(path):

@@ -211,13 +211,15 @@ class SHViT(nn.Module):
         return cached[1]
 
     def _cpu_plan(self, x: torch.Tensor) -> tuple[Plan, int] | None:
-        """For a folded fused model in CPU inference (no gradient to compute, no autocast, not
-        compiling, tracing or exporting, the cpp backend on a CPU with the packed GEMM), with
-        float32 parameters and input, or bfloat16 ones on a CPU with bfloat16 hardware: the
-        model as one chain of C++ ops (``layers.cpu_plan``; pooling and classifier as a last
-        step where the head is one Linear) and how many of its steps make the features;
-        cached until a parameter or buffer changes. ``None`` otherwise (the modules run one by
-        one)."""
+        """For a folded fused model in CPU inference (no gradient to compute, not compiling,
+        tracing or exporting, the cpp backend on a CPU with the packed GEMM): the model as one
+        chain of C++ ops (``layers.cpu_plan``; pooling and classifier as a last step where the
+        head is one Linear) and how many of its steps make the features; cached until a
+        parameter or buffer changes. float32 parameters and input run the float32 kernels;
+        on a CPU with bfloat16 hardware, bfloat16 ones, or float32 ones under CPU bfloat16
+        autocast, run the oneDNN blocks of ``shvit_kernels.onednn``. ``None`` otherwise (the
+        modules run one by one)."""
+        autocast = torch.is_autocast_enabled("cpu")
         if (
             not self.__dict__.get("_folded_fused")
             or x.dtype not in (torch.float32, torch.bfloat16)
@@ -225,24 +227,26 @@ class SHViT(nn.Module):
             or x.numel() == 0
             or torch.compiler.is_compiling()
             or torch.jit.is_tracing()
-            or torch.is_autocast_enabled("cpu")
+            or (autocast and torch.get_autocast_dtype("cpu") is not torch.bfloat16)
             or shvit_kernels.backend.select(x) != "cpp"
             or not shvit_kernels.pointwise.gemm_available()
         ):
             return None
         grad = torch.is_grad_enabled()
-        cached = self.__dict__.get("_plan")
+        slot = "_plan_autocast" if autocast else "_plan"
+        cached = self.__dict__.get(slot)
         if cached is None or (cached[3] and not grad) or cached[0].changed(self):
             tensors = [*self.parameters(), *self.buffers()]
             needs_grad = any(t.requires_grad for t in tensors)
             deferred = grad and needs_grad  # autograd runs through the modules: made once it can run
             cpu = steps = None
             dtype = tensors[0].dtype if tensors else torch.float32
-            bf16 = dtype is torch.bfloat16
+            bf16 = autocast or dtype is torch.bfloat16
             if (
                 not deferred
+                and dtype in (torch.float32, torch.bfloat16)
                 and all(t.dtype is dtype and t.device.type == "cpu" for t in tensors)
-                and (dtype is torch.float32 or (bf16 and shvit_kernels.onednn.bf16_hardware()))
+                and (not bf16 or shvit_kernels.onednn.bf16_hardware())
             ):
                 steps = cpu_plan([self.patch_embed, self.blocks1, self.blocks2, self.blocks3], True, bf16)
             if steps is not None:
@@ -252,14 +256,16 @@ class SHViT(nn.Module):
                     steps.append(pool_linear.pool_linear_step(self.head.weight, self.head.bias))
                 cpu = (Plan(steps, tensors), features)
             snapshot = _Snapshot(self, None if cpu is None else cpu[0])
-            self.__dict__["_plan"] = cached = (snapshot, cpu, needs_grad, deferred, dtype)
+            # the input dtype the plan takes: under autocast float32 or bfloat16 (cast as autocast would)
+            self.__dict__[slot] = cached = (snapshot, cpu, needs_grad, deferred, None if autocast else dtype)
         if grad and (cached[2] or x.requires_grad):
             return None  # autograd runs through the modules
-        return cached[1] if cached[4] is x.dtype else None
+        return cached[1] if cached[4] is None or cached[4] is x.dtype else None
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_plan", None)  # bound C++ calls do not pickle; the plan is rebuilt on use
+        for slot in ("_plan", "_plan_autocast"):
+            state.pop(slot, None)  # bound C++ calls do not pickle; the plan is rebuilt on use
         return state
 
     def forward_intermediates(

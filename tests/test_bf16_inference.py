@@ -104,18 +104,22 @@ def test_variants_bf16(variant, path):
     assert_close_to_exact(got, exact, want, f"{variant} bfloat16 logits ({path[0]} path)")
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "autocast"])
 @pytest.mark.parametrize("variant", ["shvit_s1", "shvit_s3"])
-def test_plan_matches_modules(variant, path):
-    """With bfloat16 hardware a bfloat16 model runs as one plan of C++ oneDNN blocks: features
-    bit for bit those of its modules run one by one (the same oneDNN calls), logits (the
-    classifier on oneDNN's linear) within twice eager bfloat16's error; batch 3 at 80x112 px.
-    Without the hardware no bfloat16 plan is made (the float32 copy runs)."""
+def test_plan_matches_modules(variant, autocast, path):
+    """With bfloat16 hardware a bfloat16 model (or a float32 one under bfloat16 autocast) runs
+    as one plan of C++ oneDNN blocks: features bit for bit those of its modules run one by one
+    (the same oneDNN calls), logits (the classifier on oneDNN's linear) within twice eager
+    bfloat16's error; batch 3 at 80x112 px. Without the hardware no bfloat16 plan is made
+    (the float32 copy runs, or the modules under autocast)."""
     ref = randomize_bn(shvit.create_model(variant), seed=3).eval()
     fused = shvit.create_model(variant, fused=True).eval()
     fused.load_state_dict(ref.state_dict())
-    fused.fuse().to(BF16)
-    x = torch.randn(3, 3, 80, 112, generator=torch.Generator().manual_seed(1)).to(BF16)
-    with torch.inference_mode():
+    fused.fuse()
+    x = torch.randn(3, 3, 80, 112, generator=torch.Generator().manual_seed(1))
+    if not autocast:
+        fused, x = fused.to(BF16), x.to(BF16)
+    with torch.inference_mode(), torch.autocast("cpu", BF16, enabled=autocast):
         plan = fused._cpu_plan(x)
         if path[0] != "onednn":
             assert plan is None
@@ -124,12 +128,13 @@ def test_plan_matches_modules(variant, path):
         got = fused(x)
         features = fused._features(x, plan)
         modules = fused._features(x, None)
-        assert features.dtype == BF16 and torch.equal(features, modules)
+    assert features.dtype == BF16 and torch.equal(features, modules)
+    with torch.inference_mode():
         exact = ref.double()(x.double())
         eager = copy.deepcopy(ref).fuse().to(BF16).to(memory_format=torch.channels_last)
-        want = eager(x.contiguous(memory_format=torch.channels_last))
+        want = eager(x.to(BF16).contiguous(memory_format=torch.channels_last))
     _check_path(path, path[1], got)
-    assert_close_to_exact(got, exact, want, f"{variant} bfloat16 plan logits")
+    assert_close_to_exact(got, exact, want, f"{variant} bfloat16 plan logits (autocast {autocast})")
 
 
 def test_weight_changes_reach_the_cached_weights(path):

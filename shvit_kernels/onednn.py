@@ -65,10 +65,10 @@ def _bf16(t: Tensor) -> Tensor:
     return t if t.dtype == torch.bfloat16 else weight_cache(t, "bf16", lambda w: w.to(torch.bfloat16))
 
 
-def _conv_weight(weight: Tensor, padding, stride, dilation, groups: int) -> Tensor:
+def _conv_weight(weight: Tensor, padding, stride, dilation, groups: int):
+    """The weight as a ``shvit_cpp.OneDnnConvWeight``: reordered for oneDNN per input shape."""
     return weight_cache(weight, ("onednn-conv", *padding, *stride, *dilation, groups),
-                        lambda w: torch.ops.mkldnn._reorder_convolution_weight(
-                            w.to(torch.bfloat16), padding, stride, dilation, groups))
+                        lambda w: torch.classes.shvit_cpp.OneDnnConvWeight(w, padding, stride, dilation, groups))
 
 
 def _linear_weight(weight: Tensor) -> Tensor:
@@ -94,8 +94,7 @@ def conv_step(conv: torch.nn.Conv2d, relu: bool = False) -> Step | None:
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
         return "onednn_pw", (_linear_weight(w), _bf16(b), relu, None)
     padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
-    return "onednn_conv", (_conv_weight(w, padding, stride, dilation, conv.groups), _bf16(b), padding, stride,
-                           dilation, conv.groups, relu)
+    return "onednn_conv", (_conv_weight(w, padding, stride, dilation, conv.groups), _bf16(b), relu)
 
 
 def ffn_step(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Step:

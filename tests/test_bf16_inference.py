@@ -231,3 +231,25 @@ def test_conv1x1_with_residual(path, relu):
         eager = compose(x, w, b, res)
     assert ("conv1x1" in path[1]) == (path[0] == "onednn")
     assert_close_to_exact(got, exact, eager, f"conv1x1 + residual, relu {relu}")
+
+
+@pytest.mark.parametrize("cin,cout,stride,groups", [(96, 192, 2, 1), (24, 48, 2, 1), (40, 40, 1, 40), (48, 48, 2, 48)])
+def test_conv_weight_per_input_shape(path, cin, cout, stride, groups):
+    """One bfloat16 conv over inputs of ten shapes (batch, odd and even sizes, down to 1x1),
+    then the first again: its weight is reordered for each input shape (more shapes than the
+    cache keeps), every output within twice the eager bfloat16 error of the float64 conv."""
+    g = torch.Generator().manual_seed(cin + cout)
+    conv = torch.nn.Conv2d(cin, cout, 3, stride, 1, groups=groups).to(BF16)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / (cin // groups * 9) ** 0.5)
+    shapes = [(1, 28), (16, 28), (1, 56), (3, 13), (2, 7), (1, 1), (4, 9), (1, 5), (2, 30), (5, 3), (1, 28)]
+    for b, h in shapes:
+        x = torch.randn(b, cin, h, h + 1, generator=g).to(BF16)
+        with torch.no_grad():
+            got = shvit_kernels.conv_act(x, conv, relu=True)
+            exact = torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride, 1, 1,
+                                               groups).relu()
+            eager = conv(x.contiguous(memory_format=torch.channels_last)).relu()
+        assert got.shape == exact.shape
+        assert_close_to_exact(got, exact, eager, f"conv {cin}->{cout} stride {stride} on {(b, h, h + 1)}")
+    assert ("conv_step" in path[1]) == (path[0] == "onednn")

@@ -7,9 +7,12 @@
 // in bfloat16; inputs are cast to bfloat16 channels_last (under autocast they are float32).
 // Outputs are channels_last bfloat16.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -23,13 +26,14 @@ namespace {
 
 // oneDNN's ops through the dispatcher, boxed (their schemas are torch's, not ours), each
 // looked up once.
-enum class OneDnnOp { kLinear, kLinearBinary, kConv };
+enum class OneDnnOp { kLinear, kLinearBinary, kConv, kReorderConvWeight };
 
 Tensor call_boxed(OneDnnOp which, std::vector<c10::IValue> stack) {
   static const c10::OperatorHandle ops[] = {
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", ""),
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "binary"),
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", ""),
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_reorder_convolution_weight", ""),
   };
   ops[static_cast<int>(which)].callBoxed(&stack);
   return std::move(stack[0]).toTensor();
@@ -59,13 +63,60 @@ void check_x(const Tensor& x, const char* op) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be (B, C, H, W), got ", x.sizes());
 }
 
+}  // namespace
+
+// A convolution's bfloat16 weight in the blocked layout that oneDNN's primitive for each input
+// shape expects (mkldnn::_reorder_convolution_weight given the input's sizes, as inductor does
+// when it freezes a graph), made on the first call with that shape; up to kShapes shapes, the
+// oldest dropped. One layout for all shapes is not enough: reordered without the sizes, S3's
+// stem conv (96 -> 192 channels on 28 x 28, AVX512-BF16) took 14.3 ms at batch 1 instead of
+// 0.36, its primitive not matching the layout.
+struct OneDnnConvWeight : torch::CustomClassHolder {
+  static constexpr size_t kShapes = 8;
+  Tensor weight;  // (Cout, Cin / groups, kh, kw), bfloat16
+  std::vector<int64_t> padding, stride, dilation;
+  int64_t groups;
+  c10::IValue padding_list, stride_list, dilation_list;  // the same as arguments of oneDNN's op
+  std::mutex mutex;
+  std::vector<std::pair<std::vector<int64_t>, Tensor>> packed;  // by input sizes
+
+  OneDnnConvWeight(Tensor w, std::vector<int64_t> padding_, std::vector<int64_t> stride_,
+                   std::vector<int64_t> dilation_, int64_t groups_)
+      : weight(w.to(at::kBFloat16).contiguous()),
+        padding(std::move(padding_)),
+        stride(std::move(stride_)),
+        dilation(std::move(dilation_)),
+        groups(groups_),
+        padding_list(padding),
+        stride_list(stride),
+        dilation_list(dilation) {
+    TORCH_CHECK(weight.dim() == 4 && padding.size() == 2 && stride.size() == 2 && dilation.size() == 2,
+                "OneDnnConvWeight: a 2-d convolution's weight, padding, stride and dilation");
+  }
+
+  Tensor for_input(at::IntArrayRef sizes) {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (const auto& [s, t] : packed) {
+      if (sizes.equals(s)) return t;
+    }
+    Tensor t = call_boxed(OneDnnOp::kReorderConvWeight, {weight, padding, stride, dilation, groups, sizes.vec()});
+    if (packed.size() == kShapes) packed.erase(packed.begin());
+    packed.emplace_back(sizes.vec(), t);
+    return t;
+  }
+};
+
+namespace {
+
 // relu?(conv2d(x)), the ReLU in oneDNN's epilogue.
-Tensor onednn_conv(const Tensor& x, const Tensor& w, const Tensor& b, at::IntArrayRef padding, at::IntArrayRef stride,
-                   at::IntArrayRef dilation, int64_t groups, bool relu) {
+Tensor onednn_conv(const Tensor& x, const c10::intrusive_ptr<OneDnnConvWeight>& w, const Tensor& b, bool relu) {
   check_x(x, "onednn_conv");
-  return call_boxed(OneDnnOp::kConv,
-                    {cl(x), w, b, padding.vec(), stride.vec(), dilation.vec(), groups,
-                     std::string(relu ? "relu" : "none"), no_scalars(), std::string()});
+  TORCH_CHECK(x.size(1) == w->weight.size(1) * w->groups, "onednn_conv: x must have ", w->weight.size(1) * w->groups,
+              " channels, got ", x.size(1));
+  const Tensor xc = cl(x);
+  return call_boxed(OneDnnOp::kConv, {xc, w->for_input(xc.sizes()), b, w->padding_list, w->stride_list,
+                                      w->dilation_list, w->groups, std::string(relu ? "relu" : "none"), no_scalars(),
+                                      std::string()});
 }
 
 // relu?(conv1x1(x) + residual): a GEMM on the token rows, bias and ReLU or the residual add in
@@ -116,8 +167,9 @@ Tensor onednn_pool_linear(const Tensor& x, const Tensor& w, const Tensor& b) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(shvit_cpp, m) {
-  m.def("onednn_conv(Tensor x, Tensor w, Tensor b, int[] padding, int[] stride, int[] dilation, int groups, "
-        "bool relu) -> Tensor");
+  m.class_<OneDnnConvWeight>("OneDnnConvWeight")
+      .def(torch::init<Tensor, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, int64_t>());
+  m.def("onednn_conv(Tensor x, __torch__.torch.classes.shvit_cpp.OneDnnConvWeight w, Tensor b, bool relu) -> Tensor");
   m.def("onednn_pw(Tensor x, Tensor w, Tensor b, bool relu, Tensor? residual) -> Tensor");
   m.def("onednn_ffn(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
   m.def("onednn_shsa(Tensor x, Tensor w_qkv, Tensor b_qkv, Tensor w_proj, Tensor b_proj, int pdim, int qk_dim, "

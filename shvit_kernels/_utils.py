@@ -20,6 +20,17 @@ def check_4d(name: str, t: torch.Tensor, channels: int | None = None) -> None:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
 
 
+def is_dw3x3(conv: torch.nn.Conv2d) -> bool:
+    """A depthwise 3x3 conv with padding 1 and stride 1 or 2 (the ``dw_conv3x3`` kernel's)."""
+    return (
+        conv.groups == conv.in_channels == conv.out_channels
+        and conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.stride in ((1, 1), (2, 2))
+    )
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _cpp, backend
-from ._utils import weight_cache
+from ._utils import is_dw3x3, weight_cache
 from .plan import Step, call
 
 __all__ = ["bf16_hardware", "applies", "conv1x1", "conv_step", "ffn_step", "ffn_block", "shsa_step", "shsa_block",
@@ -65,6 +65,12 @@ def _bf16(t: Tensor) -> Tensor:
     return t if t.dtype == torch.bfloat16 else weight_cache(t, "bf16", lambda w: w.to(torch.bfloat16))
 
 
+def _float32(t: Tensor) -> Tensor:
+    """A bfloat16 weight of the depthwise kernel in float32 (its sums are float32); under
+    autocast the weight rounded to bfloat16 first, as autocast would."""
+    return weight_cache(t, "bf16-float32", lambda w: w.to(torch.bfloat16).float())
+
+
 def _conv_weight(weight: Tensor, padding, stride, dilation, groups: int):
     """The weight as a ``shvit_cpp.OneDnnConvWeight``: reordered for oneDNN per input shape."""
     return weight_cache(weight, ("onednn-conv", *padding, *stride, *dilation, groups),
@@ -84,15 +90,18 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False, residua
 
 
 def conv_step(conv: torch.nn.Conv2d, relu: bool = False) -> Step | None:
-    """``relu?(conv(x))`` in bfloat16 as one C++ op (a ``plan.Step``, weights reordered now):
-    1x1 convs as a GEMM on the token rows (``conv1x1``), others on oneDNN's convolution, the
-    ReLU fused; channels_last out. ``None`` for a conv without bias or with another padding
-    mode."""
+    """``relu?(conv(x))`` for bfloat16 x as one C++ op (a ``plan.Step``, weights reordered
+    now): 1x1 convs as a GEMM on the token rows (``conv1x1``), depthwise 3x3 convs on our
+    kernel (``dw_conv3x3``: float32 sums, one rounding), others on oneDNN's convolution, the
+    ReLU fused; channels_last bfloat16 out. ``None`` for a conv without bias or with another
+    padding mode."""
     w, b = conv.weight, conv.bias
     if b is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
         return "onednn_pw", (_linear_weight(w), _bf16(b), relu, None)
+    if is_dw3x3(conv):  # our kernel: oneDNN's fixed cost per call is most of a small image's time
+        return "dw_conv3x3", (_float32(w), _float32(b), conv.stride[0], relu)
     padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
     return "onednn_conv", (_conv_weight(w, padding, stride, dilation, conv.groups), _bf16(b), relu)
 

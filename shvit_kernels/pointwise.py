@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cpp, backend, onednn
-from ._utils import weight_cache
+from ._utils import is_dw3x3, weight_cache
 from .plan import Step, call
 
 __all__ = ["conv1x1", "ffn_block", "conv_act", "conv_step", "ffn_step", "se_step", "pool_linear_step",
@@ -129,16 +129,6 @@ def _is_conv3x3(conv: torch.nn.Conv2d) -> bool:
     )
 
 
-def _is_dw3x3(conv: torch.nn.Conv2d) -> bool:
-    return (
-        conv.groups == conv.in_channels == conv.out_channels
-        and conv.kernel_size == (3, 3)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.stride in ((1, 1), (2, 2))
-    )
-
-
 def conv_act(x: Tensor, conv: torch.nn.Conv2d, relu: bool = False) -> Tensor:
     """``relu?(conv(x))`` for a Conv2d with bias (1x1 convs take ``conv1x1``)."""
     if x.dim() != 4 or x.shape[1] != conv.in_channels:
@@ -149,7 +139,7 @@ def conv_act(x: Tensor, conv: torch.nn.Conv2d, relu: bool = False) -> Tensor:
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
         return conv1x1(x, conv.weight, conv.bias, relu=relu)
     if onednn.applies(x, conv.weight, conv.bias):
-        return call(onednn.conv_step(conv, relu), x)
+        return call(onednn.conv_step(conv, relu), x.to(torch.bfloat16))  # float32 under autocast
     if fast_path_applies(x, conv.weight, conv.bias):
         step = conv_step(conv, relu, nchw_input=x.is_contiguous())
         if step is not None:
@@ -168,7 +158,7 @@ def conv_step(conv: torch.nn.Conv2d, relu: bool = False, nchw_input: bool = Fals
     w, b, stride = conv.weight, conv.bias, conv.stride[0]
     if b is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
-    if _is_dw3x3(conv):
+    if is_dw3x3(conv):
         return "dw_conv3x3", (w, b, stride, relu)
     if not gemm_available():
         return None

@@ -87,16 +87,29 @@ def test_ffn_block_matches_composition(shape):
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("relu", [False, True])
-def test_dw_conv3x3_matches_conv2d(shape, stride, relu):
-    """Channels off the 32- and 8-wide vector blocks, odd sizes (stride 2 rounds up), one pixel."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dw_conv3x3_matches_conv2d(shape, stride, relu, dtype):
+    """Channels off the 32- and 8-wide vector blocks, odd sizes (stride 2 rounds up), one pixel.
+    bfloat16 x (float32 weights, as the bfloat16 path passes them): float32 sums rounded once,
+    so each output within half a bfloat16 unit of the exact result (plus the float32 sums'
+    error), NaN kept."""
     B, C, H, W = shape
     g = torch.Generator().manual_seed(C + stride)
-    x = _cl(torch.randn(B, C, H, W, generator=g))
+    x = _cl(torch.randn(B, C, H, W, generator=g)).to(dtype)
+    if dtype == torch.bfloat16:
+        x[0, C // 2, H // 2, W // 2] = float("nan")
     w, b = torch.randn(C, 1, 3, 3, generator=g) / 3, torch.randn(C, generator=g)
     out = torch.ops.shvit_cpp.dw_conv3x3(x, w, b, stride, relu)
     ref = F.conv2d(x.double(), w.double(), b.double(), stride, 1, 1, C)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    assert_rel_close(out, F.relu(ref) if relu else ref, TOL, f"dw {shape} stride {stride} relu {relu}")
+    ref = F.relu(ref) if relu else ref
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    if dtype == torch.float32:
+        assert_rel_close(out, ref, TOL, f"dw {shape} stride {stride} relu {relu}")
+        return
+    assert torch.equal(out.isnan(), ref.isnan()), "NaN where the exact result has one"
+    ok = ~ref.isnan()
+    torch.testing.assert_close(out.double()[ok], ref[ok], rtol=2.0**-8, atol=1e-5 * ref[ok].abs().max().item(),
+                               msg=lambda m: f"dw bfloat16 {shape} stride {stride} relu {relu}: {m}")
 
 
 def test_dw_conv3x3_rejects_bad_arguments():
@@ -109,8 +122,10 @@ def test_dw_conv3x3_rejects_bad_arguments():
         ops.dw_conv3x3(x, w, b, 3, False)
     with pytest.raises(RuntimeError, match="depthwise"):
         ops.dw_conv3x3(x, torch.randn(8, 1, 5, 5), b, 1, False)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         ops.dw_conv3x3(x.double(), w.double(), b.double(), 1, False)
+    with pytest.raises(RuntimeError, match="float32"):  # weights in float32 for either
+        ops.dw_conv3x3(x.bfloat16(), w.bfloat16(), b, 1, False)
     assert ops.dw_conv3x3(_cl(torch.randn(0, 8, 4, 4)), w, b, 2, True).shape == (0, 8, 2, 2)
 
 

@@ -1,10 +1,12 @@
 """bfloat16 CPU inference of a BN-folded fused model on oneDNN, with fused epilogues.
 
-On a CPU with bfloat16 hardware (AMX-BF16 or AVX512-BF16) every convolution and GEMM of a
-folded fused model runs in bfloat16 with float32 accumulation through oneDNN, the library
+On a CPU with bfloat16 hardware (AMX-BF16 or AVX512-BF16) every GEMM and dense convolution
+of a folded fused model runs in bfloat16 with float32 accumulation through oneDNN, the library
 PyTorch ships and inductor uses for the same purpose (``torch.ops.mkldnn``): weights are
-reordered once into oneDNN's blocked layout and cached; ReLUs and residual adds run in the
-convolution's or GEMM's epilogue; activations stay channels_last (token-major) bfloat16.
+reordered into oneDNN's blocked layout and cached (a convolution's per input shape); ReLUs
+and residual adds run in the convolution's or GEMM's epilogue; activations stay
+channels_last (token-major) bfloat16. Depthwise 3x3 convolutions run our own kernel
+(``dw_conv3x3``), where oneDNN's fixed cost per call outweighed the work.
 oneDNN picks AMX tiles where the CPU has them and AVX512-BF16 otherwise. Each block is one C++
 op (``csrc/inference/onednn_blocks.cpp``) that calls oneDNN's ops itself; the ``*_step``
 functions make them as ``plan.Step`` s, which a folded bfloat16 model runs as one ``Plan``

@@ -178,6 +178,7 @@ TORCH_LIBRARY_FRAGMENT(shvit_cpp, m) {
   m.def("onednn_pool_linear(Tensor x, Tensor w, Tensor b) -> Tensor");
 }
 
+namespace {
 void register_impls(torch::Library& m) {
   m.impl("onednn_conv", &onednn_conv);
   m.impl("onednn_pw", &onednn_pw);
@@ -186,9 +187,10 @@ void register_impls(torch::Library& m) {
   m.impl("onednn_se", &onednn_se);
   m.impl("onednn_pool_linear", &onednn_pool_linear);
 }
+}  // namespace
 
-// A reordered convolution weight is one of oneDNN's opaque tensors, whose dispatch key
-// (MkldnnCPU) then selects the kernel.
+// A reordered linear weight is one of oneDNN's opaque tensors, whose dispatch key (MkldnnCPU)
+// then selects the kernel.
 TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) { register_impls(m); }
 TORCH_LIBRARY_IMPL(shvit_cpp, MkldnnCPU, m) { register_impls(m); }
 

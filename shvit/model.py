@@ -23,6 +23,11 @@ from .layers import (
 
 __all__ = ["SHViT", "VARIANTS", "shvit_s1", "shvit_s2", "shvit_s3", "shvit_s4", "create_model"]
 
+# The stem's convolutions run on this many bytes of activations per thread at a time (input
+# and output of the largest, as many images as fit, at least one; docs/kernels.md, "The
+# plan"), not on the whole batch.
+STEM_CHUNK_BYTES = 4 << 20
+
 _DEFAULT_DOWN_OPS = (("subsample", 2), ("subsample", 2), ("",))
 
 
@@ -248,19 +253,34 @@ class SHViT(nn.Module):
                 and all(t.dtype is dtype and t.device.type == "cpu" for t in tensors)
                 and (not bf16 or shvit_kernels.onednn.bf16_hardware())
             ):
-                steps = cpu_plan([self.patch_embed, self.blocks1, self.blocks2, self.blocks3], True, bf16)
+                stem = cpu_plan([self.patch_embed], True, bf16)
+                rest = None if stem is None else cpu_plan([self.blocks1, self.blocks2, self.blocks3], False, bf16)
+                steps = None if rest is None else stem + rest
             if steps is not None:
                 features = len(steps)
                 if isinstance(self.head, nn.Linear) and self.head.bias is not None and not self.distillation:
                     pool_linear = shvit_kernels.onednn if bf16 else shvit_kernels.pointwise
                     steps.append(pool_linear.pool_linear_step(self.head.weight, self.head.bias))
-                cpu = (Plan(steps, tensors), features)
+                plan = Plan(steps, tensors)
+                if not bf16:  # bfloat16 halves the activations, and oneDNN's cost per call made chunks no faster
+                    plan.chunk_prefix(len(stem), 4 * self._stem_bytes_per_pixel(), STEM_CHUNK_BYTES)
+                cpu = (plan, features)
             snapshot = _Snapshot(self, None if cpu is None else cpu[0])
             # the input dtype the plan takes: under autocast float32 or bfloat16 (cast as autocast would)
             self.__dict__[slot] = cached = (snapshot, cpu, needs_grad, deferred, None if autocast else dtype)
         if grad and (cached[2] or x.requires_grad):
             return None  # autograd runs through the modules
         return cached[1] if cached[4] is None or cached[4] is x.dtype else None
+
+    def _stem_bytes_per_pixel(self) -> float:
+        """Elements of the stem's largest convolution input + output per pixel of the image."""
+        worst, area = 0.0, 1
+        for m in self.patch_embed.modules():
+            if isinstance(m, nn.Conv2d):
+                out_area = area * m.stride[0] * m.stride[1]
+                worst = max(worst, m.in_channels / area + m.out_channels / out_area)
+                area = out_area
+        return worst
 
     def __getstate__(self):
         state = super().__getstate__()

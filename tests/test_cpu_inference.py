@@ -638,6 +638,12 @@ def test_plan_runs_its_steps_and_watches_its_tensors():
     plan = Plan(steps, [w, b])
     w.data = w.data.clone()
     assert plan.changed()
+    x5 = torch.randn(5, 8, 7, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    whole = plan.run(x5)
+    plan.chunk_prefix(1, 4.0, 4 * 35 * 2 // torch.get_num_threads())  # step 0 on 2 images at a time
+    chunked = plan.run(x5)
+    assert torch.equal(chunked, whole) and chunked.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plan.run(x5, 1), call(steps[0], x5))
     with pytest.raises(RuntimeError, match="arguments after x"):
         Plan([("dw_conv3x3", (w, b))], [])
     with pytest.raises(RuntimeError, match="one tensor"):
@@ -674,6 +680,20 @@ def test_plan_inputs_and_fallbacks():
     again = pickle.loads(pickle.dumps(fused))
     with torch.no_grad():
         assert_rel_close(again(x), want, 1e-6, "unpickled")
+
+
+@needs_gemm
+def test_plan_stem_in_chunks_of_images(monkeypatch):
+    """The stem runs on chunks of the batch (here one image each, with one and two threads):
+    the logits equal those of the modules run on the whole batch."""
+    _, fused = _pair("shvit_s1")
+    fused.fuse()
+    monkeypatch.setattr(shvit.model, "STEM_CHUNK_BYTES", 0)
+    x = torch.randn(3, 3, 64, 80, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = _no_plan(fused)(x)
+        for threads, got in zip((1, 2), with_threads(lambda: fused(x))):
+            assert_rel_close(got, want, 1e-6, f"stem in chunks, {threads} threads")
 
 
 def test_training_path_unaffected_and_fuse_keeps_reference_names():

@@ -3,6 +3,11 @@
 // inference is such a chain (shvit/layers.py: cpu_plan); run from Python, each step paid for
 // its argument parsing and dispatch, which at batch 1 added up to more than its small layers.
 //
+// The first steps may run on the batch in chunks of images (chunk_prefix): SHViT's stem
+// convolutions make the network's largest activations (at batch 16 and 224 px, S1's first conv
+// writes 12.8 MB), which past the caches cost their kernels a fifth of their time; run a few
+// images at a time, each conv reads its input from cache, as at batch 1.
+//
 // The plan also keeps the tensors it was made from (parameters and buffers) with their storage
 // addresses and version counters: changed() says whether one was moved or modified in place
 // since, in a loop of C++ reads instead of two Python attribute reads per tensor.
@@ -10,6 +15,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <utility>
 #include <vector>
@@ -33,6 +39,19 @@ struct Plan : torch::CustomClassHolder {
   std::vector<Step> steps;
   std::vector<Tensor> watched;
   std::vector<std::pair<const void*, int64_t>> key;
+  int64_t prefix = 0;             // steps run in chunks of images
+  double prefix_bytes = 0;        // their largest input + output, bytes per pixel of the input x
+  int64_t prefix_budget = 0;      // bytes of that per chunk and thread
+
+  // Steps [0, steps) run on chunks of the batch: as many images as keep bytes_per_pixel * H * W
+  // per image within budget bytes per intra-op thread (at least one image). Their results are concatenated along the
+  // batch: each step must compute every image on its own, as every shvit_cpp op does.
+  void chunk_prefix(int64_t steps, double bytes_per_pixel, int64_t budget) {
+    TORCH_CHECK(steps >= 0 && bytes_per_pixel >= 0 && budget >= 0, "Plan.chunk_prefix: negative argument");
+    prefix = steps;
+    prefix_bytes = bytes_per_pixel;
+    prefix_budget = budget;
+  }
 
   // Appends shvit_cpp::<name>(x, *args); the op must return one tensor.
   void add(const std::string& name, std::vector<c10::IValue> args) {
@@ -50,8 +69,25 @@ struct Plan : torch::CustomClassHolder {
   // x after steps [0, end) (all of them for end < 0).
   Tensor run(Tensor x, int64_t end) const {
     const size_t n = end < 0 ? steps.size() : std::min(steps.size(), static_cast<size_t>(end));
+    size_t i = 0;
+    const size_t p = std::min(n, static_cast<size_t>(prefix));
+    if (p > 0 && x.dim() == 4 && x.size(0) > 1) {
+      const double image = prefix_bytes * static_cast<double>(x.size(2) * x.size(3));
+      const double budget = static_cast<double>(prefix_budget) * at::get_num_threads();
+      const int64_t chunk = std::max<int64_t>(1, static_cast<int64_t>(budget / std::max(image, 1.0)));
+      if (chunk < x.size(0)) {
+        std::vector<Tensor> parts;
+        for (int64_t b = 0; b < x.size(0); b += chunk) parts.push_back(run_steps(x.narrow(0, b, std::min(chunk, x.size(0) - b)), 0, p));
+        x = at::cat(parts, 0);  // channels_last parts give a channels_last result
+        i = p;
+      }
+    }
+    return run_steps(std::move(x), i, n);
+  }
+
+  Tensor run_steps(Tensor x, size_t begin, size_t end) const {
     std::vector<c10::IValue> stack;
-    for (size_t i = 0; i < n; ++i) {
+    for (size_t i = begin; i < end; ++i) {
       const Step& s = steps[i];
       stack.clear();
       stack.reserve(s.args.size() + 1);
@@ -86,6 +122,7 @@ TORCH_LIBRARY_FRAGMENT(shvit_cpp, m) {
       .def("add", &Plan::add)
       .def("size", &Plan::size)
       .def("run", &Plan::run)
+      .def("chunk_prefix", &Plan::chunk_prefix)
       .def("watch", &Plan::watch)
       .def("changed", &Plan::changed);
 }

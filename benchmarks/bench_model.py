@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import shvit
 import shvit_kernels
+from shvit_kernels.plan import call
 from benchmarks import runtimes
 from benchmarks.common import (
     Progress,
@@ -109,6 +110,17 @@ def gemm_peak(dtype: torch.dtype, n: int = 1024) -> float:
     current thread count: the dense-GEMM bar the model's GFLOP/s is read against."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     t = time_cpu_interleaved({"mm": lambda: torch.mm(a, b)}, min_time=0.5, min_reps=20)["mm"]["median_s"]
+    return 2 * n**3 / t / 1e9
+
+
+def packed_gemm_peak(n: int = 1024) -> float | None:
+    """GFLOP/s of our packed float32 GEMM on the same n x n x n product (a 1x1 convolution
+    of n channels over n tokens, the plan's op), median of 20; ``None`` without it."""
+    if not shvit_kernels.pointwise.gemm_available():
+        return None
+    step = shvit_kernels.pointwise.conv_step(torch.nn.Conv2d(n, n, 1))
+    x = torch.randn(1, n, 32, n // 32).contiguous(memory_format=torch.channels_last)
+    t = time_cpu_interleaved({"mm": lambda: call(step, x)}, min_time=0.5, min_reps=20)["mm"]["median_s"]
     return 2 * n**3 / t / 1e9
 
 
@@ -179,6 +191,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if dev == "cpu":
         info["gemm_peak_gflops"] = {str(d).removeprefix("torch."): round(gemm_peak(d), 1)
                                     for d in ((torch.float32, torch.bfloat16) if bf16 else (torch.float32,))}
+        packed = packed_gemm_peak()
+        if packed is not None:
+            info["gemm_peak_gflops"]["float32 packed (ours)"] = round(packed, 1)
     n_compiles = 0 if args.no_compile else 1 + (bf16 and bool(info["bf16_hardware"]))
     n_steps = len(args.variants) * (len(settings) + n_compiles) + len(args.train_variants)
     progress = Progress(n_steps)
@@ -263,7 +278,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print()
     print(machine_line(info), f"| fused backend: {info['backend']} | {info['protocol']}")
     if info.get("gemm_peak_gflops"):
-        print("GEMM peak (1024^3 torch.mm), GFLOP/s:", info["gemm_peak_gflops"])
+        print("GEMM peak (1024^3; torch.mm unless named), GFLOP/s:", info["gemm_peak_gflops"])
     print(format_table(
         ["kind", "model", "px", "batch", "threads", "provider", "images/s", "ms/batch", "vs eager", "vs eager+fuse",
          "GFLOP/s", "max rel err", "compile s"],

@@ -112,7 +112,8 @@ def error_table(data: dict) -> str:
              for v in variants]
     note = ""
     if peak:
-        note = "\n\nGEMM peak here (1024³ `torch.mm`): " + ", ".join(f"{d} {v:.0f} GFLOP/s" for d, v in peak.items()) + "."
+        note = ("\n\nGEMM peak here (1024³; `torch.mm` unless named): "
+                + ", ".join(f"{d} {v:.0f} GFLOP/s" for d, v in peak.items()) + ".")
     return _table(["provider: max rel err / GFLOP/s", *heads], rows) + note
 
 

@@ -227,7 +227,7 @@ def test_conv3x3_rejects_bad_arguments():
 
 # n (output channels) around the AVX-512 kernel's 64-column panel quads, 32-column pairs and
 # the lone last panel; k (input channels) below, between and past the k-blocks of both kernel
-# families (128 and 384); m (tokens) off the 6- and 12-row tiles
+# families (128 and 384); m (tokens) off the 6- and 12-row tiles, and split into 5- and 6-row ones
 GEMM_N = [1, 8, 9, 16, 17, 31, 32, 33, 48, 50, 64, 65, 97, 113]
 GEMM_K = [1, 5, 72, 200, 400]
 
@@ -236,7 +236,8 @@ GEMM_K = [1, 5, 72, 200, 400]
 @pytest.mark.isa_independent  # runs every level itself
 @pytest.mark.parametrize("cout", GEMM_N)
 @pytest.mark.parametrize("cin", GEMM_K)
-@pytest.mark.parametrize("tokens", [(2, 13), (1, 19)], ids=["m26", "m19"])  # rows: 12 + 12 + 2, 12 + 7
+# rows: 12 + 12 + 2 or 5 + 5 + 5 + 5 + 6, 12 + 7 or 6 + 6 + 6 + 1, 6 + 5 + 5, 6 x 4 + 5 x 5
+@pytest.mark.parametrize("tokens", [(2, 13), (1, 19), (1, 16), (1, 49)], ids=["m26", "m19", "m16", "m49"])
 def test_gemm_levels_agree(cout, cin, tokens):
     """The packed GEMM at every level this CPU runs it (avx2, avx512) against float64, and the
     levels with each other: all accumulate each output in the same k order, so their results

@@ -44,8 +44,9 @@ struct Plan : torch::CustomClassHolder {
   int64_t prefix_budget = 0;      // bytes of that per chunk and thread
 
   // Steps [0, steps) run on chunks of the batch: as many images as keep bytes_per_pixel * H * W
-  // per image within budget bytes per intra-op thread (at least one image). Their results are concatenated along the
-  // batch: each step must compute every image on its own, as every shvit_cpp op does.
+  // per image within budget bytes per intra-op thread (at least one image). Their results are
+  // concatenated along the batch: each step must compute every image on its own, as every
+  // shvit_cpp op does.
   void chunk_prefix(int64_t steps, double bytes_per_pixel, int64_t budget) {
     TORCH_CHECK(steps >= 0 && bytes_per_pixel >= 0 && budget >= 0, "Plan.chunk_prefix: negative argument");
     prefix = steps;
@@ -77,7 +78,9 @@ struct Plan : torch::CustomClassHolder {
       const int64_t chunk = std::max<int64_t>(1, static_cast<int64_t>(budget / std::max(image, 1.0)));
       if (chunk < x.size(0)) {
         std::vector<Tensor> parts;
-        for (int64_t b = 0; b < x.size(0); b += chunk) parts.push_back(run_steps(x.narrow(0, b, std::min(chunk, x.size(0) - b)), 0, p));
+        for (int64_t b = 0; b < x.size(0); b += chunk) {
+          parts.push_back(run_steps(x.narrow(0, b, std::min(chunk, x.size(0) - b)), 0, p));
+        }
         x = at::cat(parts, 0);  // channels_last parts give a channels_last result
         i = p;
       }

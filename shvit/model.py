@@ -263,7 +263,7 @@ class SHViT(nn.Module):
                     steps.append(pool_linear.pool_linear_step(self.head.weight, self.head.bias))
                 plan = Plan(steps, tensors)
                 if not bf16:  # bfloat16 halves the activations, and oneDNN's cost per call made chunks no faster
-                    plan.chunk_prefix(len(stem), 4 * self._stem_bytes_per_pixel(), STEM_CHUNK_BYTES)
+                    plan.chunk_prefix(len(stem), 4 * self._stem_elements_per_pixel(), STEM_CHUNK_BYTES)
                 cpu = (plan, features)
             snapshot = _Snapshot(self, None if cpu is None else cpu[0])
             # the input dtype the plan takes: under autocast float32 or bfloat16 (cast as autocast would)
@@ -272,7 +272,7 @@ class SHViT(nn.Module):
             return None  # autograd runs through the modules
         return cached[1] if cached[4] is None or cached[4] is x.dtype else None
 
-    def _stem_bytes_per_pixel(self) -> float:
+    def _stem_elements_per_pixel(self) -> float:
         """Elements of the stem's largest convolution input + output per pixel of the image."""
         worst, area = 0.0, 1
         for m in self.patch_embed.modules():

@@ -36,8 +36,9 @@ class Plan:
 
     def chunk_prefix(self, steps: int, bytes_per_pixel: float, budget: int) -> None:
         """Run the first ``steps`` steps on chunks of the batch: as many images as keep
-        ``bytes_per_pixel`` times an image's height and width within ``budget`` bytes per intra-op
-        thread (at least one), the results concatenated. Each of those steps must compute images independently."""
+        ``bytes_per_pixel`` times an image's height and width within ``budget`` bytes per
+        intra-op thread (at least one), the results concatenated. Each of those steps must
+        compute images independently."""
         self._plan.chunk_prefix(steps, float(bytes_per_pixel), budget)
 
     def __len__(self) -> int:

@@ -437,7 +437,6 @@ SHVIT_AVX512 void tile_z(int64_t rows, int64_t nv, int64_t kc, const float* a, i
   }
 }
 
-// gemm_avx2's loops with the AVX-512 tiles: panels in fours, then pairs.
 // One row tile of gemm_avx512's panel groups (four or two panels), R rows (6, or 5 where
 // that splits the rows left evenly); the prefetching variant as the comment there says.
 template <int R>
@@ -458,6 +457,7 @@ SHVIT_AVX512 inline void group_tile(bool quad, bool pf, bool cold, const float* 
   }
 }
 
+// gemm_avx2's loops with the AVX-512 tiles: panels in fours, then pairs.
 SHVIT_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* wp,
                               int64_t ldb, int64_t bps, float* c, int64_t ldc, const Epilogue& epi) {
   const int64_t np = (n + kPanel - 1) / kPanel;

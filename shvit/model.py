@@ -156,8 +156,10 @@ class SHViT(nn.Module):
         return [self.blocks1, self.blocks2, self.blocks3]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        return self._features(x, self._cpu_plan(x))
+        cpu = self._cpu_plan(x)
+        if cpu is None:
+            self._check_input(x)
+        return self._features(x, cpu)
 
     def _features(self, x: torch.Tensor, cpu: tuple[Plan, int] | None) -> torch.Tensor:
         if cpu is not None:
@@ -180,13 +182,15 @@ class SHViT(nn.Module):
         return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        twin = self._float32_twin(x)
-        if twin is not None:
-            return twin(x.float()).to(x.dtype)
-        self._check_input(x)
+        # the plan first: it is made only for an input that _check_input passes
         cpu = self._cpu_plan(x)
         if cpu is not None and len(cpu[0]) > cpu[1]:  # the plan has the head
             return cpu[0].run(x)
+        if cpu is None:
+            self._check_input(x)
+        twin = self._float32_twin(x)
+        if twin is not None:
+            return twin(x.float()).to(x.dtype)
         return self.forward_head(self._features(x, cpu))
 
     def _float32_twin(self, x: torch.Tensor) -> "SHViT | None":
@@ -216,31 +220,37 @@ class SHViT(nn.Module):
         return cached[1]
 
     def _cpu_plan(self, x: torch.Tensor) -> tuple[Plan, int] | None:
-        """For a folded fused model in CPU inference (no gradient to compute, not compiling,
-        tracing or exporting, the cpp backend on a CPU with the packed GEMM): the model as one
+        """For a folded fused model in CPU inference on a valid input (a CPU float32 or bfloat16
+        tensor of shape (B > 0, in_chans, H, W); no gradient to compute, not compiling, tracing
+        or exporting, the cpp backend on a CPU with the packed GEMM): the model as one
         chain of C++ ops (``layers.cpu_plan``; pooling and classifier as a last step where the
         head is one Linear) and how many of its steps make the features; cached until a
         parameter or buffer changes. float32 parameters and input run the float32 kernels;
         on a CPU with bfloat16 hardware, bfloat16 ones, or float32 ones under CPU bfloat16
         autocast, run the oneDNN blocks of ``shvit_kernels.onednn``. ``None`` otherwise (the
         modules run one by one)."""
-        autocast = torch.is_autocast_enabled("cpu")
         if (
-            not self.__dict__.get("_folded_fused")
-            or x.dtype not in (torch.float32, torch.bfloat16)
+            not isinstance(x, torch.Tensor)
             or not x.is_cpu
+            or x.dtype not in (torch.float32, torch.bfloat16)
+            or x.dim() != 4
+            or x.shape[1] != self.in_chans
             or x.numel() == 0
-            or torch.compiler.is_compiling()
-            or torch.jit.is_tracing()
-            or (autocast and torch.get_autocast_dtype("cpu") is not torch.bfloat16)
-            or shvit_kernels.backend.select(x) != "cpp"
-            or not shvit_kernels.pointwise.gemm_available()
+            or not self.__dict__.get("_folded_fused")
+            or torch.compiler.is_compiling()  # torch.export and the dynamo ONNX exporter too
+            or torch.jit.is_tracing()  # the TorchScript ONNX exporter too
+            or shvit_kernels.backend.requested() not in ("auto", "cpp")
         ):
+            return None
+        autocast = torch.is_autocast_enabled("cpu")
+        if autocast and torch.get_autocast_dtype("cpu") is not torch.bfloat16:
             return None
         grad = torch.is_grad_enabled()
         slot = "_plan_autocast" if autocast else "_plan"
         cached = self.__dict__.get(slot)
         if cached is None or (cached[3] and not grad) or cached[0].changed(self):
+            if not shvit_kernels.backend.cpp_available() or not shvit_kernels.pointwise.gemm_available():
+                return None
             tensors = [*self.parameters(), *self.buffers()]
             needs_grad = any(t.requires_grad for t in tensors)
             deferred = grad and needs_grad  # autograd runs through the modules: made once it can run

@@ -77,6 +77,24 @@ def test_default_export_call(tmp_path):
     assert_rel_close(_run_ort(path, g["input"].float()), g["eval_logits"], TOL, "default export")
 
 
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_export_after_inference(dynamo, tmp_path):
+    """A model that has run on the CPU (its C++ plan cached) exports under no_grad as a fresh
+    one does: the exporters see the modules' torch composition, not the plan."""
+    g = load_golden("tiny_b")
+    model = _model("fused+fuse", g)
+    x = g["input"].float()
+    path = tmp_path / "model.onnx"
+    with torch.no_grad():
+        model(x)
+        if dynamo:
+            torch.onnx.export(model, (x,), dynamo=True).save(str(path))
+        else:
+            torch.onnx.export(model, (x,), str(path), dynamo=False)
+    _check_graph(path)
+    assert_rel_close(_run_ort(path, x), g["eval_logits"], TOL, f"export after inference (dynamo={dynamo})")
+
+
 @pytest.mark.parametrize("kind", ["fused", "fused+fuse"])
 def test_legacy_export(kind, tmp_path):
     g = load_golden("tiny_b")

@@ -9,8 +9,9 @@
 
 #include <string>
 
-namespace shvit_cpu {  // inference/conv_infer.cpp: whether the packed-GEMM kernels run
-bool gemm_available();
+namespace shvit_cpu {
+bool gemm_available();       // inference/conv_infer.cpp: whether the packed-GEMM kernels run
+bool bf16_gemm_available();  // inference/conv_bf16.cpp: whether the AVX512-BF16 GEMM runs
 }  // namespace shvit_cpu
 namespace shvit_isa {  // cpu_isa.cpp: the instruction-set level in use
 std::string request(const std::string& level);
@@ -43,9 +44,13 @@ TORCH_LIBRARY(shvit_cpp, m) {
   m.def("ffn_block(Tensor x, Tensor w1_packed, Tensor b1, Tensor w2_packed, Tensor b2) -> Tensor");
   m.def("se_gate(Tensor x, Tensor w1_packed, Tensor b1, Tensor w2_packed, Tensor b2) -> Tensor");
   m.def("pool_linear(Tensor x, Tensor w_packed, Tensor bias) -> Tensor");
+  m.def("pack_weight_bf16(Tensor w) -> Tensor");
+  m.def("bf16_pw(Tensor x, Tensor w_packed, Tensor bias, bool relu, Tensor? residual) -> Tensor");
+  m.def("bf16_ffn(Tensor x, Tensor w1_packed, Tensor b1, Tensor w2_packed, Tensor b2) -> Tensor");
   // with C++ autograd (ops/autograd.cpp): forward and backward without Python
   m.def("group_norm_partial(Tensor x1, Tensor weight, Tensor bias, float eps) -> Tensor");
   m.def("shsa_attention(Tensor qkv, Tensor x2, int qk_dim, float scale) -> Tensor");
   m.def("gemm_available() -> bool", &shvit_cpu::gemm_available);
+  m.def("bf16_gemm_available() -> bool", &shvit_cpu::bf16_gemm_available);
   m.def("isa(str level='') -> str", &shvit_isa::request);
 }

@@ -28,7 +28,7 @@ from . import _cpp, backend
 from ._utils import is_dw3x3, weight_cache
 from .plan import Step, call
 
-__all__ = ["bf16_hardware", "applies", "conv1x1", "conv_step", "ffn_step", "ffn_block", "shsa_step", "shsa_block",
+__all__ = ["bf16_hardware", "own_gemm", "applies", "conv1x1", "conv_step", "ffn_step", "ffn_block", "shsa_step", "shsa_block",
            "se_step", "pool_linear_step"]
 
 _hardware: bool | None = None
@@ -63,6 +63,31 @@ def applies(x: Tensor, *params: Tensor | None) -> bool:
     return not grad and backend.select(x) == "cpp"
 
 
+_own: bool | None = None
+
+
+def own_gemm() -> bool:
+    """Whether the 1x1 convolutions and FFN blocks run on our AVX512-BF16 GEMM
+    (``csrc/gemm/gemm_bf16.cpp``) instead of oneDNN: on CPUs with AVX512-BF16 and no AMX, at
+    the avx512 level. There oneDNN's linear op spent more of a small GEMM's time on its
+    per-call set-up than on the products (SHViT-S1's stage-3 FFN at batch 1: 111 us against
+    78 us); where AMX is, oneDNN's AMX kernels run."""
+    global _own
+    if _own is None:
+        amx = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", lambda: False)()
+        _own = bool(_cpp.available() and not amx)
+    return _own and torch.ops.shvit_cpp.bf16_gemm_available()
+
+
+def _packed(weight: Tensor) -> Tensor:
+    return weight_cache(weight, "bf16-packed", lambda w: torch.ops.shvit_cpp.pack_weight_bf16(w))
+
+
+def _bias32(bias: Tensor) -> Tensor:
+    """The bias rounded to bfloat16 (as the oneDNN path and autocast use it), in float32."""
+    return weight_cache(bias, "bf16-bias32", lambda b: b.to(torch.bfloat16).float())
+
+
 def _bf16(t: Tensor) -> Tensor:
     return t if t.dtype == torch.bfloat16 else weight_cache(t, "bf16", lambda w: w.to(torch.bfloat16))
 
@@ -88,6 +113,8 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False, residua
     """``relu?(conv2d(x, weight, bias) + residual)`` for a 1x1 weight, in bfloat16: a GEMM on
     the channels_last token rows (oneDNN's linear), bias and ReLU or the residual add as its
     post-op. channels_last out."""
+    if own_gemm():
+        return torch.ops.shvit_cpp.bf16_pw(x, _packed(weight), _bias32(bias), relu, residual)
     return torch.ops.shvit_cpp.onednn_pw(x, _linear_weight(weight), _bf16(bias), relu, residual)
 
 
@@ -101,6 +128,8 @@ def conv_step(conv: torch.nn.Conv2d, relu: bool = False) -> Step | None:
     if b is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
+        if own_gemm():
+            return "bf16_pw", (_packed(w), _bias32(b), relu, None)
         return "onednn_pw", (_linear_weight(w), _bf16(b), relu, None)
     if is_dw3x3(conv):  # our kernel: oneDNN's fixed cost per call is most of a small image's time
         return "dw_conv3x3", (_float32(w), _float32(b), conv.stride[0], relu)
@@ -111,6 +140,8 @@ def conv_step(conv: torch.nn.Conv2d, relu: bool = False) -> Step | None:
 def ffn_step(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Step:
     """``x + pw2(relu(pw1(x)))`` as one C++ op: two GEMMs, the ReLU and the residual add in
     their epilogues."""
+    if own_gemm():
+        return "bf16_ffn", (_packed(w1), _bias32(b1), _packed(w2), _bias32(b2))
     return "onednn_ffn", (_linear_weight(w1), _bf16(b1), _linear_weight(w2), _bf16(b2))
 
 

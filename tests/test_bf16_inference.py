@@ -1,7 +1,9 @@
-"""bfloat16 inference of a folded fused model on CPU: the oneDNN path (bfloat16 hardware) and
-the float32 path a bfloat16 model takes on CPUs without it, as ``model.to(torch.bfloat16)``
-and under ``torch.autocast("cpu", torch.bfloat16)``, against the float64 reference within
-twice the error of the eager model computed the same way, element-wise."""
+"""bfloat16 inference of a folded fused model on CPU: the oneDNN path (bfloat16 hardware), the
+same with its 1x1 convolutions and FFNs on our AVX512-BF16 GEMM (CPUs with AVX512-BF16), and
+the float32 path a bfloat16 model takes on CPUs without bfloat16 hardware, as
+``model.to(torch.bfloat16)`` and under ``torch.autocast("cpu", torch.bfloat16)``, against the
+float64 reference within twice the error of the eager model computed the same way,
+element-wise."""
 from __future__ import annotations
 
 import copy
@@ -20,16 +22,22 @@ BF16 = torch.bfloat16
 # the oneDNN path runs wherever oneDNN computes bfloat16 (natively with AMX/AVX512-BF16,
 # emulated on other AVX-512 CPUs, where the model would not choose it): forced in the tests
 ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-PATHS = ["onednn", "float32"]
+OWN_GEMM = backend.cpp_available() and torch.ops.shvit_cpp.bf16_gemm_available()
+PATHS = ["onednn", "own-gemm", "float32"]
 
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """Which path bfloat16 inference takes, and a record of the oneDNN ops it called."""
-    if request.param == "onednn" and not ONEDNN_BF16:
+    """Which path bfloat16 inference takes ("own-gemm": the oneDNN path with our AVX512-BF16
+    GEMM for the 1x1 convolutions and FFNs), and a record of the functions that made its
+    bfloat16 steps."""
+    if request.param != "float32" and not ONEDNN_BF16:
         pytest.skip("oneDNN has no bfloat16 support on this CPU (needs AVX-512)")
+    if request.param == "own-gemm" and not OWN_GEMM:
+        pytest.skip("our bfloat16 GEMM needs AVX512-BF16 (and the avx512 level)")
     use_backend(monkeypatch, "cpp", "cpu")
-    monkeypatch.setattr(onednn, "_hardware", request.param == "onednn")
+    monkeypatch.setattr(onednn, "_hardware", request.param != "float32")
+    monkeypatch.setattr(onednn, "_own", request.param == "own-gemm")
     calls = []  # the functions that make oneDNN steps (run by a module, or planned by a model)
     for name in ("conv1x1", "conv_step", "ffn_step", "shsa_step", "se_step"):
         real = getattr(onednn, name)
@@ -48,7 +56,7 @@ def _models(config: dict, state: dict):
 def _check_path(path, calls, out):
     name, calls = path
     assert out.dtype == BF16
-    if name == "onednn":
+    if name != "float32":
         # the SE gate is one step in a model's plan, two conv1x1 calls module by module (autocast)
         assert {"conv_step", "ffn_step", "shsa_step"} <= set(calls), "every kind of layer ran on oneDNN"
         assert {"se_step", "conv1x1"} & set(calls), "the SE gate's 1x1 convs ran on oneDNN"
@@ -81,7 +89,7 @@ def test_golden_autocast(path):
     with torch.inference_mode(), torch.autocast("cpu", BF16):
         want = ref(x)
         got = fused(x)
-    if path[0] == "onednn":
+    if path[0] != "float32":
         _check_path(path, path[1], got)
     assert_close_to_exact(got, g["eval_logits"], want, "autocast logits", dtype=BF16)
 
@@ -121,7 +129,7 @@ def test_plan_matches_modules(variant, autocast, path):
         fused, x = fused.to(BF16), x.to(BF16)
     with torch.inference_mode(), torch.autocast("cpu", BF16, enabled=autocast):
         plan = fused._cpu_plan(x)
-        if path[0] != "onednn":
+        if path[0] == "float32":
             assert plan is None
             return
         assert plan is not None
@@ -157,7 +165,7 @@ def test_conditions(path):
     """The oneDNN path is for bfloat16 (or float32 under bfloat16 autocast) CPU inference only."""
     x = torch.randn(2, 8, 4, 4)
     w = torch.randn(8, 8, 1, 1)
-    on = path[0] == "onednn"
+    on = path[0] != "float32"
     assert onednn.applies(x.to(BF16), w.to(BF16)) == on
     assert not onednn.applies(x, w)
     assert not onednn.applies(x.half(), w.half())
@@ -229,7 +237,7 @@ def test_conv1x1_with_residual(path, relu):
         got = shvit_kernels.conv1x1(x, w, b, relu=relu, residual=res)
         exact = compose(*(t.double() for t in (x, w, b, res)))
         eager = compose(x, w, b, res)
-    assert ("conv1x1" in path[1]) == (path[0] == "onednn")
+    assert ("conv1x1" in path[1]) == (path[0] != "float32")
     assert_close_to_exact(got, exact, eager, f"conv1x1 + residual, relu {relu}")
 
 
@@ -252,4 +260,43 @@ def test_conv_weight_per_input_shape(path, cin, cout, stride, groups):
             eager = conv(x.contiguous(memory_format=torch.channels_last)).relu()
         assert got.shape == exact.shape
         assert_close_to_exact(got, exact, eager, f"conv {cin}->{cout} stride {stride} on {(b, h, h + 1)}")
-    assert ("conv_step" in path[1]) == (path[0] == "onednn")
+    assert ("conv_step" in path[1]) == (path[0] != "float32")
+
+
+@pytest.mark.skipif(not OWN_GEMM, reason="our bfloat16 GEMM needs AVX512-BF16 (and the avx512 level)")
+@pytest.mark.parametrize("shape,n", [((2, 37, 3, 5), 51), ((1, 320, 4, 4), 640), ((3, 16, 1, 1), 16),
+                                     ((1, 7, 2, 3), 100), ((2, 96, 7, 7), 200)], ids=str)
+def test_own_gemm_ops(shape, n):
+    """bf16_pw (every epilogue) and bf16_ffn on odd shapes (k odd, n not a multiple of 16,
+    rows not a multiple of 6), inputs in float32 and in another layout, against the float64
+    composition within twice the bfloat16 composition's error."""
+    ops = torch.ops.shvit_cpp
+    g = torch.Generator().manual_seed(7)
+    c = shape[1]
+    x = torch.randn(shape, generator=g).to(BF16)
+    w = (torch.randn(n, c, 1, 1, generator=g) / c**0.5).to(BF16)
+    b = torch.randn(n, generator=g).to(BF16)
+    res = torch.randn(shape[0], n, *shape[2:], generator=g).to(BF16)
+    wp = ops.pack_weight_bf16(w)
+
+    def pw(x, w, b, relu, res):
+        y = torch.nn.functional.conv2d(x, w, b)
+        y = y if res is None else y + res
+        return y.relu() if relu else y
+
+    for relu in (False, True):
+        for r in (None, res):
+            for xin in (x, x.float(), x.contiguous(memory_format=torch.channels_last)):
+                got = ops.bf16_pw(xin, wp, b.float(), relu, r)
+                assert got.dtype == BF16 and got.is_contiguous(memory_format=torch.channels_last)
+                exact = pw(x.double(), w.double(), b.double(), relu, None if r is None else r.double())
+                assert_close_to_exact(got, exact, pw(x, w, b, relu, r), f"bf16_pw {shape}->{n} relu {relu}")
+    w2 = (torch.randn(c, n, 1, 1, generator=g) / n**0.5).to(BF16)
+    b2 = torch.randn(c, generator=g).to(BF16)
+    got = ops.bf16_ffn(x, wp, b.float(), ops.pack_weight_bf16(w2), b2.float())
+    exact = pw(pw(x.double(), w.double(), b.double(), True, None), w2.double(), b2.double(), False, x.double())
+    eager = pw(pw(x, w, b, True, None), w2, b2, False, x)
+    assert_close_to_exact(got, exact, eager, f"bf16_ffn {shape} hidden {n}")
+    assert ops.bf16_ffn(x[:0], wp, b.float(), ops.pack_weight_bf16(w2), b2.float()).shape == (0, *shape[1:])
+    with pytest.raises(RuntimeError, match="pack_weight_bf16"):
+        ops.bf16_pw(x, ops.pack_weight_bf16(w[:, :-1]), b.float(), False, None)

@@ -1,0 +1,40 @@
+// A bfloat16 GEMM for token-major (channels_last) activations times a pre-packed weight, on
+// AVX512-BF16 (vdpbf16ps: float32 sums of bfloat16 products), with the epilogues of SHViT's
+// 1x1 convolutions fused: bias, residual add, ReLU, one rounding to bfloat16.
+//
+//   C[m, n] = bf16(relu?( sum_k A[m, k] * W[n, k] + bias[n] + residual[m, n] ))
+//
+// W (N, K) is packed once into panels of 16 output channels, each K/2 rows of 16 column pairs
+// (W[j, 2q], W[j, 2q + 1]): one 64-byte row per pair of k, which vdpbf16ps multiplies with a
+// pair of A broadcast to every lane; for an odd K the last k follows as one row of 16 (so a
+// panel is K x 16 elements, and the packed shape (panels, K, 16) names K). bfloat16 data is
+// passed as uint16_t.
+#pragma once
+
+#include <cstdint>
+
+namespace shvit_gemm {
+
+// Whether gemm_bf16 runs: the active ISA level (cpu_isa.h) is AVX-512 and the CPU has AVX512-BF16.
+bool bf16_available();
+
+// Elements (uint16) of a packed panel.
+inline int64_t bf16_panel_size(int64_t k) { return k * 16; }
+
+// out[p * k * 16 + q * 32 + 2 j + e] = w[(p * 16 + j) * ldw + 2 q + e] for 2 q + 1 < k, and for an
+// odd k out[p * k * 16 + (k - 1) * 16 + j] = w[(p * 16 + j) * ldw + k - 1]; zero past n.
+void pack_weight_bf16(const uint16_t* w, int64_t n, int64_t k, int64_t ldw, uint16_t* out);
+
+struct EpilogueBf16 {
+  const float* bias = nullptr;         // (N,) float32, or null
+  const uint16_t* residual = nullptr;  // (M, N) bfloat16 with row stride ldr, or null
+  int64_t ldr = 0;
+  bool relu = false;  // applied last
+};
+
+// C (m, n; row stride ldc) = epi(A (m, k; row stride lda) @ W^T) in bfloat16, W packed by
+// pack_weight_bf16. C may alias the residual (same pointer and stride) but not A.
+void gemm_bf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda, const uint16_t* wp, uint16_t* c,
+               int64_t ldc, const EpilogueBf16& epi);
+
+}  // namespace shvit_gemm

@@ -1,0 +1,150 @@
+// 1x1 convolutions and the FFN block of the bfloat16 inference plan on our own AVX512-BF16 GEMM
+// (gemm/gemm_bf16.h): shvit_cpp::pack_weight_bf16, bf16_pw and bf16_ffn (see
+// shvit_kernels/onednn.py, which uses them on CPUs with AVX512-BF16 and no AMX). At batch 1
+// oneDNN's linear op spent more time per call on its set-up than on SHViT's small GEMMs.
+//
+// Activations are channels_last bfloat16 (a copy is made of any other input: float32 under
+// autocast, or another layout); biases float32 (the bfloat16 bias widened); outputs channels_last
+// bfloat16.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+#include "gemm/gemm_bf16.h"
+
+namespace shvit_cpu {
+
+namespace {
+
+// FFN rows per tile: the hidden tile (rows x 2C bfloat16) stays in L2 between its two GEMMs.
+constexpr int64_t kFfnRows = 96;
+// Rows per tile of a lone 1x1 conv split across threads.
+constexpr int64_t kPwRows = 144;
+
+const uint16_t* u16(const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()); }
+uint16_t* u16(Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+Tensor bf16_rows(const Tensor& x, const char* name, int64_t channels) {
+  check_input(x, name);
+  TORCH_CHECK(channels < 0 || x.size(1) == channels, name, " must have ", channels, " channels, got ", x.size(1));
+  return x.to(at::kBFloat16).contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// wp: pack_weight_bf16 of an (n, k) weight; bias (n,) float32.
+void check_packed(const Tensor& wp, const Tensor& bias, int64_t k, const char* name) {
+  TORCH_CHECK(shvit_gemm::bf16_available(), name, ": needs a CPU with AVX512-BF16 at the avx512 level");
+  TORCH_CHECK(bias.dim() == 1 && bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.device().is_cpu(),
+              name, ": bias must be a contiguous float32 CPU vector, got ", bias.sizes(), " ", bias.scalar_type());
+  const int64_t n = bias.size(0);
+  TORCH_CHECK(wp.dim() == 3 && wp.scalar_type() == at::kBFloat16 && wp.is_contiguous() && wp.device().is_cpu() &&
+                  wp.size(0) == (n + 15) / 16 && wp.size(1) == k && wp.size(2) == 16,
+              name, ": expected a weight packed by shvit_cpp::pack_weight_bf16 for ", n, " outputs and ", k,
+              " inputs, got ", wp.sizes(), " ", wp.scalar_type());
+}
+
+Tensor empty_cl(const Tensor& x, int64_t channels) {
+  return at::empty({x.size(0), channels, x.size(2), x.size(3)},
+                   x.options().dtype(at::kBFloat16).memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+}  // namespace
+
+bool bf16_gemm_available() { return shvit_gemm::bf16_available(); }
+
+Tensor pack_weight_bf16(const Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && at::isFloatingType(w.scalar_type()), "w must be a floating-point CPU tensor");
+  TORCH_CHECK(w.dim() == 2 || (w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1),
+              "w must be (out, in) or a 1x1 conv weight (out, in, 1, 1), got ", w.sizes());
+  const Tensor w2 = w.reshape({w.size(0), w.size(1)}).to(at::kBFloat16).contiguous();
+  const int64_t n = w2.size(0), k = w2.size(1);
+  Tensor out = at::empty({(n + 15) / 16, k, 16}, w2.options());
+  shvit_gemm::pack_weight_bf16(u16(w2), n, k, k, u16(out));
+  return out;
+}
+
+// relu?(conv1x1(x) + bias + residual)
+Tensor bf16_pw(const Tensor& x_in, const Tensor& w_packed, const Tensor& bias, bool relu,
+               const std::optional<Tensor>& residual_in) {
+  const Tensor x = bf16_rows(x_in, "x", -1);
+  const int64_t k = x.size(1);
+  check_packed(w_packed, bias, k, "bf16_pw");
+  const int64_t n = bias.size(0);
+  std::optional<Tensor> residual;
+  if (residual_in.has_value()) {
+    residual = bf16_rows(*residual_in, "residual", n);
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef({x.size(0), n, x.size(2), x.size(3)}), "residual must be (",
+                x.size(0), ", ", n, ", ", x.size(2), ", ", x.size(3), "), got ", residual->sizes());
+  }
+  Tensor out = empty_cl(x, n);
+  const int64_t m = x.size(0) * x.size(2) * x.size(3);
+  if (m == 0) return out;
+  const uint16_t* px = u16(x);
+  const uint16_t* pw = u16(w_packed);
+  const uint16_t* pres = residual.has_value() ? u16(*residual) : nullptr;
+  uint16_t* po = u16(out);
+  const float* pb = bias.const_data_ptr<float>();
+  const RowTiles tiles(m, kPwRows, std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, m / 48)));
+  parallel_tiles(tiles.count, [&](const auto& take) {
+    for (int64_t t; (t = take()) >= 0;) {
+      const int64_t r0 = tiles.begin(t), rows = tiles.end(t) - r0;
+      if (rows <= 0) continue;
+      shvit_gemm::EpilogueBf16 e;
+      e.bias = pb;
+      e.relu = relu;
+      e.residual = pres ? pres + r0 * n : nullptr;
+      e.ldr = n;
+      shvit_gemm::gemm_bf16(rows, n, k, px + r0 * k, k, pw, po + r0 * n, n, e);
+    }
+  });
+  return out;
+}
+
+// x + conv1x1_2(relu(conv1x1_1(x) + b1)) + b2, tile by tile (the hidden activation, rounded
+// to bfloat16 as a bfloat16 model's would be, never leaves the cache).
+Tensor bf16_ffn(const Tensor& x_in, const Tensor& w1_packed, const Tensor& b1, const Tensor& w2_packed,
+                const Tensor& b2) {
+  const Tensor x = bf16_rows(x_in, "x", -1);
+  const int64_t c = x.size(1);
+  check_packed(w1_packed, b1, c, "bf16_ffn (first conv)");
+  const int64_t h = b1.size(0);
+  check_packed(w2_packed, b2, h, "bf16_ffn (second conv)");
+  TORCH_CHECK(b2.size(0) == c, "bf16_ffn: the second conv must map back to ", c, " channels, got ", b2.size(0));
+  Tensor out = empty_cl(x, c);
+  const int64_t m = x.size(0) * x.size(2) * x.size(3);
+  if (m == 0) return out;
+  const uint16_t* px = u16(x);
+  const uint16_t* pw1 = u16(w1_packed);
+  const uint16_t* pw2 = u16(w2_packed);
+  const float* pb1 = b1.const_data_ptr<float>();
+  const float* pb2 = b2.const_data_ptr<float>();
+  uint16_t* po = u16(out);
+  const RowTiles tiles(m, kFfnRows, at::get_num_threads());
+  parallel_tiles(tiles.count, [&](const auto& take) {
+    std::vector<uint16_t> hidden;
+    for (int64_t t; (t = take()) >= 0;) {
+      const int64_t r0 = tiles.begin(t), rows = tiles.end(t) - r0;
+      if (rows <= 0) continue;
+      hidden.resize(static_cast<size_t>(std::max<int64_t>(static_cast<int64_t>(hidden.size()), rows * h)));
+      shvit_gemm::EpilogueBf16 e1;
+      e1.bias = pb1;
+      e1.relu = true;
+      shvit_gemm::gemm_bf16(rows, h, c, px + r0 * c, c, pw1, hidden.data(), h, e1);
+      shvit_gemm::EpilogueBf16 e2;
+      e2.bias = pb2;
+      e2.residual = px + r0 * c;
+      e2.ldr = c;
+      shvit_gemm::gemm_bf16(rows, c, h, hidden.data(), h, pw2, po + r0 * c, c, e2);
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) {
+  m.impl("pack_weight_bf16", &pack_weight_bf16);
+  m.impl("bf16_pw", &bf16_pw);
+  m.impl("bf16_ffn", &bf16_ffn);
+}
+
+}  // namespace shvit_cpu

@@ -47,6 +47,10 @@ TORCH_LIBRARY(shvit_cpp, m) {
   m.def("pack_weight_bf16(Tensor w) -> Tensor");
   m.def("bf16_pw(Tensor x, Tensor w_packed, Tensor bias, bool relu, Tensor? residual) -> Tensor");
   m.def("bf16_ffn(Tensor x, Tensor w1_packed, Tensor b1, Tensor w2_packed, Tensor b2) -> Tensor");
+  m.def("bf16_shsa(Tensor x, Tensor w_qkv, Tensor b_qkv, Tensor w_proj, Tensor b_proj, int pdim, int qk_dim, "
+        "float eps) -> Tensor");
+  m.def("bf16_se(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
+  m.def("bf16_pool_linear(Tensor x, Tensor w, Tensor b) -> Tensor");
   // with C++ autograd (ops/autograd.cpp): forward and backward without Python
   m.def("group_norm_partial(Tensor x1, Tensor weight, Tensor bias, float eps) -> Tensor");
   m.def("shsa_attention(Tensor qkv, Tensor x2, int qk_dim, float scale) -> Tensor");

@@ -67,11 +67,12 @@ _own: bool | None = None
 
 
 def own_gemm() -> bool:
-    """Whether the 1x1 convolutions and FFN blocks run on our AVX512-BF16 GEMM
-    (``csrc/gemm/gemm_bf16.cpp``) instead of oneDNN: on CPUs with AVX512-BF16 and no AMX, at
-    the avx512 level. There oneDNN's linear op spent more of a small GEMM's time on its
-    per-call set-up than on the products (SHViT-S1's stage-3 FFN at batch 1: 111 us against
-    78 us); where AMX is, oneDNN's AMX kernels run."""
+    """Whether the GEMM blocks (1x1 convolutions, FFN, SHSA, SqueezeExcite, classifier) run
+    on our AVX512-BF16 GEMM (``csrc/gemm/gemm_bf16.cpp``, ``csrc/inference/conv_bf16.cpp``)
+    instead of oneDNN: on CPUs with AVX512-BF16 and no AMX, at the avx512 level. There
+    oneDNN's linear op spent more of a small GEMM's time on its per-call set-up than on the
+    products (SHViT-S1's stage-3 FFN at batch 1: 111 us against 78 us); where AMX is,
+    oneDNN's AMX kernels run."""
     global _own
     if _own is None:
         amx = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", lambda: False)()
@@ -157,6 +158,9 @@ def shsa_step(w_qkv: Tensor, b_qkv: Tensor, w_proj: Tensor, b_proj: Tensor, pdim
     add in the projection's epilogue); between them GroupNorm (float32 statistics, two
     passes) and attention + concat + ReLU (float32, on the packed GEMM), each rounding its
     output to bfloat16 once."""
+    if own_gemm():
+        return "bf16_shsa", (_packed(w_qkv), _bias32(b_qkv), _packed(w_proj), _bias32(b_proj), pdim, qk_dim,
+                             float(eps))
     return "onednn_shsa", (_linear_weight(w_qkv), _bf16(b_qkv), _linear_weight(w_proj), _bf16(b_proj), pdim,
                            qk_dim, float(eps))
 
@@ -169,9 +173,13 @@ def shsa_block(x: Tensor, w_qkv: Tensor, b_qkv: Tensor, w_proj: Tensor, b_proj: 
 def se_step(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Step:
     """``x * sigmoid(conv1x1(relu(conv1x1(mean(x), w1, b1)), w2, b2))`` (a BN-folded
     SqueezeExcite) as one C++ op, the two 1x1 convs on the pooled rows."""
+    if own_gemm():
+        return "bf16_se", (_packed(w1), _bias32(b1), _packed(w2), _bias32(b2))
     return "onednn_se", (_linear_weight(w1), _bf16(b1), _linear_weight(w2), _bf16(b2))
 
 
 def pool_linear_step(weight: Tensor, bias: Tensor) -> Step:
     """``linear(x.mean((2, 3)), weight, bias)`` (global pooling and a classifier) as one C++ op."""
+    if own_gemm():
+        return "bf16_pool_linear", (_packed(weight), _bias32(bias))
     return "onednn_pool_linear", (_linear_weight(weight), _bf16(bias))

@@ -15,6 +15,7 @@ import shvit
 from conftest import assert_close_to_exact, load_golden, randomize_bn, use_backend
 import shvit_kernels
 from shvit_kernels import backend, onednn
+from shvit_kernels.plan import call
 
 pytestmark = pytest.mark.skipif(not backend.cpp_available(), reason="needs the C++ extension")
 
@@ -300,3 +301,46 @@ def test_own_gemm_ops(shape, n):
     assert ops.bf16_ffn(x[:0], wp, b.float(), ops.pack_weight_bf16(w2), b2.float()).shape == (0, *shape[1:])
     with pytest.raises(RuntimeError, match="pack_weight_bf16"):
         ops.bf16_pw(x, ops.pack_weight_bf16(w[:, :-1]), b.float(), False, None)
+
+
+@pytest.mark.parametrize("shape,pdim,qk", [((2, 40, 3, 5), 10, 16), ((1, 66, 7, 7), 22, 16), ((3, 20, 1, 1), 4, 8)],
+                         ids=str)
+def test_gemm_blocks_match_composition(path, shape, pdim, qk):
+    """The bfloat16 SHSA, SqueezeExcite and pooling + classifier blocks (oneDNN or our GEMM)
+    against the float64 composition within twice the bfloat16 composition's error."""
+    if path[0] == "float32":
+        pytest.skip("the float32 path has no bfloat16 blocks")
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(11)
+    B, C, H, W = shape
+    x = torch.randn(shape, generator=g).to(BF16)
+    wq = (torch.randn(2 * qk + pdim, pdim, generator=g) / pdim**0.5).to(BF16)
+    bq = torch.randn(2 * qk + pdim, generator=g).to(BF16)
+    wp, bp = (torch.randn(C, C, generator=g) / C**0.5).to(BF16), torch.randn(C, generator=g).to(BF16)
+
+    def shsa(x, wq, bq, wp, bp):
+        x1 = F.group_norm(x[:, :pdim], 1, eps=1e-5)
+        q, k, v = F.conv2d(x1, wq[..., None, None], bq).flatten(2).split([qk, qk, pdim], dim=1)
+        attn = (q.transpose(-2, -1) @ k).softmax(dim=-1)
+        x1 = (v @ attn.transpose(-2, -1)).reshape(B, pdim, H, W)
+        return x + F.conv2d(torch.cat([x1, x[:, pdim:]], 1).relu(), wp[..., None, None], bp)
+
+    def se(x, w1, b1, w2, b2):
+        s = F.conv2d(F.conv2d(x.mean((2, 3), keepdim=True), w1[..., None, None], b1).relu(), w2[..., None, None], b2)
+        return x * s.sigmoid()
+
+    def pool_linear(x, w, b):
+        return F.linear(x.mean((2, 3)), w, b)
+
+    w1, b1 = (torch.randn(C // 4 + 1, C, generator=g) / C**0.5).to(BF16), torch.randn(C // 4 + 1, generator=g).to(BF16)
+    w2, b2 = (torch.randn(C, C // 4 + 1, generator=g)).to(BF16), torch.randn(C, generator=g).to(BF16)
+    wc, bc = (torch.randn(13, C, generator=g) / C**0.5).to(BF16), torch.randn(13, generator=g).to(BF16)
+    cases = [("shsa", onednn.shsa_step(wq, bq, wp, bp, pdim, qk, 1e-5), shsa, (wq, bq, wp, bp)),
+             ("se", onednn.se_step(w1[..., None, None], b1, w2[..., None, None], b2), se, (w1, b1, w2, b2)),
+             ("pool_linear", onednn.pool_linear_step(wc, bc), pool_linear, (wc, bc))]
+    with torch.no_grad():
+        for name, step, compose, params in cases:
+            assert step[0].startswith("bf16_" if path[0] == "own-gemm" else "onednn_"), step[0]
+            got = call(step, x)
+            exact = compose(x.double(), *(p.double() for p in params))
+            assert_close_to_exact(got, exact, compose(x, *params), f"{name} {shape}")

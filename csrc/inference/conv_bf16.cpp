@@ -1,7 +1,8 @@
-// 1x1 convolutions and the FFN block of the bfloat16 inference plan on our own AVX512-BF16 GEMM
-// (gemm/gemm_bf16.h): shvit_cpp::pack_weight_bf16, bf16_pw and bf16_ffn (see
-// shvit_kernels/onednn.py, which uses them on CPUs with AVX512-BF16 and no AMX). At batch 1
-// oneDNN's linear op spent more time per call on its set-up than on SHViT's small GEMMs.
+// The GEMM blocks of the bfloat16 inference plan on our own AVX512-BF16 GEMM (gemm/gemm_bf16.h):
+// shvit_cpp::pack_weight_bf16, and bf16_pw, bf16_ffn, bf16_shsa, bf16_se, bf16_pool_linear,
+// the counterparts of onednn_blocks.cpp's ops (shvit_kernels/onednn.py uses them on CPUs with
+// AVX512-BF16 and no AMX). At batch 1 oneDNN's linear op spent more time per call on its
+// set-up than on SHViT's small GEMMs.
 //
 // Activations are channels_last bfloat16 (a copy is made of any other input: float32 under
 // autocast, or another layout); biases float32 (the bfloat16 bias widened); outputs channels_last
@@ -15,6 +16,9 @@
 #include "gemm/gemm_bf16.h"
 
 namespace shvit_cpu {
+
+Tensor gn_rows(const Tensor& x, int64_t pdim, double eps);                                   // shsa_inference.cpp
+Tensor attend_concat_relu(const Tensor& qkv, const Tensor& x, int64_t pdim, int64_t qk_dim);  // shsa_inference.cpp
 
 namespace {
 
@@ -49,6 +53,37 @@ Tensor empty_cl(const Tensor& x, int64_t channels) {
                    x.options().dtype(at::kBFloat16).memory_format(at::MemoryFormat::ChannelsLast));
 }
 
+// out (m, n; contiguous rows) = relu?(A (m, k) @ W^T + bias + residual), A and the residual
+// (m, n) contiguous bfloat16 rows (or null), the rows split across threads.
+void gemm_rows(int64_t m, int64_t n, int64_t k, const uint16_t* a, const Tensor& wp, const Tensor& bias, bool relu,
+               const uint16_t* residual, uint16_t* out) {
+  if (m == 0) return;
+  const uint16_t* pw = u16(wp);
+  const float* pb = bias.const_data_ptr<float>();
+  const RowTiles tiles(m, kPwRows, std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, m / 48)));
+  parallel_tiles(tiles.count, [&](const auto& take) {
+    for (int64_t t; (t = take()) >= 0;) {
+      const int64_t r0 = tiles.begin(t), rows = tiles.end(t) - r0;
+      if (rows <= 0) continue;
+      shvit_gemm::EpilogueBf16 e;
+      e.bias = pb;
+      e.relu = relu;
+      e.residual = residual ? residual + r0 * n : nullptr;
+      e.ldr = n;
+      shvit_gemm::gemm_bf16(rows, n, k, a + r0 * k, k, pw, out + r0 * n, n, e);
+    }
+  });
+}
+
+// relu?(A @ W^T + bias) for the (m, k) rows a (bfloat16, made contiguous), as a new (m, n) tensor.
+Tensor linear(const Tensor& a_in, const Tensor& wp, const Tensor& bias, bool relu, const char* name) {
+  const Tensor a = a_in.to(at::kBFloat16).contiguous();
+  check_packed(wp, bias, a.size(1), name);
+  Tensor out = at::empty({a.size(0), bias.size(0)}, a.options());
+  gemm_rows(a.size(0), bias.size(0), a.size(1), u16(a), wp, bias, relu, nullptr, u16(out));
+  return out;
+}
+
 }  // namespace
 
 bool bf16_gemm_available() { return shvit_gemm::bf16_available(); }
@@ -78,26 +113,8 @@ Tensor bf16_pw(const Tensor& x_in, const Tensor& w_packed, const Tensor& bias, b
                 x.size(0), ", ", n, ", ", x.size(2), ", ", x.size(3), "), got ", residual->sizes());
   }
   Tensor out = empty_cl(x, n);
-  const int64_t m = x.size(0) * x.size(2) * x.size(3);
-  if (m == 0) return out;
-  const uint16_t* px = u16(x);
-  const uint16_t* pw = u16(w_packed);
-  const uint16_t* pres = residual.has_value() ? u16(*residual) : nullptr;
-  uint16_t* po = u16(out);
-  const float* pb = bias.const_data_ptr<float>();
-  const RowTiles tiles(m, kPwRows, std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, m / 48)));
-  parallel_tiles(tiles.count, [&](const auto& take) {
-    for (int64_t t; (t = take()) >= 0;) {
-      const int64_t r0 = tiles.begin(t), rows = tiles.end(t) - r0;
-      if (rows <= 0) continue;
-      shvit_gemm::EpilogueBf16 e;
-      e.bias = pb;
-      e.relu = relu;
-      e.residual = pres ? pres + r0 * n : nullptr;
-      e.ldr = n;
-      shvit_gemm::gemm_bf16(rows, n, k, px + r0 * k, k, pw, po + r0 * n, n, e);
-    }
-  });
+  gemm_rows(x.size(0) * x.size(2) * x.size(3), n, k, u16(x), w_packed, bias, relu,
+            residual.has_value() ? u16(*residual) : nullptr, u16(out));
   return out;
 }
 
@@ -141,10 +158,42 @@ Tensor bf16_ffn(const Tensor& x_in, const Tensor& w1_packed, const Tensor& b1, c
   return out;
 }
 
+// x + proj(relu(concat(attention(qkv(gn(x1))), x2))): GroupNorm and attention + concat + ReLU
+// (float32 inside, each rounded to bfloat16 once) between the qkv and projection GEMMs, the
+// residual add in the projection's epilogue.
+Tensor bf16_shsa(const Tensor& x_in, const Tensor& w_qkv, const Tensor& b_qkv, const Tensor& w_proj,
+                 const Tensor& b_proj, int64_t pdim, int64_t qk_dim, double eps) {
+  const Tensor x = bf16_rows(x_in, "x", -1);
+  const int64_t c = x.size(1);
+  check_packed(w_proj, b_proj, c, "bf16_shsa (projection)");
+  TORCH_CHECK(b_proj.size(0) == c, "bf16_shsa: the projection must map back to ", c, " channels, got ", b_proj.size(0));
+  const Tensor qkv = linear(gn_rows(x, pdim, eps), w_qkv, b_qkv, false, "bf16_shsa (qkv)");
+  const Tensor z = attend_concat_relu(qkv, x, pdim, qk_dim);
+  Tensor out = empty_cl(x, c);
+  gemm_rows(z.size(0), c, c, u16(z), w_proj, b_proj, false, u16(x), u16(out));
+  return out;
+}
+
+// x * sigmoid(fc2(relu(fc1(mean_hw(x))))) (SqueezeExcite), the two 1x1 convs on the pooled
+// (B, C) rows.
+Tensor bf16_se(const Tensor& x_in, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
+  const Tensor x = bf16_rows(x_in, "x", -1);
+  const Tensor s = linear(linear(x.mean({2, 3}), w1, b1, true, "bf16_se (fc1)"), w2, b2, false, "bf16_se (fc2)");
+  return x * s.sigmoid_().view({s.size(0), s.size(1), 1, 1});
+}
+
+// linear(mean_hw(x), w, b): global pooling and the classifier.
+Tensor bf16_pool_linear(const Tensor& x_in, const Tensor& w, const Tensor& b) {
+  return linear(bf16_rows(x_in, "x", -1).mean({2, 3}), w, b, false, "bf16_pool_linear");
+}
+
 TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) {
   m.impl("pack_weight_bf16", &pack_weight_bf16);
   m.impl("bf16_pw", &bf16_pw);
   m.impl("bf16_ffn", &bf16_ffn);
+  m.impl("bf16_shsa", &bf16_shsa);
+  m.impl("bf16_se", &bf16_se);
+  m.impl("bf16_pool_linear", &bf16_pool_linear);
 }
 
 }  // namespace shvit_cpu

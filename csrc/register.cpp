@@ -46,6 +46,7 @@ TORCH_LIBRARY(shvit_cpp, m) {
   m.def("pool_linear(Tensor x, Tensor w_packed, Tensor bias) -> Tensor");
   m.def("pack_weight_bf16(Tensor w) -> Tensor");
   m.def("bf16_pw(Tensor x, Tensor w_packed, Tensor bias, bool relu, Tensor? residual) -> Tensor");
+  m.def("bf16_conv3x3(Tensor x, Tensor w_packed, Tensor bias, int stride, bool relu) -> Tensor");
   m.def("bf16_ffn(Tensor x, Tensor w1_packed, Tensor b1, Tensor w2_packed, Tensor b2) -> Tensor");
   m.def("bf16_shsa(Tensor x, Tensor w_qkv, Tensor b_qkv, Tensor w_proj, Tensor b_proj, int pdim, int qk_dim, "
         "float eps) -> Tensor");

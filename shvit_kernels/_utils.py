@@ -31,6 +31,18 @@ def is_dw3x3(conv: torch.nn.Conv2d) -> bool:
     )
 
 
+def is_conv3x3(conv: torch.nn.Conv2d) -> bool:
+    """A dense 3x3 conv with padding 1 and stride 1 or 2 (the taps GEMMs': ``conv3x3``,
+    ``bf16_conv3x3``)."""
+    return (
+        conv.groups == 1
+        and conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.stride in ((1, 1), (2, 2))
+    )
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _cpp, backend
-from ._utils import is_dw3x3, weight_cache
+from ._utils import is_conv3x3, is_dw3x3, weight_cache
 from .plan import Step, call
 
 __all__ = ["bf16_hardware", "own_gemm", "applies", "conv1x1", "conv_step", "ffn_step", "ffn_block", "shsa_step", "shsa_block",
@@ -134,6 +134,10 @@ def conv_step(conv: torch.nn.Conv2d, relu: bool = False) -> Step | None:
         return "onednn_pw", (_linear_weight(w), _bf16(b), relu, None)
     if is_dw3x3(conv):  # our kernel: oneDNN's fixed cost per call is most of a small image's time
         return "dw_conv3x3", (_float32(w), _float32(b), conv.stride[0], relu)
+    if own_gemm() and is_conv3x3(conv) and conv.in_channels % 2 == 0:  # k pairs within a tap
+        wp = weight_cache(w, "bf16-packed3x3", lambda w: torch.ops.shvit_cpp.pack_weight_bf16(
+            w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)))
+        return "bf16_conv3x3", (wp, _bias32(b), conv.stride[0], relu)
     padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
     return "onednn_conv", (_conv_weight(w, padding, stride, dilation, conv.groups), _bf16(b), relu)
 

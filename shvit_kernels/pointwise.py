@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cpp, backend, onednn
-from ._utils import is_dw3x3, weight_cache
+from ._utils import is_conv3x3, is_dw3x3, weight_cache
 from .plan import Step, call
 
 __all__ = ["conv1x1", "ffn_block", "conv_act", "conv_step", "ffn_step", "se_step", "pool_linear_step",
@@ -119,16 +119,6 @@ def _is_stem3x3(conv: torch.nn.Conv2d) -> bool:
     )
 
 
-def _is_conv3x3(conv: torch.nn.Conv2d) -> bool:
-    return (
-        conv.groups == 1
-        and conv.kernel_size == (3, 3)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.stride in ((1, 1), (2, 2))
-    )
-
-
 def conv_act(x: Tensor, conv: torch.nn.Conv2d, relu: bool = False) -> Tensor:
     """``relu?(conv(x))`` for a Conv2d with bias (1x1 convs take ``conv1x1``)."""
     if x.dim() != 4 or x.shape[1] != conv.in_channels:
@@ -167,7 +157,7 @@ def conv_step(conv: torch.nn.Conv2d, relu: bool = False, nchw_input: bool = Fals
         return "pw_conv", (packed_weight(w), b, relu, None)
     if _is_stem3x3(conv) and nchw_input:
         return "stem_conv3x3", (w, b, stride, relu)
-    if _is_conv3x3(conv):
+    if is_conv3x3(conv):
         pack = torch.ops.shvit_cpp.pack_weight
         wp = weight_cache(w, "packed3x3", lambda w: pack(w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)))
         return "conv3x3", (wp, b, stride, relu)

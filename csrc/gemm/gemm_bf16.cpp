@@ -36,32 +36,38 @@ inline int32_t load_pair(const uint16_t* p) {
 }
 
 // A tile of C: rows (<= R) x nv (<= 16 P) entries at c, column col0 of C (for the bias),
-// panel p of the weight at b + p * bps. Short tiles repeat their last row of A.
+// panel p of the weight at b + p * bps. k runs in `taps` segments of kt: segment t reads row r
+// of A at rp[t * ldt + r] (a plain GEMM: one segment; a convolution: its taps, read in place),
+// W's k index being t * kt + kk; kt is even where taps > 1, so pairs stay within a segment.
+// Short tiles repeat their last row of A.
 template <int R, int P>
-SHVIT_BF16 void tile(int64_t rows, int64_t nv, int64_t k, const uint16_t* a, int64_t lda, const uint16_t* b,
-                     int64_t bps, uint16_t* c, int64_t ldc, int64_t col0, const EpilogueBf16& e) {
-  const uint16_t* ar[R];
-  for (int r = 0; r < R; ++r) ar[r] = a + std::min<int64_t>(r, rows - 1) * lda;
+SHVIT_BF16 void tile(int64_t rows, int64_t nv, int64_t kt, int64_t taps, const uint16_t* const* rp, int64_t ldt,
+                     const uint16_t* b, int64_t bps, uint16_t* c, int64_t ldc, int64_t col0, const EpilogueBf16& e) {
   __m512 acc[R * P];
   for (int i = 0; i < R * P; ++i) acc[i] = _mm512_setzero_ps();
-  const int64_t kp = k / 2;
-  for (int64_t q = 0; q < kp; ++q) {
-    __m512bh bv[P];
-    for (int p = 0; p < P; ++p) bv[p] = (__m512bh)_mm512_loadu_si512(b + p * bps + q * 32);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(load_pair(ar[r] + 2 * q));
-      for (int p = 0; p < P; ++p) acc[r * P + p] = _mm512_dpbf16_ps(acc[r * P + p], av, bv[p]);
+  const int64_t kp = kt / 2;
+  for (int64_t t = 0; t < taps; ++t) {
+    const uint16_t* ar[R];
+    for (int r = 0; r < R; ++r) ar[r] = rp[t * ldt + std::min<int64_t>(r, rows - 1)];
+    const uint16_t* bt = b + t * kt * 16;
+    for (int64_t q = 0; q < kp; ++q) {
+      __m512bh bv[P];
+      for (int p = 0; p < P; ++p) bv[p] = (__m512bh)_mm512_loadu_si512(bt + p * bps + q * 32);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(load_pair(ar[r] + 2 * q));
+        for (int p = 0; p < P; ++p) acc[r * P + p] = _mm512_dpbf16_ps(acc[r * P + p], av, bv[p]);
+      }
     }
-  }
-  if (k & 1) {  // the last k alone: its 16 weights widened to pairs (w, 0), A's to (a, 0)
-    __m512bh bv[P];
-    for (int p = 0; p < P; ++p) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + p * bps + (k - 1) * 16));
-      bv[p] = (__m512bh)_mm512_cvtepu16_epi32(w);
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(ar[r][k - 1]);
-      for (int p = 0; p < P; ++p) acc[r * P + p] = _mm512_dpbf16_ps(acc[r * P + p], av, bv[p]);
+    if (kt & 1) {  // the last k alone: its 16 weights widened to pairs (w, 0), A's to (a, 0)
+      __m512bh bv[P];
+      for (int p = 0; p < P; ++p) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bt + p * bps + (kt - 1) * 16));
+        bv[p] = (__m512bh)_mm512_cvtepu16_epi32(w);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(ar[r][kt - 1]);
+        for (int p = 0; p < P; ++p) acc[r * P + p] = _mm512_dpbf16_ps(acc[r * P + p], av, bv[p]);
+      }
     }
   }
   __mmask16 mk[P];
@@ -88,9 +94,12 @@ SHVIT_BF16 void tile(int64_t rows, int64_t nv, int64_t k, const uint16_t* a, int
   }
 }
 
-SHVIT_BF16 void gemm_bf16_avx512(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda,
-                                 const uint16_t* wp, uint16_t* c, int64_t ldc, const EpilogueBf16& epi) {
-  const int64_t np = (n + 15) / 16, bps = bf16_panel_size(k);
+// C rows [0, m) over `taps` segments of kt (see tile); a plain GEMM passes taps = 1 and its
+// rows as rp = nullptr, a, lda.
+SHVIT_BF16 void gemm_bf16_avx512(int64_t m, int64_t n, int64_t kt, int64_t taps, const uint16_t* const* rp,
+                                 const uint16_t* a, int64_t lda, const uint16_t* wp, uint16_t* c, int64_t ldc,
+                                 const EpilogueBf16& epi) {
+  const int64_t np = (n + 15) / 16, bps = bf16_panel_size(kt * taps);
   for (int64_t i0 = 0; i0 < m; i0 += kRowBlock) {
     const int64_t mc = std::min(kRowBlock, m - i0);
     for (int64_t jp = 0; jp < np;) {
@@ -102,13 +111,18 @@ SHVIT_BF16 void gemm_bf16_avx512(int64_t m, int64_t n, int64_t k, const uint16_t
         EpilogueBf16 e = epi;
         if (e.residual) e.residual += i * e.ldr;
         uint16_t* ci = c + i * ldc + col0;
-        const uint16_t* ai = a + i * lda;
+        const uint16_t* own[6];
+        const uint16_t* const* ri = rp ? rp + i : own;
+        const int64_t ldt = rp ? m : 0;
+        if (!rp) {
+          for (int64_t r = 0; r < 6; ++r) own[r] = a + (i + std::min<int64_t>(r, rows - 1)) * lda;
+        }
         if (P == 4) {
-          tile<6, 4>(rows, nv, k, ai, lda, b, bps, ci, ldc, col0, e);
+          tile<6, 4>(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
         } else if (P == 2) {
-          tile<6, 2>(rows, nv, k, ai, lda, b, bps, ci, ldc, col0, e);
+          tile<6, 2>(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
         } else {
-          tile<6, 1>(rows, nv, k, ai, lda, b, bps, ci, ldc, col0, e);
+          tile<6, 1>(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
         }
       }
       jp += P;
@@ -147,12 +161,29 @@ void gemm_bf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda, 
   if (m <= 0 || n <= 0) return;
 #ifdef SHVIT_X86
   if (bf16_available()) {
-    gemm_bf16_avx512(m, n, k, a, lda, wp, c, ldc, epi);
+    gemm_bf16_avx512(m, n, k, 1, nullptr, a, lda, wp, c, ldc, epi);
     return;
   }
 #endif
   (void)k, (void)a, (void)lda, (void)wp, (void)c, (void)ldc, (void)epi;
   throw std::runtime_error("gemm_bf16 needs a CPU with AVX512-BF16 at the avx512 level");
+}
+
+void gemm_taps_bf16(int64_t m, int64_t n, int64_t kt, int64_t taps, const uint16_t* const* rows, const uint16_t* wp,
+                    uint16_t* c, int64_t ldc, const float* bias, bool relu) {
+  if (m <= 0 || n <= 0) return;
+  if (taps > 1 && kt % 2 != 0) throw std::runtime_error("gemm_taps_bf16: kt must be even where taps > 1");
+  EpilogueBf16 epi;
+  epi.bias = bias;
+  epi.relu = relu;
+#ifdef SHVIT_X86
+  if (bf16_available()) {
+    gemm_bf16_avx512(m, n, kt, taps, rows, nullptr, 0, wp, c, ldc, epi);
+    return;
+  }
+#endif
+  (void)rows, (void)wp, (void)c, (void)ldc;
+  throw std::runtime_error("gemm_taps_bf16 needs a CPU with AVX512-BF16 at the avx512 level");
 }
 
 }  // namespace shvit_gemm

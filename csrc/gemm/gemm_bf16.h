@@ -37,4 +37,11 @@ struct EpilogueBf16 {
 void gemm_bf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda, const uint16_t* wp, uint16_t* c,
                int64_t ldc, const EpilogueBf16& epi);
 
+// C (m, n; row stride ldc) = bf16(relu?(A @ W^T + bias)) where A (m, taps * kt) is given as a
+// table of row pointers, A[i, t * kt + kk] = rows[t * m + i][kk] (a convolution's taps read in
+// place, as gemm_taps in gemm.h), W packed by pack_weight_bf16 for k = taps * kt. kt must be
+// even when taps > 1 (a k pair never spans two taps). bias (n,) float32 or null.
+void gemm_taps_bf16(int64_t m, int64_t n, int64_t kt, int64_t taps, const uint16_t* const* rows, const uint16_t* wp,
+                    uint16_t* c, int64_t ldc, const float* bias, bool relu);
+
 }  // namespace shvit_gemm

@@ -1,6 +1,6 @@
 // The GEMM blocks of the bfloat16 inference plan on our own AVX512-BF16 GEMM (gemm/gemm_bf16.h):
-// shvit_cpp::pack_weight_bf16, and bf16_pw, bf16_ffn, bf16_shsa, bf16_se, bf16_pool_linear,
-// the counterparts of onednn_blocks.cpp's ops (shvit_kernels/onednn.py uses them on CPUs with
+// shvit_cpp::pack_weight_bf16, and bf16_pw, bf16_conv3x3, bf16_ffn, bf16_shsa, bf16_se,
+// bf16_pool_linear, the counterparts of onednn_blocks.cpp's ops (shvit_kernels/onednn.py uses them on CPUs with
 // AVX512-BF16 and no AMX). At batch 1 oneDNN's linear op spent more time per call on its
 // set-up than on SHViT's small GEMMs.
 //
@@ -14,6 +14,7 @@
 
 #include "common.h"
 #include "gemm/gemm_bf16.h"
+#include "inference/conv_taps.h"
 
 namespace shvit_cpu {
 
@@ -26,6 +27,8 @@ namespace {
 constexpr int64_t kFfnRows = 96;
 // Rows per tile of a lone 1x1 conv split across threads.
 constexpr int64_t kPwRows = 144;
+// 3x3 convolution: output pixels per tile (one table of 3 x rows input-row pointers).
+constexpr int64_t kConvRows = 96;
 
 const uint16_t* u16(const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()); }
 uint16_t* u16(Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
@@ -118,6 +121,36 @@ Tensor bf16_pw(const Tensor& x_in, const Tensor& w_packed, const Tensor& bias, b
   return out;
 }
 
+// relu?(conv3x3(x) + bias), padding 1, stride 1 or 2: the taps read in place (conv_taps.h)
+// times the weight permuted to (Cout, 3, 3, Cin) and packed; Cin even (a k pair within a tap).
+Tensor bf16_conv3x3(const Tensor& x_in, const Tensor& w_packed, const Tensor& bias, int64_t stride, bool relu) {
+  const Tensor x = bf16_rows(x_in, "x", -1);
+  TORCH_CHECK(stride == 1 || stride == 2, "bf16_conv3x3: stride must be 1 or 2, got ", stride);
+  const int64_t B = x.size(0), c = x.size(1), H = x.size(2), W = x.size(3), seg = 3 * c;
+  TORCH_CHECK(c % 2 == 0, "bf16_conv3x3: x must have an even number of channels, got ", c);
+  check_packed(w_packed, bias, 3 * seg, "bf16_conv3x3 (weight permuted to (Cout, 3, 3, Cin))");
+  const int64_t n = bias.size(0);
+  const int64_t OH = (H - 1) / stride + 1, OW = (W - 1) / stride + 1;
+  Tensor out = at::empty({B, n, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t m = B * OH * OW;
+  if (m == 0) return out;
+  const uint16_t* px = u16(x);
+  const uint16_t* pw = u16(w_packed);
+  const float* pb = bias.const_data_ptr<float>();
+  uint16_t* po = u16(out);
+  const std::vector<uint16_t> zero(static_cast<size_t>(seg), 0);
+  parallel_tiles((m + kConvRows - 1) / kConvRows, [&](const auto& take) {
+    std::vector<const uint16_t*> rows(static_cast<size_t>(3 * kConvRows));
+    std::vector<uint16_t> edges;
+    for (int64_t t; (t = take()) >= 0;) {
+      const int64_t r0 = t * kConvRows, count = std::min(kConvRows, m - r0);
+      conv3x3_tap_rows(px, H, W, c, OH, OW, stride, r0, count, zero.data(), edges, rows.data());
+      shvit_gemm::gemm_taps_bf16(count, n, seg, 3, rows.data(), pw, po + r0 * n, n, pb, relu);
+    }
+  });
+  return out;
+}
+
 // x + conv1x1_2(relu(conv1x1_1(x) + b1)) + b2, tile by tile (the hidden activation, rounded
 // to bfloat16 as a bfloat16 model's would be, never leaves the cache).
 Tensor bf16_ffn(const Tensor& x_in, const Tensor& w1_packed, const Tensor& b1, const Tensor& w2_packed,
@@ -190,6 +223,7 @@ Tensor bf16_pool_linear(const Tensor& x_in, const Tensor& w, const Tensor& b) {
 TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) {
   m.impl("pack_weight_bf16", &pack_weight_bf16);
   m.impl("bf16_pw", &bf16_pw);
+  m.impl("bf16_conv3x3", &bf16_conv3x3);
   m.impl("bf16_ffn", &bf16_ffn);
   m.impl("bf16_shsa", &bf16_shsa);
   m.impl("bf16_se", &bf16_se);

@@ -14,6 +14,7 @@
 #include "common.h"
 #include "gemm/gemm.h"
 #include "gemm/gemm_threads.h"
+#include "inference/conv_taps.h"
 
 namespace shvit_cpu {
 
@@ -176,46 +177,10 @@ Tensor conv3x3(const Tensor& x_in, const Tensor& w_packed, const Tensor& bias, i
   const int64_t tiles = (m + kConvRows - 1) / kConvRows;
   parallel_tiles(tiles, [&](const auto& take) {
     std::vector<const float*> rows(static_cast<size_t>(3 * kConvRows));
-    std::vector<float> edges;  // the kernel rows that overhang the image's left or right edge
+    std::vector<float> edges;
     for (int64_t t; (t = take()) >= 0;) {
       const int64_t r0 = t * kConvRows, count = std::min(kConvRows, m - r0);
-      int64_t b = r0 / (OH * OW), oy = r0 / OW % OH, ox = r0 % OW, used = 0;
-      // runs of pixels along one output row: a kernel row's start advances by stride * C
-      for (int64_t i = 0; i < count;) {
-        const int64_t run = std::min(count - i, OW - ox);
-        for (int64_t ky = 0; ky < 3; ++ky) {
-          const int64_t iy = oy * stride - 1 + ky;
-          const float** dst = rows.data() + ky * count + i;
-          if (iy < 0 || iy >= H) {
-            std::fill(dst, dst + run, zero.data());
-            continue;
-          }
-          const float* line = px + (b * H + iy) * W * c;
-          for (int64_t j = 0; j < run; ++j) {
-            const int64_t ix0 = (ox + j) * stride - 1;
-            if (ix0 >= 0 && ix0 + 2 < W) {
-              dst[j] = line + ix0 * c;
-              continue;
-            }
-            if (edges.empty()) edges.resize(static_cast<size_t>(3 * kConvRows * seg));
-            float* e = edges.data() + used++ * seg;
-            for (int64_t kx = 0; kx < 3; ++kx) {
-              const int64_t ix = ix0 + kx;
-              if (ix >= 0 && ix < W) {
-                std::copy(line + ix * c, line + (ix + 1) * c, e + kx * c);
-              } else {
-                std::fill(e + kx * c, e + (kx + 1) * c, 0.f);
-              }
-            }
-            dst[j] = e;
-          }
-        }
-        i += run;
-        if ((ox += run) == OW) {
-          ox = 0;
-          if (++oy == OH) oy = 0, ++b;
-        }
-      }
+      conv3x3_tap_rows(px, H, W, c, OH, OW, stride, r0, count, zero.data(), edges, rows.data());
       shvit_gemm::gemm_taps(count, n, seg, 3, rows.data(), pw, po + r0 * n, n, pb, relu);
     }
   });

@@ -40,6 +40,7 @@ TORCH_LIBRARY(shvit_cpp, m) {
   m.def("pw_conv(Tensor x, Tensor w_packed, Tensor bias, bool relu, Tensor? residual) -> Tensor");
   m.def("conv3x3(Tensor x, Tensor w_packed, Tensor bias, int stride, bool relu) -> Tensor");
   m.def("stem_conv3x3(Tensor x, Tensor weight, Tensor bias, int stride, bool relu) -> Tensor");
+  m.def("stem_conv3x3_bf16(Tensor x, Tensor weight, Tensor bias, int stride, bool relu) -> Tensor");
   m.def("dw_conv3x3(Tensor x, Tensor weight, Tensor bias, int stride, bool relu) -> Tensor");
   m.def("ffn_block(Tensor x, Tensor w1_packed, Tensor b1, Tensor w2_packed, Tensor b2) -> Tensor");
   m.def("se_gate(Tensor x, Tensor w1_packed, Tensor b1, Tensor w2_packed, Tensor b2) -> Tensor");

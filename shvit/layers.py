@@ -355,7 +355,7 @@ class ConvAct(nn.Module):
 
     def cpu_step(self, nchw_input: bool = False, bf16: bool = False) -> Step | None:
         if bf16:
-            return onednn.conv_step(self.conv, self.relu)
+            return onednn.conv_step(self.conv, self.relu, nchw_input)
         return shvit_kernels.pointwise.conv_step(self.conv, self.relu, nchw_input)
 
     def extra_repr(self) -> str:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _cpp, backend
-from ._utils import is_conv3x3, is_dw3x3, weight_cache
+from ._utils import is_conv3x3, is_dw3x3, is_stem3x3, weight_cache
 from .plan import Step, call
 
 __all__ = ["bf16_hardware", "own_gemm", "applies", "conv1x1", "conv_step", "ffn_step", "ffn_block", "shsa_step", "shsa_block",
@@ -119,12 +119,14 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False, residua
     return torch.ops.shvit_cpp.onednn_pw(x, _linear_weight(weight), _bf16(bias), relu, residual)
 
 
-def conv_step(conv: torch.nn.Conv2d, relu: bool = False) -> Step | None:
+def conv_step(conv: torch.nn.Conv2d, relu: bool = False, nchw_input: bool = False) -> Step | None:
     """``relu?(conv(x))`` for bfloat16 x as one C++ op (a ``plan.Step``, weights reordered
-    now): 1x1 convs as a GEMM on the token rows (``conv1x1``), depthwise 3x3 convs on our
-    kernel (``dw_conv3x3``: float32 sums, one rounding), others on oneDNN's convolution, the
-    ReLU fused; channels_last bfloat16 out. ``None`` for a conv without bias or with another
-    padding mode."""
+    or packed now): 1x1 convs as a GEMM on the token rows (``conv1x1``), depthwise 3x3 convs
+    on our kernel (``dw_conv3x3``: float32 sums, one rounding); where ``own_gemm()`` holds,
+    the image's conv (``nchw_input``, few channels) on our stem kernel (float32 sums) and other
+    dense 3x3 convs with an even channel count on our GEMM over their taps; the rest on
+    oneDNN's convolution. The ReLU fused; channels_last bfloat16 out. ``None`` for a conv
+    without bias or with another padding mode."""
     w, b = conv.weight, conv.bias
     if b is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
@@ -134,6 +136,8 @@ def conv_step(conv: torch.nn.Conv2d, relu: bool = False) -> Step | None:
         return "onednn_pw", (_linear_weight(w), _bf16(b), relu, None)
     if is_dw3x3(conv):  # our kernel: oneDNN's fixed cost per call is most of a small image's time
         return "dw_conv3x3", (_float32(w), _float32(b), conv.stride[0], relu)
+    if own_gemm() and is_stem3x3(conv) and nchw_input:  # the image: our float32-sum kernel, bfloat16 out
+        return "stem_conv3x3_bf16", (_float32(w), _float32(b), conv.stride[0], relu)
     if own_gemm() and is_conv3x3(conv) and conv.in_channels % 2 == 0:  # k pairs within a tap
         wp = weight_cache(w, "bf16-packed3x3", lambda w: torch.ops.shvit_cpp.pack_weight_bf16(
             w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)))

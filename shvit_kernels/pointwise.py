@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cpp, backend, onednn
-from ._utils import is_conv3x3, is_dw3x3, weight_cache
+from ._utils import is_conv3x3, is_dw3x3, is_stem3x3, weight_cache
 from .plan import Step, call
 
 __all__ = ["conv1x1", "ffn_block", "conv_act", "conv_step", "ffn_step", "se_step", "pool_linear_step",
@@ -106,19 +106,6 @@ def pool_linear_step(weight: Tensor, bias: Tensor) -> Step:
     return "pool_linear", (packed_weight(weight), bias.contiguous())
 
 
-def _is_stem3x3(conv: torch.nn.Conv2d) -> bool:
-    """A 3x3 conv with few input channels (an image) that ``stem_conv3x3`` takes from NCHW."""
-    return (
-        conv.groups == 1
-        and conv.in_channels * 9 <= 64
-        and conv.out_channels <= 32
-        and conv.kernel_size == (3, 3)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.stride in ((1, 1), (2, 2))
-    )
-
-
 def conv_act(x: Tensor, conv: torch.nn.Conv2d, relu: bool = False) -> Tensor:
     """``relu?(conv(x))`` for a Conv2d with bias (1x1 convs take ``conv1x1``)."""
     if x.dim() != 4 or x.shape[1] != conv.in_channels:
@@ -129,7 +116,8 @@ def conv_act(x: Tensor, conv: torch.nn.Conv2d, relu: bool = False) -> Tensor:
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
         return conv1x1(x, conv.weight, conv.bias, relu=relu)
     if onednn.applies(x, conv.weight, conv.bias):
-        return call(onednn.conv_step(conv, relu), x.to(torch.bfloat16))  # float32 under autocast
+        step = onednn.conv_step(conv, relu, nchw_input=x.is_contiguous())
+        return call(step, x.to(torch.bfloat16))  # float32 under autocast
     if fast_path_applies(x, conv.weight, conv.bias):
         step = conv_step(conv, relu, nchw_input=x.is_contiguous())
         if step is not None:
@@ -155,7 +143,7 @@ def conv_step(conv: torch.nn.Conv2d, relu: bool = False, nchw_input: bool = Fals
     b = b.contiguous()
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
         return "pw_conv", (packed_weight(w), b, relu, None)
-    if _is_stem3x3(conv) and nchw_input:
+    if is_stem3x3(conv) and nchw_input:
         return "stem_conv3x3", (w, b, stride, relu)
     if is_conv3x3(conv):
         pack = torch.ops.shvit_cpp.pack_weight

@@ -344,3 +344,27 @@ def test_gemm_blocks_match_composition(path, shape, pdim, qk):
             got = call(step, x)
             exact = compose(x.double(), *(p.double() for p in params))
             assert_close_to_exact(got, exact, compose(x, *params), f"{name} {shape}")
+
+
+@pytest.mark.skipif(not backend.cpp_available() or shvit_kernels._cpp.isa() != "avx512",
+                    reason="stem_conv3x3_bf16 runs at the avx512 level")
+@pytest.mark.parametrize("cout,stride,hw", [(16, 2, (13, 18)), (24, 1, (7, 5)), (32, 2, (1, 1)), (8, 2, (40, 29))],
+                         ids=str)
+def test_stem_conv_bf16(cout, stride, hw):
+    """The bfloat16 plan's first conv (an NCHW image, float32 sums, one rounding) against the
+    float64 convolution within twice the bfloat16 convolution's error; a float32 image is
+    rounded to bfloat16 first, as autocast would."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(3, 3, *hw, generator=g).to(BF16)
+    w, b = (torch.randn(cout, 3, 3, 3, generator=g) / 5).to(BF16), torch.randn(cout, generator=g).to(BF16)
+    with torch.no_grad():
+        got = torch.ops.shvit_cpp.stem_conv3x3_bf16(x, w.float(), b.float(), stride, True)
+        exact = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), stride, 1).relu()
+        eager = torch.nn.functional.conv2d(x, w, b, stride, 1).relu()
+        assert got.dtype == BF16 and got.is_contiguous(memory_format=torch.channels_last)
+        assert_close_to_exact(got, exact, eager, f"stem conv {cout} stride {stride} {hw}")
+        assert torch.equal(torch.ops.shvit_cpp.stem_conv3x3_bf16(x.float(), w.float(), b.float(), stride, True), got)
+        nan = x.clone()
+        nan[0, 0, 0, 0] = float("nan")
+        out = torch.ops.shvit_cpp.stem_conv3x3_bf16(nan, w.float(), b.float(), stride, False)
+        assert out[0, :, 0, 0].isnan().all() and not out[1:].isnan().any()

@@ -14,6 +14,7 @@
 
 #include "common.h"
 #include "gemm/gemm_bf16.h"
+#include "gemm/gemm_threads.h"
 #include "inference/conv_taps.h"
 
 namespace shvit_cpu {
@@ -170,24 +171,21 @@ Tensor bf16_ffn(const Tensor& x_in, const Tensor& w1_packed, const Tensor& b1, c
   const float* pb1 = b1.const_data_ptr<float>();
   const float* pb2 = b2.const_data_ptr<float>();
   uint16_t* po = u16(out);
-  const RowTiles tiles(m, kFfnRows, at::get_num_threads());
-  parallel_tiles(tiles.count, [&](const auto& take) {
-    std::vector<uint16_t> hidden;
-    for (int64_t t; (t = take()) >= 0;) {
-      const int64_t r0 = tiles.begin(t), rows = tiles.end(t) - r0;
-      if (rows <= 0) continue;
-      hidden.resize(static_cast<size_t>(std::max<int64_t>(static_cast<int64_t>(hidden.size()), rows * h)));
-      shvit_gemm::EpilogueBf16 e1;
-      e1.bias = pb1;
-      e1.relu = true;
-      shvit_gemm::gemm_bf16(rows, h, c, px + r0 * c, c, pw1, hidden.data(), h, e1);
-      shvit_gemm::EpilogueBf16 e2;
-      e2.bias = pb2;
-      e2.residual = px + r0 * c;
-      e2.ldr = c;
-      shvit_gemm::gemm_bf16(rows, c, h, hidden.data(), h, pw2, po + r0 * c, c, e2);
-    }
-  });
+  ffn_tiles<uint16_t>(
+      m, h, kFfnRows,
+      [&](int64_t r0, int64_t rows, uint16_t* hidden) {
+        shvit_gemm::EpilogueBf16 e1;
+        e1.bias = pb1;
+        e1.relu = true;
+        shvit_gemm::gemm_bf16(rows, h, c, px + r0 * c, c, pw1, hidden, h, e1);
+      },
+      [&](int64_t r0, int64_t rows, const uint16_t* hidden) {
+        shvit_gemm::EpilogueBf16 e2;
+        e2.bias = pb2;
+        e2.residual = px + r0 * c;
+        e2.ldr = c;
+        shvit_gemm::gemm_bf16(rows, c, h, hidden, h, pw2, po + r0 * c, c, e2);
+      });
   return out;
 }
 

@@ -124,27 +124,21 @@ Tensor ffn_block(const Tensor& x_in, const Tensor& w1_packed, const Tensor& b1, 
   const float* pb1 = b1.const_data_ptr<float>();
   const float* pb2 = b2.const_data_ptr<float>();
   float* po = out.data_ptr<float>();
-  // tiles of at most kFfnRows rows, as many per thread, claimed dynamically (at two threads
-  // S1's 784 rows of stage 2 are ten tiles of 78 +- 6 rows; whole tiles of 84 had given one
-  // thread 420 rows and the other 364)
-  const RowTiles tiles(m, kFfnRows, at::get_num_threads());
-  parallel_tiles(tiles.count, [&](const auto& take) {
-    std::vector<float> hidden;
-    for (int64_t t; (t = take()) >= 0;) {
-      const int64_t r0 = tiles.begin(t), rows = tiles.end(t) - r0;
-      if (rows <= 0) continue;
-      hidden.resize(static_cast<size_t>(std::max<int64_t>(static_cast<int64_t>(hidden.size()), rows * h)));
-      shvit_gemm::Epilogue e1;
-      e1.bias = pb1;
-      e1.relu = true;
-      shvit_gemm::gemm_packed(rows, h, c, px + r0 * c, c, pw1, hidden.data(), h, e1);
-      shvit_gemm::Epilogue e2;
-      e2.bias = pb2;
-      e2.residual = px + r0 * c;
-      e2.ldr = c;
-      shvit_gemm::gemm_packed(rows, c, h, hidden.data(), h, pw2, po + r0 * c, c, e2);
-    }
-  });
+  ffn_tiles<float>(
+      m, h, kFfnRows,
+      [&](int64_t r0, int64_t rows, float* hidden) {
+        shvit_gemm::Epilogue e1;
+        e1.bias = pb1;
+        e1.relu = true;
+        shvit_gemm::gemm_packed(rows, h, c, px + r0 * c, c, pw1, hidden, h, e1);
+      },
+      [&](int64_t r0, int64_t rows, const float* hidden) {
+        shvit_gemm::Epilogue e2;
+        e2.bias = pb2;
+        e2.residual = px + r0 * c;
+        e2.ldr = c;
+        shvit_gemm::gemm_packed(rows, c, h, hidden, h, pw2, po + r0 * c, c, e2);
+      });
   return out;
 }
 

@@ -8,6 +8,11 @@
 // taps into AVX registers holding all its output channels (up to 32; 8 accumulators: 4 pixels
 // x 16 channels or 2 pixels x 32 channels; on AVX-512, 12 pixels in zmm registers). x86-64
 // with AVX2/FMA only; the caller falls back to oneDNN elsewhere.
+//
+// shvit_cpp::stem_conv3x3_bf16 is the same convolution for the bfloat16 plan (a bfloat16
+// image, or a float32 one rounded to bfloat16 first, as autocast would): the rows are widened
+// exactly into the float32 buffers, the float32 sums (bfloat16-rounded weights in float32)
+// rounded once to bfloat16 when stored. AVX-512 only.
 #include <torch/library.h>
 
 #include <vector>
@@ -25,12 +30,12 @@ namespace {
 constexpr int64_t kStemTail = 26;
 
 struct StemArgs {
-  const float* x;     // (B, Cin, H, W)
+  const void* x;      // (B, Cin, H, W), float32 or (bf16) bfloat16
   const float* w;     // (9 * Cin, CoP): tap-major, zero past Cout
   const float* bias;  // (CoP,), zero past Cout
-  float* out;         // (B, OH, OW, Cout)
+  void* out;          // (B, OH, OW, Cout), float32 or (bf16) bfloat16
   int64_t Cin, H, W, OH, OW, Cout, CoP, stride;
-  bool relu;
+  bool relu, bf16;
 };
 
 #ifdef SHVIT_X86
@@ -103,13 +108,22 @@ SHVIT_TARGET_AVX2 void stem_row(const StemArgs& a, const float* const* rows, flo
   }
 }
 
+// float32 -> bfloat16, rounding to nearest even (NaN stays NaN, made quiet).
+SHVIT_TARGET_AVX512 inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(bits, _mm512_set1_epi32(0x400000)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
 // stem_row on AVX-512 for stride S: 12 pixels per step, NV zmm vectors (16 channels each) per
 // pixel, so 12 or 24 accumulators and one broadcast per 16 or 32 FMA lanes (the AVX2 kernel:
 // 8). A step's taps lie at fixed offsets from one pointer (the padded rows run kStemTail
 // floats past the image, so the pixels of a short last step read zeros and are not stored).
 // The taps are summed in the same order as stem_row, so the two give identical results.
 template <int NV, int S>
-SHVIT_TARGET_AVX512 void stem_row_z(const StemArgs& a, const float* const* rows, float* orow) {
+SHVIT_TARGET_AVX512 void stem_row_z(const StemArgs& a, const float* const* rows, int64_t r) {
   constexpr int PX = 12;
   const int64_t nrows = a.Cin * 3;
   __mmask16 mk[NV];
@@ -151,12 +165,16 @@ SHVIT_TARGET_AVX512 void stem_row_z(const StemArgs& a, const float* const* rows,
 #pragma GCC unroll 12
     for (int p = 0; p < PX; ++p) {
       if (p >= np) break;
-      float* o = orow + (ox0 + p) * a.Cout;
+      const int64_t o = (r * a.OW + ox0 + p) * a.Cout;
 #pragma GCC unroll 2
       for (int j = 0; j < NV; ++j) {
         __m512 v = acc[p * NV + j];
         if (a.relu) v = _mm512_max_ps(z, v);  // max(0, v): NaN stays NaN
-        _mm512_mask_storeu_ps(o + j * 16, mk[j], v);
+        if (a.bf16) {
+          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.out) + o + j * 16, mk[j], to_bf16(v));
+        } else {
+          _mm512_mask_storeu_ps(static_cast<float*>(a.out) + o + j * 16, mk[j], v);
+        }
       }
     }
   }
@@ -165,15 +183,10 @@ SHVIT_TARGET_AVX512 void stem_row_z(const StemArgs& a, const float* const* rows,
 
 }  // namespace
 
-// relu?(conv2d(x, weight, bias, stride, padding=1)) for a 3x3 kernel, NCHW float32 x with
-// Cin * 9 <= 64 and Cout <= 32 (an NCHW copy is made of x in any other layout); the output
-// is channels_last.
-Tensor stem_conv3x3(const Tensor& x_in, const Tensor& weight, const Tensor& bias, int64_t stride, bool relu) {
-  check_input(x_in, "x");
-  TORCH_CHECK(shvit_isa::at_least(shvit_isa::Isa::kAvx2),
-              "stem_conv3x3 needs the AVX2 level (an x86-64 CPU with AVX2 and FMA)");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "x must be float32, got ", x_in.scalar_type());
-  const Tensor x = x_in.contiguous();
+namespace {
+
+// x: contiguous NCHW, float32 or (bf16) bfloat16; the output in the same dtype.
+Tensor stem_conv(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t stride, bool relu, bool bf16) {
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == Cin && weight.size(2) == 3 && weight.size(3) == 3 &&
                   weight.scalar_type() == at::kFloat,
@@ -189,12 +202,12 @@ Tensor stem_conv3x3(const Tensor& x_in, const Tensor& weight, const Tensor& bias
   if (out.numel() == 0) return out;
   const int64_t CoP = Cout <= 16 ? 16 : 32;
   // (Cout, Cin, 3, 3) -> (Cin * 9, CoP), zero-padded
-  Tensor wt = at::zeros({Cin * 9, CoP}, x.options());
+  Tensor wt = at::zeros({Cin * 9, CoP}, weight.options());
   wt.narrow(1, 0, Cout).copy_(weight.reshape({Cout, Cin * 9}).t());
-  Tensor bp = at::zeros({CoP}, x.options());
+  Tensor bp = at::zeros({CoP}, weight.options());
   bp.narrow(0, 0, Cout).copy_(bias);
-  const StemArgs a{x.const_data_ptr<float>(), wt.const_data_ptr<float>(), bp.const_data_ptr<float>(),
-                   out.data_ptr<float>(), Cin, H, W, OH, OW, Cout, CoP, stride, relu};
+  const StemArgs a{x.const_data_ptr(), wt.const_data_ptr<float>(), bp.const_data_ptr<float>(),
+                   out.data_ptr(), Cin, H, W, OH, OW, Cout, CoP, stride, relu, bf16};
 #ifdef SHVIT_X86
   const bool avx512 = shvit_isa::active() == shvit_isa::Isa::kAvx512;
   parallel_tiles(B * OH, [&](const auto& take) {  // output rows
@@ -211,20 +224,25 @@ Tensor stem_conv3x3(const Tensor& x_in, const Tensor& weight, const Tensor& bias
             rows[ci * 3 + ky] = zero_row.data();
             continue;
           }
-          float* p = pad.data() + (ci * 3 + ky) * Wp;
-          std::copy_n(a.x + ((b * Cin + ci) * H + iy) * W, W, p + 1);  // p[0] and p[W + 1..] stay 0
+          float* p = pad.data() + (ci * 3 + ky) * Wp;  // p[0] and p[W + 1..] stay 0
+          const int64_t at = ((b * Cin + ci) * H + iy) * W;
+          if (bf16) {  // widened exactly
+            const uint16_t* src = static_cast<const uint16_t*>(a.x) + at;
+            for (int64_t i = 0; i < W; ++i) p[i + 1] = c10::detail::f32_from_bits(src[i]);
+          } else {
+            std::copy_n(static_cast<const float*>(a.x) + at, W, p + 1);
+          }
           rows[ci * 3 + ky] = p;
         }
       }
-      float* orow = a.out + r * OW * Cout;
       if (avx512) {
         if (stride == 1) {
-          (CoP == 16 ? stem_row_z<1, 1> : stem_row_z<2, 1>)(a, rows.data(), orow);
+          (CoP == 16 ? stem_row_z<1, 1> : stem_row_z<2, 1>)(a, rows.data(), r);
         } else {
-          (CoP == 16 ? stem_row_z<1, 2> : stem_row_z<2, 2>)(a, rows.data(), orow);
+          (CoP == 16 ? stem_row_z<1, 2> : stem_row_z<2, 2>)(a, rows.data(), r);
         }
       } else {
-        (CoP == 16 ? stem_row<2> : stem_row<4>)(a, rows.data(), orow);
+        (CoP == 16 ? stem_row<2> : stem_row<4>)(a, rows.data(), static_cast<float*>(a.out) + r * OW * Cout);
       }
     }
   });
@@ -232,6 +250,31 @@ Tensor stem_conv3x3(const Tensor& x_in, const Tensor& weight, const Tensor& bias
   return out;
 }
 
-TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) { m.impl("stem_conv3x3", &stem_conv3x3); }
+}  // namespace
+
+// relu?(conv2d(x, weight, bias, stride, padding=1)) for a 3x3 kernel, NCHW float32 x with
+// Cin * 9 <= 64 and Cout <= 32 (an NCHW copy is made of x in any other layout); the output
+// is channels_last.
+Tensor stem_conv3x3(const Tensor& x_in, const Tensor& weight, const Tensor& bias, int64_t stride, bool relu) {
+  check_input(x_in, "x");
+  TORCH_CHECK(shvit_isa::at_least(shvit_isa::Isa::kAvx2),
+              "stem_conv3x3 needs the AVX2 level (an x86-64 CPU with AVX2 and FMA)");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "x must be float32, got ", x_in.scalar_type());
+  return stem_conv(x_in.contiguous(), weight, bias, stride, relu, false);
+}
+
+// The same in bfloat16: x rounded to bfloat16 (if it is not), float32 weight and bias (the
+// bfloat16 ones widened), float32 sums, a channels_last bfloat16 output.
+Tensor stem_conv3x3_bf16(const Tensor& x_in, const Tensor& weight, const Tensor& bias, int64_t stride, bool relu) {
+  check_input(x_in, "x");
+  TORCH_CHECK(shvit_isa::at_least(shvit_isa::Isa::kAvx512),
+              "stem_conv3x3_bf16 needs the avx512 level (an x86-64 CPU with AVX-512)");
+  return stem_conv(x_in.to(at::kBFloat16).contiguous(), weight, bias, stride, relu, true);
+}
+
+TORCH_LIBRARY_IMPL(shvit_cpp, CPU, m) {
+  m.impl("stem_conv3x3", &stem_conv3x3);
+  m.impl("stem_conv3x3_bf16", &stem_conv3x3_bf16);
+}
 
 }  // namespace shvit_cpu

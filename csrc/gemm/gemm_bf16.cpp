@@ -2,8 +2,8 @@
 //
 // The loops are those of the float32 AVX-512 GEMM (gemm.cpp) with k taken in pairs: rows in
 // blocks of kRowBlock (a block of A stays in L2 while it meets every panel), panels in groups of
-// four (then two, then one), each group swept by 6-row tiles whose 6 x 16P sums stay in zmm
-// registers over the whole k. A k step loads P panel rows (64 bytes: 16 columns x 2 k) and
+// four (then two, then one), each group swept by 6-row tiles (5 where that splits the rows
+// left evenly) whose 6 x 16P sums stay in zmm registers over the whole k. A k step loads P panel rows (64 bytes: 16 columns x 2 k) and
 // broadcasts one pair of each of the 6 rows of A: 6P vdpbf16ps, each 32 multiply-adds.
 #include "gemm/gemm_bf16.h"
 
@@ -106,8 +106,13 @@ SHVIT_BF16 void gemm_bf16_avx512(int64_t m, int64_t n, int64_t kt, int64_t taps,
       const int P = np - jp >= 4 ? 4 : np - jp >= 2 ? 2 : 1;
       const int64_t col0 = jp * 16, nv = std::min<int64_t>(16 * P, n - col0);
       const uint16_t* b = wp + jp * bps;
-      for (int64_t ir = 0; ir < mc; ir += 6) {
-        const int64_t i = i0 + ir, rows = std::min<int64_t>(6, mc - ir);
+      for (int64_t ir = 0; ir < mc;) {
+        // tiles of 6 rows, and of 5 where the rows left are not a multiple of 6 (16 rows: 6 +
+        // 5 + 5, not 6 + 6 + 4 computing 18, as in gemm.cpp); a last short tile repeats its last row
+        const int64_t left = mc - ir, t = (left + 5) / 6, d = 6 * t - left;
+        const bool five = d > 0 && d <= t;
+        const int64_t i = i0 + ir, rows = five ? 5 : std::min<int64_t>(6, left);
+        ir += five ? 5 : 6;
         EpilogueBf16 e = epi;
         if (e.residual) e.residual += i * e.ldr;
         uint16_t* ci = c + i * ldc + col0;
@@ -118,11 +123,11 @@ SHVIT_BF16 void gemm_bf16_avx512(int64_t m, int64_t n, int64_t kt, int64_t taps,
           for (int64_t r = 0; r < 6; ++r) own[r] = a + (i + std::min<int64_t>(r, rows - 1)) * lda;
         }
         if (P == 4) {
-          tile<6, 4>(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
+          (five ? tile<5, 4> : tile<6, 4>)(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
         } else if (P == 2) {
-          tile<6, 2>(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
+          (five ? tile<5, 2> : tile<6, 2>)(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
         } else {
-          tile<6, 1>(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
+          (five ? tile<5, 1> : tile<6, 1>)(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
         }
       }
       jp += P;

@@ -34,6 +34,8 @@ def path(request, monkeypatch):
     bfloat16 steps."""
     if request.param != "float32" and not ONEDNN_BF16:
         pytest.skip("oneDNN has no bfloat16 support on this CPU (needs AVX-512)")
+    if request.param != "float32" and not shvit_kernels._cpp.gemm_available():
+        pytest.skip("the bfloat16 blocks need the packed GEMM (the avx2 level or above)")
     if request.param == "own-gemm" and not OWN_GEMM:
         pytest.skip("our bfloat16 GEMM needs AVX512-BF16 (and the avx512 level)")
     use_backend(monkeypatch, "cpp", "cpu")

@@ -15,6 +15,10 @@
 #include <immintrin.h>
 #define SHVIT_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define SHVIT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+// the AVX-512 level plus AVX512-BF16, which that level does not imply: callers check the CPU
+// has it (shvit_gemm::bf16_available)
+#define SHVIT_TARGET_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
 #endif
 
 namespace shvit_isa {

@@ -4,8 +4,8 @@ instruction outside the kernels compiled per instruction-set level.
 Disassembles the extension (objdump -d) and lists every function with an AVX, AVX2 or
 AVX-512 instruction (a VEX/EVEX "v" mnemonic, a ymm/zmm register or an AVX-512 mask
 register). Each must be one of the functions csrc/ marks with SHVIT_TARGET_AVX2 /
-SHVIT_TARGET_AVX512 (or the GEMM's SHVIT_AVX2 / SHVIT_AVX512 aliases), which run only when
-the CPU has that level (csrc/cpu_isa.h). Anything else -- a std:: template, a baseline kernel
+SHVIT_TARGET_AVX512 / SHVIT_TARGET_AVX512_BF16 (or the GEMM's SHVIT_AVX2 / SHVIT_AVX512
+aliases), which run only when the CPU has that level (csrc/cpu_isa.h). Anything else -- a std:: template, a baseline kernel
 auto-vectorised for a wider ISA -- fails the check, as it would fault on an older CPU.
 
     python scripts/check_isa.py [path/to/_C*.so]   (default: the installed shvit_kernels._C)
@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MARKS = r"SHVIT_TARGET_AVX2|SHVIT_TARGET_AVX512|SHVIT_AVX2|SHVIT_AVX512"
+MARKS = r"SHVIT_TARGET_AVX2|SHVIT_TARGET_AVX512|SHVIT_TARGET_AVX512_BF16|SHVIT_AVX2|SHVIT_AVX512"
 AVX = re.compile(r"%[yz]mm\d|%k[0-7]\b")
 
 

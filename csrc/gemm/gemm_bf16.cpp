@@ -13,10 +13,6 @@
 
 #include "cpu_isa.h"
 
-#ifdef SHVIT_X86
-#define SHVIT_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
-#endif
-
 namespace shvit_gemm {
 
 namespace {
@@ -41,8 +37,9 @@ inline int32_t load_pair(const uint16_t* p) {
 // W's k index being t * kt + kk; kt is even where taps > 1, so pairs stay within a segment.
 // Short tiles repeat their last row of A.
 template <int R, int P>
-SHVIT_BF16 void tile(int64_t rows, int64_t nv, int64_t kt, int64_t taps, const uint16_t* const* rp, int64_t ldt,
-                     const uint16_t* b, int64_t bps, uint16_t* c, int64_t ldc, int64_t col0, const EpilogueBf16& e) {
+SHVIT_TARGET_AVX512_BF16 void tile_bf16(int64_t rows, int64_t nv, int64_t kt, int64_t taps, const uint16_t* const* rp,
+                                        int64_t ldt, const uint16_t* b, int64_t bps, uint16_t* c, int64_t ldc,
+                                        int64_t col0, const EpilogueBf16& e) {
   __m512 acc[R * P];
   for (int i = 0; i < R * P; ++i) acc[i] = _mm512_setzero_ps();
   const int64_t kp = kt / 2;
@@ -94,11 +91,11 @@ SHVIT_BF16 void tile(int64_t rows, int64_t nv, int64_t kt, int64_t taps, const u
   }
 }
 
-// C rows [0, m) over `taps` segments of kt (see tile); a plain GEMM passes taps = 1 and its
+// C rows [0, m) over `taps` segments of kt (see tile_bf16); a plain GEMM passes taps = 1 and its
 // rows as rp = nullptr, a, lda.
-SHVIT_BF16 void gemm_bf16_avx512(int64_t m, int64_t n, int64_t kt, int64_t taps, const uint16_t* const* rp,
-                                 const uint16_t* a, int64_t lda, const uint16_t* wp, uint16_t* c, int64_t ldc,
-                                 const EpilogueBf16& epi) {
+SHVIT_TARGET_AVX512_BF16 void gemm_bf16_avx512(int64_t m, int64_t n, int64_t kt, int64_t taps,
+                                               const uint16_t* const* rp, const uint16_t* a, int64_t lda,
+                                               const uint16_t* wp, uint16_t* c, int64_t ldc, const EpilogueBf16& epi) {
   const int64_t np = (n + 15) / 16, bps = bf16_panel_size(kt * taps);
   for (int64_t i0 = 0; i0 < m; i0 += kRowBlock) {
     const int64_t mc = std::min(kRowBlock, m - i0);
@@ -123,11 +120,11 @@ SHVIT_BF16 void gemm_bf16_avx512(int64_t m, int64_t n, int64_t kt, int64_t taps,
           for (int64_t r = 0; r < 6; ++r) own[r] = a + (i + std::min<int64_t>(r, rows - 1)) * lda;
         }
         if (P == 4) {
-          (five ? tile<5, 4> : tile<6, 4>)(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
+          (five ? tile_bf16<5, 4> : tile_bf16<6, 4>)(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
         } else if (P == 2) {
-          (five ? tile<5, 2> : tile<6, 2>)(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
+          (five ? tile_bf16<5, 2> : tile_bf16<6, 2>)(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
         } else {
-          (five ? tile<5, 1> : tile<6, 1>)(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
+          (five ? tile_bf16<5, 1> : tile_bf16<6, 1>)(rows, nv, kt, taps, ri, ldt, b, bps, ci, ldc, col0, e);
         }
       }
       jp += P;

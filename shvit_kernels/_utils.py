@@ -31,19 +31,6 @@ def is_dw3x3(conv: torch.nn.Conv2d) -> bool:
     )
 
 
-def is_stem3x3(conv: torch.nn.Conv2d) -> bool:
-    """A 3x3 conv with few input channels (an image) that ``stem_conv3x3`` takes from NCHW."""
-    return (
-        conv.groups == 1
-        and conv.in_channels * 9 <= 64
-        and conv.out_channels <= 32
-        and conv.kernel_size == (3, 3)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.stride in ((1, 1), (2, 2))
-    )
-
-
 def is_conv3x3(conv: torch.nn.Conv2d) -> bool:
     """A dense 3x3 conv with padding 1 and stride 1 or 2 (the taps GEMMs': ``conv3x3``,
     ``bf16_conv3x3``)."""
@@ -54,6 +41,11 @@ def is_conv3x3(conv: torch.nn.Conv2d) -> bool:
         and conv.dilation == (1, 1)
         and conv.stride in ((1, 1), (2, 2))
     )
+
+
+def is_stem3x3(conv: torch.nn.Conv2d) -> bool:
+    """A dense 3x3 conv with few input channels (an image) that ``stem_conv3x3`` takes from NCHW."""
+    return is_conv3x3(conv) and conv.in_channels * 9 <= 64 and conv.out_channels <= 32
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

@@ -163,8 +163,11 @@ class SHViT(nn.Module):
 
     def _features(self, x: torch.Tensor, cpu: tuple[Plan, int] | None) -> torch.Tensor:
         if cpu is not None:
-            plan, features = cpu
-            return plan.run(x, features)
+            out = cpu[0].run(x, cpu[1])
+            if out is not None:
+                return out
+            self._drop_plans()  # a parameter or buffer changed: the plan is made again
+            return self._features(x, self._cpu_plan(x))
         x = self.patch_embed(x)
         x = self.blocks1(x)
         x = self.blocks2(x)
@@ -185,7 +188,11 @@ class SHViT(nn.Module):
         # the plan first: it is made only for an input that _check_input passes
         cpu = self._cpu_plan(x)
         if cpu is not None and len(cpu[0]) > cpu[1]:  # the plan has the head
-            return cpu[0].run(x)
+            out = cpu[0].run(x)
+            if out is not None:
+                return out
+            self._drop_plans()  # a parameter or buffer changed: the plan is made again
+            return self.forward(x)
         if cpu is None:
             self._check_input(x)
         twin = self._float32_twin(x)
@@ -275,12 +282,16 @@ class SHViT(nn.Module):
                 if not bf16:  # bfloat16 halves the activations, and oneDNN's cost per call made chunks no faster
                     plan.chunk_prefix(len(stem), 4 * self._stem_elements_per_pixel(), STEM_CHUNK_BYTES)
                 cpu = (plan, features)
-            snapshot = _Snapshot(self, None if cpu is None else cpu[0])
+            snapshot = _Snapshot(self, plan_watches=cpu is not None)
             # the input dtype the plan takes: under autocast float32 or bfloat16 (cast as autocast would)
             self.__dict__[slot] = cached = (snapshot, cpu, needs_grad, deferred, None if autocast else dtype)
         if grad and (cached[2] or x.requires_grad):
             return None  # autograd runs through the modules
         return cached[1] if cached[4] is None or cached[4] is x.dtype else None
+
+    def _drop_plans(self) -> None:
+        for slot in ("_plan", "_plan_autocast"):
+            self.__dict__.pop(slot, None)
 
     def _stem_elements_per_pixel(self) -> float:
         """Elements of the stem's largest convolution input + output per pixel of the image."""
@@ -385,18 +396,17 @@ class _Snapshot:
     """A module's parameters and buffers as they were when something was derived from them:
     ``changed(module)`` once one is moved to other storage or changed in place, or a
     parameter, buffer or submodule of the module is replaced. Per call it reads each tensor's
-    storage address and version counter (``plan.changed()`` does, for a ``Plan`` that watches
-    them); the module tree is walked again only after a registration somewhere (then, if the
-    module's own tree is the same, nothing changed)."""
+    storage address and version counter, unless a ``Plan`` watches them (``plan_watches``: its
+    ``run`` returns ``None`` once one changed); the module tree is walked again only after a
+    registration somewhere (then, if the module's own tree is the same, nothing changed)."""
 
-    def __init__(self, module: nn.Module, plan: Plan | None = None):
+    def __init__(self, module: nn.Module, plan_watches: bool = False):
         self.registrations = _registrations
         self.tree = self._tree(module)
         self.tensors = [*module.parameters(), *module.buffers()]
         # an inference tensor has no version counter (and cannot change outside inference mode)
         self.versioned = [t for t in self.tensors if not t.is_inference()]
-        self.plan = plan
-        self.key = None if plan is not None else self._key()
+        self.key = None if plan_watches else self._key()
 
     @staticmethod
     def _tree(module: nn.Module) -> tuple:
@@ -406,7 +416,7 @@ class _Snapshot:
         return tuple(t.data_ptr() for t in self.tensors), tuple(t._version for t in self.versioned)
 
     def changed(self, module: nn.Module) -> bool:
-        if self.plan.changed() if self.plan is not None else self._key() != self.key:
+        if self.key is not None and self._key() != self.key:
             return True
         if self.registrations != _registrations:
             if self._tree(module) != self.tree:

@@ -25,7 +25,8 @@ def call(step: Step, x: Tensor) -> Tensor:
 
 class Plan:
     """``steps`` run one after another in C++, with the tensors they were made from
-    (``watch``) watched: ``changed()`` once one of them is moved or modified in place."""
+    (``watch``) watched: once one of them is moved or modified in place the plan is stale and
+    ``run`` returns ``None`` instead of running it."""
 
     def __init__(self, steps: Sequence[Step], watch: Sequence[Tensor]):
         self._plan = torch.classes.shvit_cpp.Plan()
@@ -44,9 +45,7 @@ class Plan:
     def __len__(self) -> int:
         return self._len
 
-    def run(self, x: Tensor, end: int | None = None) -> Tensor:
-        """``x`` after the first ``end`` steps (all of them by default)."""
+    def run(self, x: Tensor, end: int | None = None) -> Tensor | None:
+        """``x`` after the first ``end`` steps (all of them by default), or ``None`` where a
+        watched tensor changed since the plan was made (make a new one)."""
         return self._plan.run(x, -1 if end is None else end)
-
-    def changed(self) -> bool:
-        return self._plan.changed()

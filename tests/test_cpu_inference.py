@@ -619,8 +619,9 @@ def test_plan_follows_weight_changes_and_replacements():
 
 
 def test_plan_runs_its_steps_and_watches_its_tensors():
-    """A Plan equals its steps called one by one (any prefix of them), says when a watched
-    tensor changes in place or is replaced by other storage, and refuses ops it cannot chain."""
+    """A Plan equals its steps called one by one (any prefix of them), does not run once a
+    watched tensor changes in place or is replaced by other storage, and refuses ops it cannot
+    chain."""
     from shvit_kernels.plan import Plan, call
 
     g = torch.Generator().manual_seed(6)
@@ -633,12 +634,13 @@ def test_plan_runs_its_steps_and_watches_its_tensors():
     assert torch.equal(plan.run(x, 1), one)
     assert torch.equal(plan.run(x), call(steps[1], one))
     assert torch.equal(plan.run(x, 0), x)
-    assert not plan.changed()
     b.add_(1)
-    assert plan.changed()
+    assert plan.run(x) is None and plan.run(x, 0) is None  # stale: not run
     plan = Plan(steps, [w, b])
+    assert torch.equal(plan.run(x), call(steps[1], call(steps[0], x)))
     w.data = w.data.clone()
-    assert plan.changed()
+    assert plan.run(x) is None
+    plan = Plan(steps, [w, b])
     x5 = torch.randn(5, 8, 7, 5, generator=g).contiguous(memory_format=torch.channels_last)
     whole = plan.run(x5)
     plan.chunk_prefix(1, 4.0, 4 * 35 * 2 // torch.get_num_threads())  # step 0 on 2 images at a time

@@ -9,8 +9,8 @@
 // images at a time, each conv reads its input from cache, as at batch 1.
 //
 // The plan also keeps the tensors it was made from (parameters and buffers) with their storage
-// addresses and version counters: changed() says whether one was moved or modified in place
-// since, in a loop of C++ reads instead of two Python attribute reads per tensor.
+// addresses and version counters: run() sees whether one was moved or modified in place since,
+// in a loop of C++ reads instead of two Python attribute reads per tensor.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -67,8 +67,12 @@ struct Plan : torch::CustomClassHolder {
 
   int64_t size() const { return static_cast<int64_t>(steps.size()); }
 
-  // x after steps [0, end) (all of them for end < 0).
-  Tensor run(Tensor x, int64_t end) const {
+  // x after steps [0, end) (all of them for end < 0), or None where a watched tensor was moved or
+  // modified in place since watch(): a stale plan does not run, and the caller learns it from the
+  // call it makes anyway (a separate changed() call cost 30 us at batch 1, its first touch of the
+  // binding code coming after a forward has streamed the weights through the caches).
+  c10::optional<Tensor> run(Tensor x, int64_t end) const {
+    if (changed()) return c10::nullopt;
     const size_t n = end < 0 ? steps.size() : std::min(steps.size(), static_cast<size_t>(end));
     size_t i = 0;
     const size_t p = std::min(n, static_cast<size_t>(prefix));
@@ -126,8 +130,7 @@ TORCH_LIBRARY_FRAGMENT(shvit_cpp, m) {
       .def("size", &Plan::size)
       .def("run", &Plan::run)
       .def("chunk_prefix", &Plan::chunk_prefix)
-      .def("watch", &Plan::watch)
-      .def("changed", &Plan::changed);
+      .def("watch", &Plan::watch);
 }
 
 }  // namespace shvit_cpu

@@ -603,6 +603,9 @@ def test_plan_follows_weight_changes_and_replacements():
         first = fused(x)
         ffn = fused.blocks2[3].ffn
         ffn.pw1.weight.mul_(-0.5)  # in place
+        assert_rel_close(fused.forward_features(x), _no_plan(fused).forward_features(x), 1e-6,
+                         "features after an in-place update")
+        ffn.pw1.weight.mul_(-1.0)
         assert_rel_close(fused(x), _no_plan(fused)(x), 1e-6, "after an in-place update")
         fused.blocks1[0].conv.conv.weight = torch.nn.Parameter(fused.blocks1[0].conv.conv.weight * 2)
         assert_rel_close(fused(x), _no_plan(fused)(x), 1e-6, "after a replaced parameter")

@@ -167,7 +167,7 @@ class SHViT(nn.Module):
             if out is not None:
                 return out
             self._drop_plans()  # a parameter or buffer changed: the plan is made again
-            return self._features(x, self._cpu_plan(x))
+            return self.forward_features(x)
         x = self.patch_embed(x)
         x = self.blocks1(x)
         x = self.blocks2(x)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import shvit
-from conftest import assert_close_to_exact, load_golden, randomize_bn, use_backend
+from conftest import assert_close_to_exact, load_golden, randomize_bn, use_backend, with_threads
 import shvit_kernels
 from shvit_kernels import backend, onednn
 from shvit_kernels.plan import call
@@ -120,14 +120,15 @@ def test_variants_bf16(variant, path):
 def test_plan_matches_modules(variant, autocast, path):
     """With bfloat16 hardware a bfloat16 model (or a float32 one under bfloat16 autocast) runs
     as one plan of C++ oneDNN blocks: features bit for bit those of its modules run one by one
-    (the same oneDNN calls), logits (the classifier on oneDNN's linear) within twice eager
-    bfloat16's error; batch 3 at 80x112 px. Without the hardware no bfloat16 plan is made
-    (the float32 copy runs, or the modules under autocast)."""
+    (the same oneDNN calls), with one thread and with two (each on half of the batch),
+    logits (the classifier on oneDNN's linear) within twice eager bfloat16's error; batch 4 at
+    80x112 px. Without the hardware no bfloat16 plan is made (the float32 copy runs, or the
+    modules under autocast)."""
     ref = randomize_bn(shvit.create_model(variant), seed=3).eval()
     fused = shvit.create_model(variant, fused=True).eval()
     fused.load_state_dict(ref.state_dict())
     fused.fuse()
-    x = torch.randn(3, 3, 80, 112, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 3, 80, 112, generator=torch.Generator().manual_seed(1))
     if not autocast:
         fused, x = fused.to(BF16), x.to(BF16)
     with torch.inference_mode(), torch.autocast("cpu", BF16, enabled=autocast):
@@ -137,9 +138,9 @@ def test_plan_matches_modules(variant, autocast, path):
             return
         assert plan is not None
         got = fused(x)
-        features = fused._features(x, plan)
-        modules = fused._features(x, None)
-    assert features.dtype == BF16 and torch.equal(features, modules)
+        features = with_threads(lambda: fused._features(x, plan))
+        modules = with_threads(lambda: fused._features(x, None), (1,))[0]
+    assert all(f.dtype == BF16 and torch.equal(f, modules) for f in features)
     with torch.inference_mode():
         exact = ref.double()(x.double())
         eager = copy.deepcopy(ref).fuse().to(BF16).to(memory_format=torch.channels_last)

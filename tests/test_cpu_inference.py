@@ -577,13 +577,16 @@ def test_golden_through_the_fast_path(golden, monkeypatch):
         assert_rel_close(model(golden["input"]), golden["eval_logits"], 1e-4, "golden logits, folded fused")
 
 
-def test_same_result_with_one_and_two_threads():
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_same_result_with_one_and_two_threads(batch):
+    """One thread, or two: a batch split between them (4), with a remainder on both (5), or
+    each op's rows split (1); the logits agree."""
     _, fused = _pair("shvit_s1")
     fused.fuse()
-    x = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(batch, 3, 96, 96, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         one, two = with_threads(lambda: fused(x))
-    assert_rel_close(two, one, 1e-6, "2 threads vs 1")
+    assert_rel_close(two, one, 1e-6, f"2 threads vs 1, batch {batch}")
 
 
 def _no_plan(model):
@@ -656,6 +659,32 @@ def test_plan_runs_its_steps_and_watches_its_tensors():
         Plan([("gn_partial_fwd", (w, b, 1e-5))], [])
     with pytest.raises(RuntimeError):
         Plan([("no_such_op", ())], [])
+
+
+def test_plan_splits_the_batch_among_threads():
+    """With two threads a plan runs each thread's images on their own (and a remainder on
+    both): the same bits as one thread, for every batch size and prefix; the caller's grad and
+    inference mode hold in the threads; an op's error reaches the caller."""
+    from shvit_kernels.plan import Plan
+
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(8, 1, 3, 3, generator=g, requires_grad=True)
+    b = torch.randn(8, generator=g, requires_grad=True)
+    steps = [("dw_conv3x3", (w, b, 1, True)), ("dw_conv3x3", (w, b, 2, False))]
+    plan = Plan(steps, [w, b])
+    plan.chunk_prefix(1, 4.0, 4 * 35)  # step 0 on one image at a time per thread
+    for batch in (1, 2, 3, 4, 5, 7):
+        x = torch.randn(batch, 8, 7, 5, generator=g)
+        for end in (1, 2):
+            with torch.no_grad():
+                one, two = with_threads(lambda: plan.run(x, end))
+            assert torch.equal(one, two), (batch, end)
+            assert not two.requires_grad and two.is_contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            assert all(y.is_inference() for y in with_threads(lambda: plan.run(x)))
+    with pytest.raises(RuntimeError, match="depthwise kernel"):
+        with torch.no_grad():
+            with_threads(lambda: plan.run(torch.randn(4, 6, 7, 5)), (2,))
 
 
 class _Double(torch.nn.Module):

@@ -579,14 +579,16 @@ def test_golden_through_the_fast_path(golden, monkeypatch):
 
 @pytest.mark.parametrize("batch", [1, 4, 5])
 def test_same_result_with_one_and_two_threads(batch):
-    """One thread, or two: a batch split between them (4), with a remainder on both (5), or
-    each op's rows split (1); the logits agree."""
+    """One thread, or two: a batch split between them (4: in a plan each image computed as
+    with one thread, the same bits), with a remainder on both (5), or each op's rows split (1)."""
     _, fused = _pair("shvit_s1")
     fused.fuse()
     x = torch.randn(batch, 3, 96, 96, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         one, two = with_threads(lambda: fused(x))
+        planned = fused._cpu_plan(x) is not None
     assert_rel_close(two, one, 1e-6, f"2 threads vs 1, batch {batch}")
+    assert batch != 4 or not planned or torch.equal(two, one)
 
 
 def _no_plan(model):

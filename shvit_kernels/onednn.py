@@ -122,10 +122,10 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False, residua
 def conv_step(conv: torch.nn.Conv2d, relu: bool = False, nchw_input: bool = False) -> Step | None:
     """``relu?(conv(x))`` for bfloat16 x as one C++ op (a ``plan.Step``, weights reordered
     or packed now): 1x1 convs as a GEMM on the token rows (``conv1x1``), depthwise 3x3 convs
-    on our kernel (``dw_conv3x3``: float32 sums, one rounding); where ``own_gemm()`` holds,
-    the image's conv (``nchw_input``, few channels) on our stem kernel (float32 sums) and other
-    dense 3x3 convs with an even channel count on our GEMM over their taps; the rest on
-    oneDNN's convolution. The ReLU fused; channels_last bfloat16 out. ``None`` for a conv
+    on our kernel (``dw_conv3x3``: float32 sums, one rounding); at the avx512 level the
+    image's conv (``nchw_input``, few channels) on our stem kernel (float32 sums, read straight
+    from the NCHW image); where ``own_gemm()`` holds, other dense 3x3 convs with an even
+    channel count on our GEMM over their taps; the rest on oneDNN's convolution. The ReLU fused; channels_last bfloat16 out. ``None`` for a conv
     without bias or with another padding mode."""
     w, b = conv.weight, conv.bias
     if b is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -136,7 +136,7 @@ def conv_step(conv: torch.nn.Conv2d, relu: bool = False, nchw_input: bool = Fals
         return "onednn_pw", (_linear_weight(w), _bf16(b), relu, None)
     if is_dw3x3(conv):  # our kernel: oneDNN's fixed cost per call is most of a small image's time
         return "dw_conv3x3", (_float32(w), _float32(b), conv.stride[0], relu)
-    if own_gemm() and is_stem3x3(conv) and nchw_input:  # the image: our float32-sum kernel, bfloat16 out
+    if nchw_input and is_stem3x3(conv) and _cpp.isa() == "avx512":  # the image: our float32-sum kernel
         return "stem_conv3x3_bf16", (_float32(w), _float32(b), conv.stride[0], relu)
     if own_gemm() and is_conv3x3(conv) and conv.in_channels % 2 == 0:  # k pairs within a tap
         wp = weight_cache(w, "bf16-packed3x3", lambda w: torch.ops.shvit_cpp.pack_weight_bf16(

@@ -119,10 +119,11 @@ def test_variants_bf16(variant, path):
 @pytest.mark.parametrize("variant", ["shvit_s1", "shvit_s3"])
 def test_plan_matches_modules(variant, autocast, path):
     """With bfloat16 hardware a bfloat16 model (or a float32 one under bfloat16 autocast) runs
-    as one plan of C++ oneDNN blocks: features bit for bit those of its modules run one by one
-    (the same oneDNN calls), with one thread and with two (each on half of the batch),
-    logits (the classifier on oneDNN's linear) within twice eager bfloat16's error; batch 4 at
-    80x112 px. Without the hardware no bfloat16 plan is made (the float32 copy runs, or the
+    as one plan of C++ oneDNN blocks: with one thread, features bit for bit those of its
+    modules run one by one (the same oneDNN calls); with two (each on half of the batch) bit
+    for bit on our own GEMM, while oneDNN may block a half batch's GEMM otherwise (seen on an
+    AMX CPU), so there the logits are held to the bound below; logits (the classifier on
+    oneDNN's linear) within twice eager bfloat16's error; batch 4 at 80x112 px. Without the hardware no bfloat16 plan is made (the float32 copy runs, or the
     modules under autocast)."""
     ref = randomize_bn(shvit.create_model(variant), seed=3).eval()
     fused = shvit.create_model(variant, fused=True).eval()
@@ -137,16 +138,18 @@ def test_plan_matches_modules(variant, autocast, path):
             assert plan is None
             return
         assert plan is not None
-        got = fused(x)
+        got = with_threads(lambda: fused(x))
         features = with_threads(lambda: fused._features(x, plan))
         modules = with_threads(lambda: fused._features(x, None), (1,))[0]
-    assert all(f.dtype == BF16 and torch.equal(f, modules) for f in features)
+    bitwise = features if path[0] == "own-gemm" else features[:1]
+    assert all(f.dtype == BF16 and torch.equal(f, modules) for f in bitwise)
     with torch.inference_mode():
         exact = ref.double()(x.double())
         eager = copy.deepcopy(ref).fuse().to(BF16).to(memory_format=torch.channels_last)
         want = eager(x.to(BF16).contiguous(memory_format=torch.channels_last))
-    _check_path(path, path[1], got)
-    assert_close_to_exact(got, exact, want, f"{variant} bfloat16 plan logits (autocast {autocast})")
+    for logits, threads in zip(got, (1, 2)):
+        _check_path(path, path[1], logits)
+        assert_close_to_exact(logits, exact, want, f"{variant} bfloat16 plan logits (autocast {autocast}, {threads} threads)")
 
 
 def test_weight_changes_reach_the_cached_weights(path):

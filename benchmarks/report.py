@@ -132,8 +132,8 @@ RENDER = {
     "model_cpu": model_table,
     "model_cpu:bf16": bf16_table,
     "model_cpu:errors": error_table,
-    "model_cpu_xeon_amx": model_table,  # an earlier run on an AMX machine (docs/benchmarking.md)
-    "model_cpu_xeon_amx:bf16": bf16_table,
+    "model_cpu_zen4": model_table,  # a run on a CPU without AMX (docs/benchmarking.md)
+    "model_cpu_zen4:bf16": bf16_table,
     "model_cuda": model_table,
     "shsa_cpu": shsa_table,
     "shsa_cpu_1024px": shsa_table,

@@ -19,6 +19,10 @@
 // has it (shvit_gemm::bf16_available)
 #define SHVIT_TARGET_AVX512_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+// AVX512-BF16 plus the AMX tiles (AMX-TILE, AMX-BF16): callers check the CPU has them and the
+// kernel granted their state (shvit_gemm::bf16_kernel)
+#define SHVIT_TARGET_AMX \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
 #endif
 
 namespace shvit_isa {

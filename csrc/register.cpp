@@ -11,7 +11,8 @@
 
 namespace shvit_cpu {
 bool gemm_available();       // inference/conv_infer.cpp: whether the packed-GEMM kernels run
-bool bf16_gemm_available();  // inference/conv_bf16.cpp: whether the AVX512-BF16 GEMM runs
+bool bf16_gemm_available();  // inference/conv_bf16.cpp: whether the bfloat16 GEMM runs
+std::string bf16_gemm_kernel(const std::string& kernel);  // inference/conv_bf16.cpp: "amx" | "avx512_bf16" | ""
 }  // namespace shvit_cpu
 namespace shvit_isa {  // cpu_isa.cpp: the instruction-set level in use
 std::string request(const std::string& level);
@@ -58,5 +59,6 @@ TORCH_LIBRARY(shvit_cpp, m) {
   m.def("shsa_attention(Tensor qkv, Tensor x2, int qk_dim, float scale) -> Tensor");
   m.def("gemm_available() -> bool", &shvit_cpu::gemm_available);
   m.def("bf16_gemm_available() -> bool", &shvit_cpu::bf16_gemm_available);
+  m.def("bf16_gemm_kernel(str kernel='') -> str", &shvit_cpu::bf16_gemm_kernel);
   m.def("isa(str level='') -> str", &shvit_isa::request);
 }

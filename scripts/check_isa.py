@@ -1,10 +1,10 @@
 """Checks that a build of shvit_kernels._C runs on any CPU of its architecture: no AVX
 instruction outside the kernels compiled per instruction-set level.
 
-Disassembles the extension (objdump -d) and lists every function with an AVX, AVX2 or
-AVX-512 instruction (a VEX/EVEX "v" mnemonic, a ymm/zmm register or an AVX-512 mask
-register). Each must be one of the functions csrc/ marks with SHVIT_TARGET_AVX2 /
-SHVIT_TARGET_AVX512 / SHVIT_TARGET_AVX512_BF16 (or the GEMM's SHVIT_AVX2 / SHVIT_AVX512
+Disassembles the extension (objdump -d) and lists every function with an AVX, AVX2,
+AVX-512 or AMX instruction (a VEX/EVEX "v" mnemonic, a ymm/zmm register, an AVX-512 mask
+register or an AMX tile register). Each must be one of the functions csrc/ marks with SHVIT_TARGET_AVX2 /
+SHVIT_TARGET_AVX512 / SHVIT_TARGET_AVX512_BF16 / SHVIT_TARGET_AMX (or the GEMM's SHVIT_AVX2 / SHVIT_AVX512
 aliases), which run only when the CPU has that level (csrc/cpu_isa.h). Anything else -- a std:: template, a baseline kernel
 auto-vectorised for a wider ISA -- fails the check, as it would fault on an older CPU.
 
@@ -18,8 +18,8 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MARKS = r"SHVIT_TARGET_AVX2|SHVIT_TARGET_AVX512|SHVIT_TARGET_AVX512_BF16|SHVIT_AVX2|SHVIT_AVX512"
-AVX = re.compile(r"%[yz]mm\d|%k[0-7]\b")
+MARKS = r"SHVIT_TARGET_AVX2|SHVIT_TARGET_AVX512|SHVIT_TARGET_AVX512_BF16|SHVIT_TARGET_AMX|SHVIT_AVX2|SHVIT_AVX512"
+AVX = re.compile(r"%[yzt]mm\d|%k[0-7]\b")
 
 
 def targeted_functions() -> set[str]:
@@ -50,7 +50,7 @@ def avx_functions(so: pathlib.Path) -> dict[str, str]:
         if cur is None or len(parts) < 2 or cur in found:
             continue
         insn = parts[-1].strip()
-        if insn.startswith("v") or AVX.search(insn):
+        if insn.startswith(("v", "tile", "ldtilecfg", "sttilecfg")) or AVX.search(insn):
             found[cur] = insn
     return found
 

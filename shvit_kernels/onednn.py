@@ -10,7 +10,9 @@ channels_last (token-major) bfloat16. Depthwise 3x3 convolutions run our own ker
 oneDNN picks AMX tiles where the CPU has them and AVX512-BF16 otherwise. Each block is one C++
 op (``csrc/inference/onednn_blocks.cpp``) that calls oneDNN's ops itself; the ``*_step``
 functions make them as ``plan.Step`` s, which a folded bfloat16 model runs as one ``Plan``
-(``shvit.SHViT._cpu_plan``), free of per-layer Python calls.
+(``shvit.SHViT._cpu_plan``), free of per-layer Python calls. At the avx512 level the GEMM
+blocks run on a bfloat16 GEMM of ours instead (``own_gemm``: AMX tiles or AVX512-BF16, with
+no set-up per call), and oneDNN keeps the stem's dense convolutions on AMX CPUs.
 
 It applies to bfloat16 inputs and parameters, and to float32 ones under
 ``torch.autocast("cpu", torch.bfloat16)`` (inputs and weights cast as autocast would), in
@@ -68,16 +70,20 @@ _own: bool | None = None
 
 def own_gemm() -> bool:
     """Whether the GEMM blocks (1x1 convolutions, FFN, SHSA, SqueezeExcite, classifier) run
-    on our AVX512-BF16 GEMM (``csrc/gemm/gemm_bf16.cpp``, ``csrc/inference/conv_bf16.cpp``)
-    instead of oneDNN: on CPUs with AVX512-BF16 and no AMX, at the avx512 level. There
-    oneDNN's linear op spent more of a small GEMM's time on its per-call set-up than on the
-    products (SHViT-S1's stage-3 FFN at batch 1: 111 us against 78 us); where AMX is,
-    oneDNN's AMX kernels run."""
+    on our bfloat16 GEMM (``csrc/gemm/gemm_bf16.cpp``, ``csrc/inference/conv_bf16.cpp``)
+    instead of oneDNN: at the avx512 level on CPUs with AVX512-BF16, on AMX tiles where the
+    CPU has them. It has no set-up per call, where oneDNN's linear op spent more of a small
+    GEMM's time on that than on the products (S1's stage-3 FFN at batch 1 on Zen 4: 111 us
+    against 78 us; on an AMX Xeon S1 at batch 1 1.8x faster, batch 16 level)."""
     global _own
     if _own is None:
-        amx = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", lambda: False)()
-        _own = bool(_cpp.available() and not amx)
+        _own = _cpp.available()
     return _own and torch.ops.shvit_cpp.bf16_gemm_available()
+
+
+def _amx() -> bool:
+    """Whether our GEMM runs on AMX tiles (``bf16_gemm_kernel``)."""
+    return torch.ops.shvit_cpp.bf16_gemm_kernel() == "amx"
 
 
 def _packed(weight: Tensor) -> Tensor:
@@ -124,8 +130,9 @@ def conv_step(conv: torch.nn.Conv2d, relu: bool = False, nchw_input: bool = Fals
     or packed now): 1x1 convs as a GEMM on the token rows (``conv1x1``), depthwise 3x3 convs
     on our kernel (``dw_conv3x3``: float32 sums, one rounding); at the avx512 level the
     image's conv (``nchw_input``, few channels) on our stem kernel (float32 sums, read straight
-    from the NCHW image); where ``own_gemm()`` holds, other dense 3x3 convs with an even
-    channel count on our GEMM over their taps; the rest on oneDNN's convolution. The ReLU fused; channels_last bfloat16 out. ``None`` for a conv
+    from the NCHW image); where ``own_gemm()`` holds on AVX512-BF16 (not AMX, where oneDNN's
+    convolution was 2-3x faster than the taps copied for our tiles), other dense 3x3 convs with
+    an even channel count on our GEMM over their taps; the rest on oneDNN's convolution. The ReLU fused; channels_last bfloat16 out. ``None`` for a conv
     without bias or with another padding mode."""
     w, b = conv.weight, conv.bias
     if b is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -138,7 +145,7 @@ def conv_step(conv: torch.nn.Conv2d, relu: bool = False, nchw_input: bool = Fals
         return "dw_conv3x3", (_float32(w), _float32(b), conv.stride[0], relu)
     if nchw_input and is_stem3x3(conv) and _cpp.isa() == "avx512":  # the image: our float32-sum kernel
         return "stem_conv3x3_bf16", (_float32(w), _float32(b), conv.stride[0], relu)
-    if own_gemm() and is_conv3x3(conv) and conv.in_channels % 2 == 0:  # k pairs within a tap
+    if own_gemm() and not _amx() and is_conv3x3(conv) and conv.in_channels % 2 == 0:  # k pairs within a tap
         wp = weight_cache(w, "bf16-packed3x3", lambda w: torch.ops.shvit_cpp.pack_weight_bf16(
             w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)))
         return "bf16_conv3x3", (wp, _bias32(b), conv.stride[0], relu)

@@ -1,5 +1,6 @@
 """bfloat16 inference of a folded fused model on CPU: the oneDNN path (bfloat16 hardware), the
-same with its 1x1 convolutions and FFNs on our AVX512-BF16 GEMM (CPUs with AVX512-BF16), and
+same with its GEMM blocks on our bfloat16 GEMM (AMX tiles where the CPU has them, and
+AVX512-BF16), and
 the float32 path a bfloat16 model takes on CPUs without bfloat16 hardware, as
 ``model.to(torch.bfloat16)`` and under ``torch.autocast("cpu", torch.bfloat16)``, against the
 float64 reference within twice the error of the eager model computed the same way,
@@ -24,23 +25,41 @@ BF16 = torch.bfloat16
 # emulated on other AVX-512 CPUs, where the model would not choose it): forced in the tests
 ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 OWN_GEMM = backend.cpp_available() and torch.ops.shvit_cpp.bf16_gemm_available()
-PATHS = ["onednn", "own-gemm", "float32"]
+# our GEMM's kernels on this CPU: AMX tiles (where the CPU has them) and AVX512-BF16
+KERNELS = (["amx"] if OWN_GEMM and torch.ops.shvit_cpp.bf16_gemm_kernel() == "amx" else []) + ["avx512_bf16"]
+PATHS = ["onednn", *(f"own-gemm-{k}" for k in KERNELS), "float32"]
+
+
+@pytest.fixture
+def bf16_kernel(request):
+    """Our bfloat16 GEMM on ``request.param`` (one of KERNELS), restored after."""
+    if not OWN_GEMM:
+        pytest.skip("our bfloat16 GEMM needs AVX512-BF16 (and the avx512 level)")
+    before = torch.ops.shvit_cpp.bf16_gemm_kernel()
+    torch.ops.shvit_cpp.bf16_gemm_kernel(request.param)
+    yield request.param
+    torch.ops.shvit_cpp.bf16_gemm_kernel(before)
 
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """Which path bfloat16 inference takes ("own-gemm": the oneDNN path with our AVX512-BF16
-    GEMM for the 1x1 convolutions and FFNs), and a record of the functions that made its
-    bfloat16 steps."""
+    """Which path bfloat16 inference takes ("own-gemm-<kernel>": the GEMM blocks on our
+    bfloat16 GEMM with that kernel), and a record of the functions that made its bfloat16
+    steps."""
     if request.param != "float32" and not ONEDNN_BF16:
         pytest.skip("oneDNN has no bfloat16 support on this CPU (needs AVX-512)")
     if request.param != "float32" and not shvit_kernels._cpp.gemm_available():
         pytest.skip("the bfloat16 blocks need the packed GEMM (the avx2 level or above)")
-    if request.param == "own-gemm" and not OWN_GEMM:
+    own = request.param.startswith("own-gemm")
+    if own and not OWN_GEMM:
         pytest.skip("our bfloat16 GEMM needs AVX512-BF16 (and the avx512 level)")
     use_backend(monkeypatch, "cpp", "cpu")
     monkeypatch.setattr(onednn, "_hardware", request.param != "float32")
-    monkeypatch.setattr(onednn, "_own", request.param == "own-gemm")
+    monkeypatch.setattr(onednn, "_own", own)
+    if own:
+        before = torch.ops.shvit_cpp.bf16_gemm_kernel()
+        torch.ops.shvit_cpp.bf16_gemm_kernel(request.param.removeprefix("own-gemm-"))
+        request.addfinalizer(lambda: torch.ops.shvit_cpp.bf16_gemm_kernel(before))
     calls = []  # the functions that make oneDNN steps (run by a module, or planned by a model)
     for name in ("conv1x1", "conv_step", "ffn_step", "shsa_step", "se_step"):
         real = getattr(onednn, name)
@@ -121,8 +140,8 @@ def test_plan_matches_modules(variant, autocast, path):
     """With bfloat16 hardware a bfloat16 model (or a float32 one under bfloat16 autocast) runs
     as one plan of C++ oneDNN blocks: with one thread, features bit for bit those of its
     modules run one by one (the same oneDNN calls); with two (each on half of the batch) bit
-    for bit on our own GEMM, while oneDNN may block a half batch's GEMM otherwise (seen on an
-    AMX CPU), so there the logits are held to the bound below; logits (the classifier on
+    for bit where no oneDNN op runs (our AVX512-BF16 GEMM), while oneDNN may block a half
+    batch's GEMM otherwise (seen on an AMX CPU), so there the logits are held to the bound below; logits (the classifier on
     oneDNN's linear) within twice eager bfloat16's error; batch 4 at 80x112 px. Without the hardware no bfloat16 plan is made (the float32 copy runs, or the
     modules under autocast)."""
     ref = randomize_bn(shvit.create_model(variant), seed=3).eval()
@@ -141,7 +160,7 @@ def test_plan_matches_modules(variant, autocast, path):
         got = with_threads(lambda: fused(x))
         features = with_threads(lambda: fused._features(x, plan))
         modules = with_threads(lambda: fused._features(x, None), (1,))[0]
-    bitwise = features if path[0] == "own-gemm" else features[:1]
+    bitwise = features if path[0] == "own-gemm-avx512_bf16" else features[:1]
     assert all(f.dtype == BF16 and torch.equal(f, modules) for f in bitwise)
     with torch.inference_mode():
         exact = ref.double()(x.double())
@@ -270,13 +289,14 @@ def test_conv_weight_per_input_shape(path, cin, cout, stride, groups):
     assert ("conv_step" in path[1]) == (path[0] != "float32")
 
 
-@pytest.mark.skipif(not OWN_GEMM, reason="our bfloat16 GEMM needs AVX512-BF16 (and the avx512 level)")
+@pytest.mark.parametrize("bf16_kernel", KERNELS, indirect=True)
 @pytest.mark.parametrize("shape,n", [((2, 37, 3, 5), 51), ((1, 320, 4, 4), 640), ((3, 16, 1, 1), 16),
-                                     ((1, 7, 2, 3), 100), ((2, 96, 7, 7), 200)], ids=str)
-def test_own_gemm_ops(shape, n):
+                                     ((1, 7, 2, 3), 100), ((2, 96, 7, 7), 200), ((2, 224, 5, 4), 448)], ids=str)
+def test_own_gemm_ops(shape, n, bf16_kernel):
     """bf16_pw (every epilogue) and bf16_ffn on odd shapes (k odd, n not a multiple of 16,
-    rows not a multiple of 6), inputs in float32 and in another layout, against the float64
-    composition within twice the bfloat16 composition's error."""
+    rows not a multiple of 6 or 16, k past a multiple of 32), inputs in float32 and in another
+    layout, against the float64 composition within twice the bfloat16 composition's error;
+    each of our GEMM's kernels on this CPU."""
     ops = torch.ops.shvit_cpp
     g = torch.Generator().manual_seed(7)
     c = shape[1]
@@ -346,7 +366,7 @@ def test_gemm_blocks_match_composition(path, shape, pdim, qk):
              ("pool_linear", onednn.pool_linear_step(wc, bc), pool_linear, (wc, bc))]
     with torch.no_grad():
         for name, step, compose, params in cases:
-            assert step[0].startswith("bf16_" if path[0] == "own-gemm" else "onednn_"), step[0]
+            assert step[0].startswith("bf16_" if path[0].startswith("own-gemm") else "onednn_"), step[0]
             got = call(step, x)
             exact = compose(x.double(), *(p.double() for p in params))
             assert_close_to_exact(got, exact, compose(x, *params), f"{name} {shape}")

@@ -1,15 +1,33 @@
-// bfloat16 GEMM on AVX512-BF16 (see gemm_bf16.h).
+// bfloat16 GEMM on AVX512-BF16, or on AMX tiles where the CPU has them (see gemm_bf16.h).
 //
-// The loops are those of the float32 AVX-512 GEMM (gemm.cpp) with k taken in pairs: rows in
-// blocks of kRowBlock (a block of A stays in L2 while it meets every panel), panels in groups of
-// four (then two, then one), each group swept by 6-row tiles (5 where that splits the rows
-// left evenly) whose 6 x 16P sums stay in zmm registers over the whole k. A k step loads P panel rows (64 bytes: 16 columns x 2 k) and
-// broadcasts one pair of each of the 6 rows of A: 6P vdpbf16ps, each 32 multiply-adds.
+// AVX512-BF16: the loops are those of the float32 AVX-512 GEMM (gemm.cpp) with k taken in
+// pairs: rows in blocks of kRowBlock (a block of A stays in L2 while it meets every panel),
+// panels in groups of four (then two, then one), each group swept by 6-row tiles (5 where that
+// splits the rows left evenly) whose 6 x 16P sums stay in zmm registers over the whole k. A k
+// step loads P panel rows (64 bytes: 16 columns x 2 k) and broadcasts one pair of each of the
+// 6 rows of A: 6P vdpbf16ps, each 32 multiply-adds.
+//
+// AMX: a packed panel's 16 pair rows of 64 bytes are the layout of an AMX B tile (16 k pairs
+// x 16 columns), so the same packed weight feeds both. The rows run in blocks of 32 (two A
+// tiles of 16 rows x 32 k, read in place from the rows of A), each against every pair of
+// panels: four C tiles of 16 x 16 float32 sums, each 32-k step two A and two B tile loads
+// and four tdpbf16ps. The C tiles go to a buffer and the AVX-512 epilogue adds the k
+// left past the last multiple of 32 (vdpbf16ps, as above), bias, residual and ReLU, and rounds
+// once. Rows past the last full 16 are copied into a zero-padded buffer first, so no tile
+// reads past A. gemm_taps_bf16 runs on AVX512-BF16 only (on AMX CPUs oneDNN's convolutions
+// were faster than our tiles over taps copied into place).
 #include "gemm/gemm_bf16.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "cpu_isa.h"
 
@@ -131,6 +149,168 @@ SHVIT_TARGET_AVX512_BF16 void gemm_bf16_avx512(int64_t m, int64_t n, int64_t kt,
     }
   }
 }
+
+// Whether the CPU has AMX-BF16 and Linux grants this process the tile data state (which a
+// process must ask for before its first tile instruction: arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA). Asked once.
+bool amx_usable() {
+#if defined(__linux__)
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16") || !cpu_has_bf16()) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool>& amx_wanted() {
+  static std::atomic<bool> wanted{true};
+  return wanted;
+}
+
+// Whether the GEMMs run on AMX: the CPU has it and bf16_kernel has not switched it off.
+bool amx_on() { return amx_wanted().load(std::memory_order_relaxed) && amx_available(); }
+
+// The tile configuration (palette 1): tiles 0-3 the C tiles (16 rows x 16 float32), 4-5 the
+// A tiles (16 rows x 32 bfloat16), 6-7 the B tiles (16 k pairs x 16 columns), all 16 x 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Sums of a block of up to 32 rows x 16 NB columns over k [0, 32 ks): rows 0-15 of A at a0,
+// rows 16-31 at a1 (MA == 2), row strides la0, la1 (elements); the panels at b, b + bps.
+// The sums go to cb, 32 x 32 float32 (row stride 32).
+template <int MA, int NB>
+SHVIT_TARGET_AMX void amx_block(int64_t ks, const uint16_t* a0, int64_t la0, const uint16_t* a1, int64_t la1,
+                                const uint16_t* b, int64_t bps, float* cb) {
+  _tile_zero(0);
+  if constexpr (NB == 2) _tile_zero(1);
+  if constexpr (MA == 2) _tile_zero(2);
+  if constexpr (MA == 2 && NB == 2) _tile_zero(3);
+  for (int64_t s = 0; s < ks; ++s) {
+    _tile_loadd(6, b + s * 512, 64);  // 16 pair rows of 32 elements
+    _tile_loadd(4, a0 + s * 32, la0 * 2);
+    if constexpr (NB == 2) _tile_loadd(7, b + bps + s * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MA == 2) {
+      _tile_loadd(5, a1 + s * 32, la1 * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NB == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, cb, 128);
+  if constexpr (NB == 2) _tile_stored(1, cb + 16, 128);
+  if constexpr (MA == 2) _tile_stored(2, cb + 512, 128);
+  if constexpr (MA == 2 && NB == 2) _tile_stored(3, cb + 528, 128);
+}
+
+// C rows [0, rows) x columns [col0, col0 + nv) of a block from its tile sums cb: the k past
+// 32 ks (pairs, and an odd last k) added from the rows of A (row r at ar(r)) and the panels at
+// b (stride bps), then bias, residual, ReLU and one rounding (as tile_bf16's epilogue).
+template <int NB, typename RowOf>
+SHVIT_TARGET_AMX void amx_epilogue(int64_t rows, int64_t nv, int64_t k, int64_t ks, const float* cb, const RowOf& ar,
+                                   const uint16_t* b, int64_t bps, uint16_t* c, int64_t ldc, int64_t col0,
+                                   const EpilogueBf16& e) {
+  __mmask16 mk[NB];
+  __m512 bias[NB];
+  for (int p = 0; p < NB; ++p) {
+    const int64_t v = std::min<int64_t>(16, nv - p * 16);
+    mk[p] = v <= 0 ? 0 : static_cast<__mmask16>((1u << v) - 1u);
+    bias[p] = e.bias ? _mm512_maskz_loadu_ps(mk[p], e.bias + col0 + p * 16) : _mm512_setzero_ps();
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* a = ar(r);
+    __m512 acc[NB];
+    for (int p = 0; p < NB; ++p) acc[p] = _mm512_loadu_ps(cb + r * 32 + p * 16);
+    for (int64_t q = ks * 16; q < k / 2; ++q) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(load_pair(a + 2 * q));
+      for (int p = 0; p < NB; ++p) {
+        acc[p] = _mm512_dpbf16_ps(acc[p], av, (__m512bh)_mm512_loadu_si512(b + p * bps + q * 32));
+      }
+    }
+    if (k & 1) {  // the last k alone, as in tile_bf16
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(a[k - 1]);
+      for (int p = 0; p < NB; ++p) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + p * bps + (k - 1) * 16));
+        acc[p] = _mm512_dpbf16_ps(acc[p], av, (__m512bh)_mm512_cvtepu16_epi32(w));
+      }
+    }
+    for (int p = 0; p < NB; ++p) {
+      __m512 v = _mm512_add_ps(acc[p], bias[p]);
+      if (e.residual) {
+        const __m256i h = _mm256_maskz_loadu_epi16(mk[p], e.residual + r * e.ldr + col0 + p * 16);
+        v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+      }
+      if (e.relu) v = _mm512_max_ps(zero, v);  // max(0, v): NaN stays NaN
+      _mm256_mask_storeu_epi16(c + r * ldc + p * 16, mk[p], (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+
+// As gemm_bf16_avx512 for a plain GEMM (taps = 1), on AMX tiles (see the top of this file).
+SHVIT_TARGET_AMX void gemm_bf16_amx(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda,
+                                    const uint16_t* wp, uint16_t* c, int64_t ldc, const EpilogueBf16& epi) {
+  const int64_t ks = k / 32, np = (n + 15) / 16, bps = bf16_panel_size(k);
+  // A's rows in place up to the last full 16; the rest copied into a 16-row buffer, zero past m
+  const int64_t m_in_place = m / 16 * 16;
+  thread_local std::vector<uint16_t> tail;
+  if (m_in_place < m) {
+    tail.assign(static_cast<size_t>(16 * k), 0);
+    for (int64_t i = m_in_place; i < m; ++i) std::memcpy(tail.data() + (i - m_in_place) * k, a + i * lda, k * 2);
+  }
+  const uint16_t* copy = tail.data();
+  const auto row = [&](int64_t i) { return i < m_in_place ? a + i * lda : copy + (i - m_in_place) * k; };
+  const auto stride = [&](int64_t i) { return i < m_in_place ? lda : k; };
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  // Blocks of 32 rows, each against every pair of panels: the block's A (32 x k) stays in L1
+  // while the panels stream from L2. Two buffers of sums: a block's epilogue runs after the
+  // next block's tile products are issued, so the AVX-512 epilogue overlaps the tile unit's work.
+  alignas(64) float cb[2][32 * 32];
+  struct Done { int64_t i, jp; };
+  const auto finish = [&](Done d, const float* sums) {
+    const bool two = np - d.jp >= 2;
+    const int64_t rows = std::min<int64_t>(32, m - d.i), col0 = d.jp * 16;
+    const int64_t nv = std::min<int64_t>(two ? 32 : 16, n - col0);
+    EpilogueBf16 e = epi;
+    if (e.residual) e.residual += d.i * e.ldr;
+    const auto ar = [&](int64_t r) { return row(d.i + r); };
+    uint16_t* ci = c + d.i * ldc + col0;
+    (two ? amx_epilogue<2, decltype(ar)> : amx_epilogue<1, decltype(ar)>)(rows, nv, k, ks, sums, ar, wp + d.jp * bps,
+                                                                         bps, ci, ldc, col0, e);
+  };
+  int64_t count = 0;
+  Done last{0, 0};
+  for (int64_t i = 0; i < m; i += 32) {
+    const int64_t rows = std::min<int64_t>(32, m - i);
+    const uint16_t *a0 = row(i), *a1 = rows > 16 ? row(i + 16) : a0;
+    const int64_t l0 = stride(i), l1 = rows > 16 ? stride(i + 16) : l0;
+    for (int64_t jp = 0; jp < np; jp += 2, ++count) {
+      const bool two = np - jp >= 2;
+      const uint16_t* b = wp + jp * bps;
+      float* sums = cb[count & 1];
+      if (rows > 16) {
+        (two ? amx_block<2, 2> : amx_block<2, 1>)(ks, a0, l0, a1, l1, b, bps, sums);
+      } else {
+        (two ? amx_block<1, 2> : amx_block<1, 1>)(ks, a0, l0, a1, l1, b, bps, sums);
+      }
+      if (count > 0) finish(last, cb[(count - 1) & 1]);
+      last = Done{i, jp};
+    }
+  }
+  if (count > 0) finish(last, cb[(count - 1) & 1]);
+  _tile_release();
+}
 #endif
 
 }  // namespace
@@ -141,6 +321,30 @@ bool bf16_available() {
   return cpu && shvit_isa::active() == shvit_isa::Isa::kAvx512;
 #else
   return false;
+#endif
+}
+
+bool amx_available() {
+#ifdef SHVIT_X86
+  static const bool usable = amx_usable();
+  return usable && bf16_available();
+#else
+  return false;
+#endif
+}
+
+std::string bf16_kernel(const std::string& kernel) {
+#ifdef SHVIT_X86
+  if (kernel == "amx" || kernel == "avx512_bf16") {
+    if (kernel == "amx" && !amx_available()) throw std::invalid_argument("bf16_kernel: this CPU has no usable AMX-BF16");
+    amx_wanted() = kernel == "amx";
+  } else if (!kernel.empty()) {
+    throw std::invalid_argument("bf16_kernel: expected \"amx\", \"avx512_bf16\" or \"\", got \"" + kernel + "\"");
+  }
+  return amx_on() ? "amx" : bf16_available() ? "avx512_bf16" : "";
+#else
+  if (!kernel.empty()) throw std::invalid_argument("bf16_kernel: no bfloat16 GEMM on this CPU");
+  return "";
 #endif
 }
 
@@ -163,7 +367,11 @@ void gemm_bf16(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda, 
   if (m <= 0 || n <= 0) return;
 #ifdef SHVIT_X86
   if (bf16_available()) {
-    gemm_bf16_avx512(m, n, k, 1, nullptr, a, lda, wp, c, ldc, epi);
+    if (amx_on()) {
+      gemm_bf16_amx(m, n, k, a, lda, wp, c, ldc, epi);
+    } else {
+      gemm_bf16_avx512(m, n, k, 1, nullptr, a, lda, wp, c, ldc, epi);
+    }
     return;
   }
 #endif
@@ -180,7 +388,7 @@ void gemm_taps_bf16(int64_t m, int64_t n, int64_t kt, int64_t taps, const uint16
   epi.relu = relu;
 #ifdef SHVIT_X86
   if (bf16_available()) {
-    gemm_bf16_avx512(m, n, kt, taps, rows, nullptr, 0, wp, c, ldc, epi);
+    gemm_bf16_avx512(m, n, kt, taps, rows, nullptr, 0, wp, c, ldc, epi);  // AVX512-BF16 (AMX CPUs convolve on oneDNN)
     return;
   }
 #endif

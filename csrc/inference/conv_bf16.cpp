@@ -92,6 +92,8 @@ Tensor linear(const Tensor& a_in, const Tensor& wp, const Tensor& bias, bool rel
 
 bool bf16_gemm_available() { return shvit_gemm::bf16_available(); }
 
+std::string bf16_gemm_kernel(const std::string& kernel) { return shvit_gemm::bf16_kernel(kernel); }
+
 Tensor pack_weight_bf16(const Tensor& w) {
   TORCH_CHECK(w.device().is_cpu() && at::isFloatingType(w.scalar_type()), "w must be a floating-point CPU tensor");
   TORCH_CHECK(w.dim() == 2 || (w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1),

@@ -13,8 +13,9 @@
 // panels: four C tiles of 16 x 16 float32 sums, each 32-k step two A and two B tile loads
 // and four tdpbf16ps. The C tiles go to a buffer and the AVX-512 epilogue adds the k
 // left past the last multiple of 32 (vdpbf16ps, as above), bias, residual and ReLU, and rounds
-// once. Rows past the last full 16 are copied into a zero-padded buffer first, so no tile
-// reads past A. gemm_taps_bf16 runs on AVX512-BF16 only (on AMX CPUs oneDNN's convolutions
+// once. The packed panels hold whole tiles (k padded with zeros to a multiple of 32); where k
+// is not a multiple of 32, or past the last full 16 rows, A's rows are copied into a
+// zero-padded buffer first, so no tile reads past A or multiplies what lies beyond a row. gemm_taps_bf16 runs on AVX512-BF16 only (on AMX CPUs oneDNN's convolutions
 // were faster than our tiles over taps copied into place).
 #include "gemm/gemm_bf16.h"
 
@@ -73,12 +74,9 @@ SHVIT_TARGET_AVX512_BF16 void tile_bf16(int64_t rows, int64_t nv, int64_t kt, in
         for (int p = 0; p < P; ++p) acc[r * P + p] = _mm512_dpbf16_ps(acc[r * P + p], av, bv[p]);
       }
     }
-    if (kt & 1) {  // the last k alone: its 16 weights widened to pairs (w, 0), A's to (a, 0)
+    if (kt & 1) {  // the last k alone: its pair row (w, 0) against A's (a, 0)
       __m512bh bv[P];
-      for (int p = 0; p < P; ++p) {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bt + p * bps + (kt - 1) * 16));
-        bv[p] = (__m512bh)_mm512_cvtepu16_epi32(w);
-      }
+      for (int p = 0; p < P; ++p) bv[p] = (__m512bh)_mm512_loadu_si512(bt + p * bps + (kt - 1) * 16);
       for (int r = 0; r < R; ++r) {
         const __m512bh av = (__m512bh)_mm512_set1_epi32(ar[r][kt - 1]);
         for (int p = 0; p < P; ++p) acc[r * P + p] = _mm512_dpbf16_ps(acc[r * P + p], av, bv[p]);
@@ -209,12 +207,10 @@ SHVIT_TARGET_AMX void amx_block(int64_t ks, const uint16_t* a0, int64_t la0, con
   if constexpr (MA == 2 && NB == 2) _tile_stored(3, cb + 528, 128);
 }
 
-// C rows [0, rows) x columns [col0, col0 + nv) of a block from its tile sums cb: the k past
-// 32 ks (pairs, and an odd last k) added from the rows of A (row r at ar(r)) and the panels at
-// b (stride bps), then bias, residual, ReLU and one rounding (as tile_bf16's epilogue).
-template <int NB, typename RowOf>
-SHVIT_TARGET_AMX void amx_epilogue(int64_t rows, int64_t nv, int64_t k, int64_t ks, const float* cb, const RowOf& ar,
-                                   const uint16_t* b, int64_t bps, uint16_t* c, int64_t ldc, int64_t col0,
+// C rows [0, rows) x columns [col0, col0 + nv) of a block from its tile sums cb: bias,
+// residual, ReLU and one rounding (as tile_bf16's epilogue).
+template <int NB>
+SHVIT_TARGET_AMX void amx_epilogue(int64_t rows, int64_t nv, const float* cb, uint16_t* c, int64_t ldc, int64_t col0,
                                    const EpilogueBf16& e) {
   __mmask16 mk[NB];
   __m512 bias[NB];
@@ -225,24 +221,8 @@ SHVIT_TARGET_AMX void amx_epilogue(int64_t rows, int64_t nv, int64_t k, int64_t 
   }
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
-    const uint16_t* a = ar(r);
-    __m512 acc[NB];
-    for (int p = 0; p < NB; ++p) acc[p] = _mm512_loadu_ps(cb + r * 32 + p * 16);
-    for (int64_t q = ks * 16; q < k / 2; ++q) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(load_pair(a + 2 * q));
-      for (int p = 0; p < NB; ++p) {
-        acc[p] = _mm512_dpbf16_ps(acc[p], av, (__m512bh)_mm512_loadu_si512(b + p * bps + q * 32));
-      }
-    }
-    if (k & 1) {  // the last k alone, as in tile_bf16
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(a[k - 1]);
-      for (int p = 0; p < NB; ++p) {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + p * bps + (k - 1) * 16));
-        acc[p] = _mm512_dpbf16_ps(acc[p], av, (__m512bh)_mm512_cvtepu16_epi32(w));
-      }
-    }
     for (int p = 0; p < NB; ++p) {
-      __m512 v = _mm512_add_ps(acc[p], bias[p]);
+      __m512 v = _mm512_add_ps(_mm512_loadu_ps(cb + r * 32 + p * 16), bias[p]);
       if (e.residual) {
         const __m256i h = _mm256_maskz_loadu_epi16(mk[p], e.residual + r * e.ldr + col0 + p * 16);
         v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
@@ -256,17 +236,18 @@ SHVIT_TARGET_AMX void amx_epilogue(int64_t rows, int64_t nv, int64_t k, int64_t 
 // As gemm_bf16_avx512 for a plain GEMM (taps = 1), on AMX tiles (see the top of this file).
 SHVIT_TARGET_AMX void gemm_bf16_amx(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda,
                                     const uint16_t* wp, uint16_t* c, int64_t ldc, const EpilogueBf16& epi) {
-  const int64_t ks = k / 32, np = (n + 15) / 16, bps = bf16_panel_size(k);
-  // A's rows in place up to the last full 16; the rest copied into a 16-row buffer, zero past m
-  const int64_t m_in_place = m / 16 * 16;
-  thread_local std::vector<uint16_t> tail;
-  if (m_in_place < m) {
-    tail.assign(static_cast<size_t>(16 * k), 0);
-    for (int64_t i = m_in_place; i < m; ++i) std::memcpy(tail.data() + (i - m_in_place) * k, a + i * lda, k * 2);
+  const int64_t k32 = (k + 31) / 32 * 32, ks = k32 / 32, np = (n + 15) / 16, bps = bf16_panel_size(k);
+  // A's rows in place (a k that is a multiple of 32) up to the last full 16; the rest copied
+  // into a buffer of 16-row groups with rows of k32, zero past k and past m
+  const int64_t m_in_place = k == k32 ? m / 16 * 16 : 0, copied = (m - m_in_place + 15) / 16 * 16;
+  thread_local std::vector<uint16_t> buffer;
+  if (copied > 0) {
+    buffer.assign(static_cast<size_t>(copied * k32), 0);
+    for (int64_t i = m_in_place; i < m; ++i) std::memcpy(buffer.data() + (i - m_in_place) * k32, a + i * lda, k * 2);
   }
-  const uint16_t* copy = tail.data();
-  const auto row = [&](int64_t i) { return i < m_in_place ? a + i * lda : copy + (i - m_in_place) * k; };
-  const auto stride = [&](int64_t i) { return i < m_in_place ? lda : k; };
+  const uint16_t* copy = buffer.data();
+  const auto row = [&](int64_t i) { return i < m_in_place ? a + i * lda : copy + (i - m_in_place) * k32; };
+  const auto stride = [&](int64_t i) { return i < m_in_place ? lda : k32; };
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
@@ -284,10 +265,7 @@ SHVIT_TARGET_AMX void gemm_bf16_amx(int64_t m, int64_t n, int64_t k, const uint1
     const int64_t nv = std::min<int64_t>(two ? 32 : 16, n - col0);
     EpilogueBf16 e = epi;
     if (e.residual) e.residual += d.i * e.ldr;
-    const auto ar = [&](int64_t r) { return row(d.i + r); };
-    uint16_t* ci = c + d.i * ldc + col0;
-    (two ? amx_epilogue<2, decltype(ar)> : amx_epilogue<1, decltype(ar)>)(rows, nv, k, ks, sums, ar, wp + d.jp * bps,
-                                                                         bps, ci, ldc, col0, e);
+    (two ? amx_epilogue<2> : amx_epilogue<1>)(rows, nv, sums, c + d.i * ldc + col0, ldc, col0, e);
   };
   int64_t count = 0;
   Done last{0, 0};
@@ -349,15 +327,12 @@ std::string bf16_kernel(const std::string& kernel) {
 }
 
 void pack_weight_bf16(const uint16_t* w, int64_t n, int64_t k, int64_t ldw, uint16_t* out) {
-  const int64_t np = (n + 15) / 16;
+  const int64_t np = (n + 15) / 16, size = bf16_panel_size(k);
+  std::memset(out, 0, static_cast<size_t>(np * size) * sizeof(uint16_t));
   for (int64_t p = 0; p < np; ++p) {
-    uint16_t* panel = out + p * bf16_panel_size(k);
-    for (int64_t j = 0; j < 16; ++j) {
-      const int64_t row = p * 16 + j;
-      for (int64_t q = 0; q < k / 2; ++q) {
-        for (int64_t e = 0; e < 2; ++e) panel[q * 32 + 2 * j + e] = row < n ? w[row * ldw + 2 * q + e] : 0;
-      }
-      if (k & 1) panel[(k - 1) * 16 + j] = row < n ? w[row * ldw + k - 1] : 0;
+    uint16_t* panel = out + p * size;
+    for (int64_t j = 0; j < 16 && p * 16 + j < n; ++j) {
+      for (int64_t kk = 0; kk < k; ++kk) panel[(kk / 2) * 32 + 2 * j + kk % 2] = w[(p * 16 + j) * ldw + kk];
     }
   }
 }

@@ -5,11 +5,11 @@
 //
 //   C[m, n] = bf16(relu?( sum_k A[m, k] * W[n, k] + bias[n] + residual[m, n] ))
 //
-// W (N, K) is packed once into panels of 16 output channels, each K/2 rows of 16 column pairs
+// W (N, K) is packed once into panels of 16 output channels, each of rows of 16 column pairs
 // (W[j, 2q], W[j, 2q + 1]): one 64-byte row per pair of k, which vdpbf16ps multiplies with a
-// pair of A broadcast to every lane; for an odd K the last k follows as one row of 16 (so a
-// panel is K x 16 elements, and the packed shape (panels, K, 16) names K). bfloat16 data is
-// passed as uint16_t.
+// pair of A broadcast to every lane, and 16 of which make an AMX B tile. An odd K's last pair
+// is (W[j, K - 1], 0), and the panel is padded with zero rows to a multiple of 32 k (whole
+// tiles). bfloat16 data is passed as uint16_t.
 #pragma once
 
 #include <cstdint>
@@ -29,11 +29,11 @@ bool amx_available();
 // tests and comparisons; not while GEMMs run on other threads); "amx" needs amx_available().
 std::string bf16_kernel(const std::string& kernel);
 
-// Elements (uint16) of a packed panel.
-inline int64_t bf16_panel_size(int64_t k) { return k * 16; }
+// Elements (uint16) of a packed panel: k rounded up to a multiple of 32 (whole AMX B tiles), x 16.
+inline int64_t bf16_panel_size(int64_t k) { return (k + 31) / 32 * 32 * 16; }
 
-// out[p * k * 16 + q * 32 + 2 j + e] = w[(p * 16 + j) * ldw + 2 q + e] for 2 q + 1 < k, and for an
-// odd k out[p * k * 16 + (k - 1) * 16 + j] = w[(p * 16 + j) * ldw + k - 1]; zero past n.
+// out[p * bf16_panel_size(k) + q * 32 + 2 j + e] = w[(p * 16 + j) * ldw + 2 q + e] for 2 q + e < k,
+// zero past k (an odd k's last pair is (w, 0)) and past n.
 void pack_weight_bf16(const uint16_t* w, int64_t n, int64_t k, int64_t ldw, uint16_t* out);
 
 struct EpilogueBf16 {

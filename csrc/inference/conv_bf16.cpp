@@ -46,8 +46,9 @@ void check_packed(const Tensor& wp, const Tensor& bias, int64_t k, const char* n
   TORCH_CHECK(bias.dim() == 1 && bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.device().is_cpu(),
               name, ": bias must be a contiguous float32 CPU vector, got ", bias.sizes(), " ", bias.scalar_type());
   const int64_t n = bias.size(0);
-  TORCH_CHECK(wp.dim() == 3 && wp.scalar_type() == at::kBFloat16 && wp.is_contiguous() && wp.device().is_cpu() &&
-                  wp.size(0) == (n + 15) / 16 && wp.size(1) == k && wp.size(2) == 16,
+  TORCH_CHECK(wp.dim() == 3 && wp.scalar_type() == at::kBFloat16 && wp.device().is_cpu() &&
+                  wp.size(0) == (n + 15) / 16 && wp.size(1) == k && wp.size(2) == 16 &&
+                  wp.stride(0) == shvit_gemm::bf16_panel_size(k) && wp.stride(1) == 16 && wp.stride(2) == 1,
               name, ": expected a weight packed by shvit_cpp::pack_weight_bf16 for ", n, " outputs and ", k,
               " inputs, got ", wp.sizes(), " ", wp.scalar_type());
 }
@@ -100,9 +101,10 @@ Tensor pack_weight_bf16(const Tensor& w) {
               "w must be (out, in) or a 1x1 conv weight (out, in, 1, 1), got ", w.sizes());
   const Tensor w2 = w.reshape({w.size(0), w.size(1)}).to(at::kBFloat16).contiguous();
   const int64_t n = w2.size(0), k = w2.size(1);
-  Tensor out = at::empty({(n + 15) / 16, k, 16}, w2.options());
+  // (panels, k, 16), each panel padded to bf16_panel_size(k) elements (whole AMX tiles)
+  Tensor out = at::empty({(n + 15) / 16, shvit_gemm::bf16_panel_size(k) / 16, 16}, w2.options());
   shvit_gemm::pack_weight_bf16(u16(w2), n, k, k, u16(out));
-  return out;
+  return out.narrow(1, 0, k);
 }
 
 // relu?(conv1x1(x) + bias + residual)

@@ -25,12 +25,15 @@
 #include <stdexcept>
 #include <vector>
 
+#include "cpu_isa.h"
+
+#ifdef SHVIT_X86
+#include <cpuid.h>
+#endif
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
-
-#include "cpu_isa.h"
 
 namespace shvit_gemm {
 
@@ -153,8 +156,11 @@ SHVIT_TARGET_AVX512_BF16 void gemm_bf16_avx512(int64_t m, int64_t n, int64_t kt,
 // XFEATURE_XTILEDATA). Asked once.
 bool amx_usable() {
 #if defined(__linux__)
-  __builtin_cpu_init();
-  if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16") || !cpu_has_bf16()) return false;
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;  // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 22)) || !(edx & (1u << 24)) ||
+      !cpu_has_bf16()) {
+    return false;
+  }
   constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 #else

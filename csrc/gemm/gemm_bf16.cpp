@@ -11,12 +11,12 @@
 // x 16 columns), so the same packed weight feeds both. The rows run in blocks of 32 (two A
 // tiles of 16 rows x 32 k, read in place from the rows of A), each against every pair of
 // panels: four C tiles of 16 x 16 float32 sums, each 32-k step two A and two B tile loads
-// and four tdpbf16ps. The C tiles go to a buffer and the AVX-512 epilogue adds the k
-// left past the last multiple of 32 (vdpbf16ps, as above), bias, residual and ReLU, and rounds
-// once. The packed panels hold whole tiles (k padded with zeros to a multiple of 32); where k
-// is not a multiple of 32, or past the last full 16 rows, A's rows are copied into a
-// zero-padded buffer first, so no tile reads past A or multiplies what lies beyond a row. gemm_taps_bf16 runs on AVX512-BF16 only (on AMX CPUs oneDNN's convolutions
-// were faster than our tiles over taps copied into place).
+// and four tdpbf16ps. The C tiles go to a buffer, from which the AVX-512 epilogue adds bias,
+// residual and ReLU and rounds once. The packed panels hold whole tiles (k padded with zeros
+// to a multiple of 32); where k is not a multiple of 32, or past the last full 16 rows, A's
+// rows are copied into a zero-padded buffer first, so no tile reads past A or multiplies what
+// lies beyond a row. gemm_taps_bf16 runs on AVX512-BF16 only (on AMX CPUs oneDNN's
+// convolutions were faster than our tiles over taps copied into place).
 #include "gemm/gemm_bf16.h"
 
 #include <algorithm>
@@ -261,38 +261,26 @@ SHVIT_TARGET_AMX void gemm_bf16_amx(int64_t m, int64_t n, int64_t k, const uint1
   }
   _tile_loadconfig(&cfg);
   // Blocks of 32 rows, each against every pair of panels: the block's A (32 x k) stays in L1
-  // while the panels stream from L2. Two buffers of sums: a block's epilogue runs after the
-  // next block's tile products are issued, so the AVX-512 epilogue overlaps the tile unit's work.
-  alignas(64) float cb[2][32 * 32];
-  struct Done { int64_t i, jp; };
-  const auto finish = [&](Done d, const float* sums) {
-    const bool two = np - d.jp >= 2;
-    const int64_t rows = std::min<int64_t>(32, m - d.i), col0 = d.jp * 16;
-    const int64_t nv = std::min<int64_t>(two ? 32 : 16, n - col0);
-    EpilogueBf16 e = epi;
-    if (e.residual) e.residual += d.i * e.ldr;
-    (two ? amx_epilogue<2> : amx_epilogue<1>)(rows, nv, sums, c + d.i * ldc + col0, ldc, col0, e);
-  };
-  int64_t count = 0;
-  Done last{0, 0};
+  // while the panels stream from L2.
+  alignas(64) float cb[32 * 32];
   for (int64_t i = 0; i < m; i += 32) {
     const int64_t rows = std::min<int64_t>(32, m - i);
     const uint16_t *a0 = row(i), *a1 = rows > 16 ? row(i + 16) : a0;
     const int64_t l0 = stride(i), l1 = rows > 16 ? stride(i + 16) : l0;
-    for (int64_t jp = 0; jp < np; jp += 2, ++count) {
+    EpilogueBf16 e = epi;
+    if (e.residual) e.residual += i * e.ldr;
+    for (int64_t jp = 0; jp < np; jp += 2) {
       const bool two = np - jp >= 2;
+      const int64_t col0 = jp * 16, nv = std::min<int64_t>(two ? 32 : 16, n - col0);
       const uint16_t* b = wp + jp * bps;
-      float* sums = cb[count & 1];
       if (rows > 16) {
-        (two ? amx_block<2, 2> : amx_block<2, 1>)(ks, a0, l0, a1, l1, b, bps, sums);
+        (two ? amx_block<2, 2> : amx_block<2, 1>)(ks, a0, l0, a1, l1, b, bps, cb);
       } else {
-        (two ? amx_block<1, 2> : amx_block<1, 1>)(ks, a0, l0, a1, l1, b, bps, sums);
+        (two ? amx_block<1, 2> : amx_block<1, 1>)(ks, a0, l0, a1, l1, b, bps, cb);
       }
-      if (count > 0) finish(last, cb[(count - 1) & 1]);
-      last = Done{i, jp};
+      (two ? amx_epilogue<2> : amx_epilogue<1>)(rows, nv, cb, c + i * ldc + col0, ldc, col0, e);
     }
   }
-  if (count > 0) finish(last, cb[(count - 1) & 1]);
   _tile_release();
 }
 #endif

@@ -1,7 +1,7 @@
 """bfloat16 CPU inference of a BN-folded fused model on oneDNN, with fused epilogues.
 
 On a CPU with bfloat16 hardware (AMX-BF16 or AVX512-BF16) every GEMM and dense convolution
-of a folded fused model runs in bfloat16 with float32 accumulation through oneDNN, the library
+of a folded fused model runs in bfloat16 with float32 accumulation, here through oneDNN, the library
 PyTorch ships and inductor uses for the same purpose (``torch.ops.mkldnn``): weights are
 reordered into oneDNN's blocked layout and cached (a convolution's per input shape); ReLUs
 and residual adds run in the convolution's or GEMM's epilogue; activations stay
@@ -132,8 +132,9 @@ def conv_step(conv: torch.nn.Conv2d, relu: bool = False, nchw_input: bool = Fals
     image's conv (``nchw_input``, few channels) on our stem kernel (float32 sums, read straight
     from the NCHW image); where ``own_gemm()`` holds on AVX512-BF16 (not AMX, where oneDNN's
     convolution was 2-3x faster than the taps copied for our tiles), other dense 3x3 convs with
-    an even channel count on our GEMM over their taps; the rest on oneDNN's convolution. The ReLU fused; channels_last bfloat16 out. ``None`` for a conv
-    without bias or with another padding mode."""
+    an even channel count on our GEMM over their taps; the rest on oneDNN's convolution. The
+    ReLU fused; channels_last bfloat16 out. ``None`` for a conv without bias or with another
+    padding mode."""
     w, b = conv.weight, conv.bias
     if b is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None

@@ -1,7 +1,6 @@
 """bfloat16 inference of a folded fused model on CPU: the oneDNN path (bfloat16 hardware), the
 same with its GEMM blocks on our bfloat16 GEMM (AMX tiles where the CPU has them, and
-AVX512-BF16), and
-the float32 path a bfloat16 model takes on CPUs without bfloat16 hardware, as
+AVX512-BF16), and the float32 path a bfloat16 model takes on CPUs without bfloat16 hardware, as
 ``model.to(torch.bfloat16)`` and under ``torch.autocast("cpu", torch.bfloat16)``, against the
 float64 reference within twice the error of the eager model computed the same way,
 element-wise."""
@@ -138,12 +137,12 @@ def test_variants_bf16(variant, path):
 @pytest.mark.parametrize("variant", ["shvit_s1", "shvit_s3"])
 def test_plan_matches_modules(variant, autocast, path):
     """With bfloat16 hardware a bfloat16 model (or a float32 one under bfloat16 autocast) runs
-    as one plan of C++ oneDNN blocks: with one thread, features bit for bit those of its
-    modules run one by one (the same oneDNN calls); with two (each on half of the batch) bit
-    for bit where no oneDNN op runs (our AVX512-BF16 GEMM), while oneDNN may block a half
-    batch's GEMM otherwise (seen on an AMX CPU), so there the logits are held to the bound below; logits (the classifier on
-    oneDNN's linear) within twice eager bfloat16's error; batch 4 at 80x112 px. Without the hardware no bfloat16 plan is made (the float32 copy runs, or the
-    modules under autocast)."""
+    as one plan of C++ blocks: with one thread, features bit for bit those of its modules run
+    one by one (the same calls); with two (each on half of the batch) bit for bit where no
+    oneDNN op runs (our AVX512-BF16 GEMM), while oneDNN may block a half batch's GEMM
+    otherwise (seen on an AMX CPU), so there the logits are held to the bound below; logits
+    within twice eager bfloat16's error; batch 4 at 80x112 px. Without the hardware no
+    bfloat16 plan is made (the float32 copy runs, or the modules under autocast)."""
     ref = randomize_bn(shvit.create_model(variant), seed=3).eval()
     fused = shvit.create_model(variant, fused=True).eval()
     fused.load_state_dict(ref.state_dict())
@@ -168,7 +167,8 @@ def test_plan_matches_modules(variant, autocast, path):
         want = eager(x.to(BF16).contiguous(memory_format=torch.channels_last))
     for logits, threads in zip(got, (1, 2)):
         _check_path(path, path[1], logits)
-        assert_close_to_exact(logits, exact, want, f"{variant} bfloat16 plan logits (autocast {autocast}, {threads} threads)")
+        assert_close_to_exact(logits, exact, want,
+                              f"{variant} bfloat16 plan logits (autocast {autocast}, {threads} threads)")
 
 
 def test_weight_changes_reach_the_cached_weights(path):

@@ -308,7 +308,9 @@ bool amx_available() {
 std::string bf16_kernel(const std::string& kernel) {
 #ifdef SHVIT_X86
   if (kernel == "amx" || kernel == "avx512_bf16") {
-    if (kernel == "amx" && !amx_available()) throw std::invalid_argument("bf16_kernel: this CPU has no usable AMX-BF16");
+    if (kernel == "amx" && !amx_available()) {
+      throw std::invalid_argument("bf16_kernel: this CPU has no usable AMX-BF16");
+    }
     amx_wanted() = kernel == "amx";
   } else if (!kernel.empty()) {
     throw std::invalid_argument("bf16_kernel: expected \"amx\", \"avx512_bf16\" or \"\", got \"" + kernel + "\"");

@@ -5,7 +5,7 @@
 //
 //   C[m, n] = bf16(relu?( sum_k A[m, k] * W[n, k] + bias[n] + residual[m, n] ))
 //
-// W (N, K) is packed once into panels of 16 output channels, each of rows of 16 column pairs
+// W (N, K) is packed once into panels of 16 output channels, each a stack of rows of 16 column pairs
 // (W[j, 2q], W[j, 2q + 1]): one 64-byte row per pair of k, which vdpbf16ps multiplies with a
 // pair of A broadcast to every lane, and 16 of which make an AMX B tile. An odd K's last pair
 // is (W[j, K - 1], 0), and the panel is padded with zero rows to a multiple of 32 k (whole

@@ -1,18 +1,18 @@
-"""bfloat16 CPU inference of a BN-folded fused model on oneDNN, with fused epilogues.
+"""bfloat16 CPU inference of a BN-folded fused model, with fused epilogues.
 
 On a CPU with bfloat16 hardware (AMX-BF16 or AVX512-BF16) every GEMM and dense convolution
-of a folded fused model runs in bfloat16 with float32 accumulation, here through oneDNN, the library
-PyTorch ships and inductor uses for the same purpose (``torch.ops.mkldnn``): weights are
-reordered into oneDNN's blocked layout and cached (a convolution's per input shape); ReLUs
-and residual adds run in the convolution's or GEMM's epilogue; activations stay
-channels_last (token-major) bfloat16. Depthwise 3x3 convolutions run our own kernel
-(``dw_conv3x3``), where oneDNN's fixed cost per call outweighed the work.
-oneDNN picks AMX tiles where the CPU has them and AVX512-BF16 otherwise. Each block is one C++
-op (``csrc/inference/onednn_blocks.cpp``) that calls oneDNN's ops itself; the ``*_step``
-functions make them as ``plan.Step`` s, which a folded bfloat16 model runs as one ``Plan``
-(``shvit.SHViT._cpu_plan``), free of per-layer Python calls. At the avx512 level the GEMM
-blocks run on a bfloat16 GEMM of ours instead (``own_gemm``: AMX tiles or AVX512-BF16, with
-no set-up per call), and oneDNN keeps the stem's dense convolutions on AMX CPUs.
+of a folded fused model runs in bfloat16 with float32 accumulation; activations stay
+channels_last (token-major) bfloat16, and ReLUs and residual adds run in the GEMM's or
+convolution's epilogue. Depthwise 3x3 convolutions run on our kernel (``dw_conv3x3``). At the
+avx512 level the GEMM blocks (1x1 convolutions, FFNs, the SHSA block's projections, SE, head)
+run on a bfloat16 GEMM of ours (``own_gemm``: AMX tiles where the CPU has them, AVX512-BF16
+otherwise; no set-up per call) and the image's conv on our float32-sum stem kernel. oneDNN, the
+library PyTorch ships and inductor uses for the same purpose (``torch.ops.mkldnn``), runs the
+stem's other dense convolutions on AMX CPUs, and every GEMM and convolution where our GEMM does
+not run; its weights are reordered into its blocked layout once and cached (a convolution's
+per input shape). Each block is one C++ op (``csrc/inference/onednn_blocks.cpp``); the
+``*_step`` functions make them as ``plan.Step`` s, which a folded bfloat16 model runs as one
+``Plan`` (``shvit.SHViT._cpu_plan``), free of per-layer Python calls.
 
 It applies to bfloat16 inputs and parameters, and to float32 ones under
 ``torch.autocast("cpu", torch.bfloat16)`` (inputs and weights cast as autocast would), in

@@ -248,8 +248,13 @@ SHVIT_TARGET_AMX void gemm_bf16_amx(int64_t m, int64_t n, int64_t k, const uint1
   const int64_t m_in_place = k == k32 ? m / 16 * 16 : 0, copied = (m - m_in_place + 15) / 16 * 16;
   thread_local std::vector<uint16_t> buffer;
   if (copied > 0) {
-    buffer.assign(static_cast<size_t>(copied * k32), 0);
-    for (int64_t i = m_in_place; i < m; ++i) std::memcpy(buffer.data() + (i - m_in_place) * k32, a + i * lda, k * 2);
+    if (buffer.size() < static_cast<size_t>(copied * k32)) buffer.resize(static_cast<size_t>(copied * k32));
+    for (int64_t i = m_in_place; i < m_in_place + copied; ++i) {
+      uint16_t* dst = buffer.data() + (i - m_in_place) * k32;
+      const int64_t valid = i < m ? k : 0;  // rows past m: zeros only
+      if (valid > 0) std::memcpy(dst, a + i * lda, valid * 2);
+      std::fill(dst + valid, dst + k32, uint16_t{0});
+    }
   }
   const uint16_t* copy = buffer.data();
   const auto row = [&](int64_t i) { return i < m_in_place ? a + i * lda : copy + (i - m_in_place) * k32; };
